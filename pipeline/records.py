@@ -1,0 +1,211 @@
+"""The records every actor exchanges: the contract between devices, agents, trainers and
+the model server. Pure data; ``pipeline.codec`` is the only module that knows their bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+
+class Cut(enum.StrEnum):
+    """Freeze level (paper's Table 1): how far the device runs the backbone."""
+
+    FULL = "full"
+    FREEZE1 = "freeze1"
+    FREEZE2 = "freeze2"
+    FREEZE3 = "freeze3"
+    FREEZE4 = "freeze4"
+    FREEZE5 = "freeze5"
+    FREEZE6 = "freeze6"
+
+
+class Backbone(enum.StrEnum):
+    """Backbones the zoo can split. MobileNetV2 is the small one for fast tests and fleets."""
+
+    INCEPTION_RESNET_V1 = "inception_resnet_v1"
+    MOBILENET_V2 = "mobilenet_v2"
+
+
+class FeatureDType(enum.StrEnum):
+    """Element type of pushed feature tensors. float16 halves the bytes of a push."""
+
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+    @property
+    def numpy(self) -> np.dtype[np.floating]:
+        return np.dtype("<f2") if self is FeatureDType.FLOAT16 else np.dtype("<f4")
+
+
+class TriggerReason(enum.StrEnum):
+    COUNT = "count"
+    AGE = "age"
+    MANUAL = "manual"
+    RETRY = "retry"
+
+
+#: Input resolution every backbone is fed (facenet's 160×160 crops).
+IMAGE_SIZE = 160
+
+#: Feature shape at each cut, as produced by the real backbone prefix in ``pipeline.zoo``
+#: (a unit test runs the prefixes and checks this table). Pure data so that the codec can
+#: validate pushes without importing torch.
+FEATURE_SHAPES: dict[Backbone, dict[Cut, tuple[int, ...]]] = {
+    Backbone.INCEPTION_RESNET_V1: {
+        Cut.FULL: (3, IMAGE_SIZE, IMAGE_SIZE),
+        Cut.FREEZE1: (64, 38, 38),
+        Cut.FREEZE2: (256, 17, 17),
+        Cut.FREEZE3: (256, 17, 17),
+        Cut.FREEZE4: (896, 8, 8),
+        Cut.FREEZE5: (1792,),
+        Cut.FREEZE6: (512,),
+    },
+    Backbone.MOBILENET_V2: {
+        Cut.FULL: (3, IMAGE_SIZE, IMAGE_SIZE),
+        Cut.FREEZE1: (16, 80, 80),
+        Cut.FREEZE2: (24, 40, 40),
+        Cut.FREEZE3: (32, 20, 20),
+        Cut.FREEZE4: (96, 10, 10),
+        Cut.FREEZE5: (1280,),
+        Cut.FREEZE6: (512,),
+    },
+}
+
+
+def feature_shape(backbone: Backbone, cut: Cut) -> tuple[int, ...]:
+    return FEATURE_SHAPES[backbone][cut]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class FeaturePush:
+    """One device's batch of feature+label samples, columnar.
+
+    ``sample_ids`` are unique per device (dedupe key = device_id + sample_id);
+    ``features`` has shape ``(n, *feature_shape(backbone, cut))`` and dtype ``dtype``.
+    Decoded pushes hold read-only views into the message bytes (no copy).
+    """
+
+    model_id: str
+    device_id: str
+    backbone: Backbone
+    cut: Cut
+    dtype: FeatureDType
+    sample_ids: npt.NDArray[np.uint64]
+    labels: npt.NDArray[np.int32]
+    timestamps_ms: npt.NDArray[np.int64]
+    features: npt.NDArray[np.floating]
+
+    @property
+    def n(self) -> int:
+        return int(self.sample_ids.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.features.shape[1:])
+
+    def same_as(self, other: FeaturePush) -> bool:
+        """Value equality, arrays included (dataclass ``==`` cannot compare arrays)."""
+        return (
+            self.model_id == other.model_id
+            and self.device_id == other.device_id
+            and self.backbone == other.backbone
+            and self.cut == other.cut
+            and self.dtype == other.dtype
+            and np.array_equal(self.sample_ids, other.sample_ids)
+            and np.array_equal(self.labels, other.labels)
+            and np.array_equal(self.timestamps_ms, other.timestamps_ms)
+            and self.features.shape == other.features.shape
+            and np.array_equal(self.features, other.features, equal_nan=True)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetRange:
+    """Feature-log records ``[start, end)`` of one partition."""
+
+    partition: int
+    start: int
+    end: int
+
+    @property
+    def count(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingTrigger:
+    """Asks a trainer to train ``model_id`` on the feature-log ranges it names.
+
+    ``trigger_id`` is the idempotency key: the model version trained for it derives
+    from it, so a redelivered trigger never yields a second version.
+    """
+
+    model_id: str
+    trigger_id: str
+    ranges: tuple[OffsetRange, ...]
+    sample_count: int
+    reason: TriggerReason
+    base_version: str | None = None
+    attempt: int = 1
+    created_at_ms: int = field(default_factory=now_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetrics:
+    """Validation of challenger and champion on the same split, and the training cost."""
+
+    val_accuracy: float
+    champion_val_accuracy: float | None
+    train_samples: int
+    val_samples: int
+    train_seconds: float
+    epochs: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUpdate:
+    """Announces a new checkpoint of ``model_id`` on the model topic.
+
+    ``checkpoint`` carries the safetensors blob inline when it fits under the model
+    topic's max message size; otherwise it is None and ``checkpoint_uri`` points to the
+    model server. ``sha256`` and ``size`` always describe the blob.
+    """
+
+    model_id: str
+    version: str
+    parent_version: str | None
+    trigger_id: str | None
+    backbone: Backbone
+    cut: Cut
+    num_classes: int
+    checkpoint_uri: str
+    sha256: str
+    size: int
+    encoding: str
+    metrics: ModelMetrics
+    is_best: bool
+    created_at_ms: int = field(default_factory=now_ms)
+    checkpoint: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that could not be processed, kept whole with where it came from and why."""
+
+    original: bytes
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    message: str
+    key: bytes | None = None
+    at_ms: int = field(default_factory=now_ms)
