@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     )
     max_push_samples: int = Field(default=1024, ge=1, description="max samples in one feature push.")
     replication_factor: int = Field(default=1, ge=1, description="replication factor of created topics.")
+    server_host: str = Field(default="127.0.0.1", description="address the model server binds.")
+    server_port: int = Field(default=8080, ge=1, le=65535, description="port of the model server.")
+    server_url: str = Field(
+        default="http://127.0.0.1:8080",
+        description="where devices and trainers reach the model server (checkpoints by reference).",
+    )
 
     @property
     def bootstrap(self) -> str:

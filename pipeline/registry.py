@@ -1,0 +1,202 @@
+"""The model registry: latest, best and history per model, folded from the model topic.
+
+The model topic is the system of record; every actor that needs to know which models
+exist (agents validating labels, trainers warm-starting from the best, the model server,
+device fleets) folds the same updates with :class:`Registry` (pure) and follows the
+topic with :class:`RegistryFollower` (the Kafka shell).
+
+A model exists once its first update (the base model, version ``v0`` by convention) is
+on the topic: that update names its backbone, cut and number of classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import Self
+
+from pipeline import codec
+from pipeline.records import Backbone, Cut, ModelUpdate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    """What the registry knows of one model. Updates are kept without inline blobs."""
+
+    model_id: str
+    backbone: Backbone
+    cut: Cut
+    num_classes: int
+    history: list[ModelUpdate] = field(default_factory=list)
+    latest: ModelUpdate | None = None
+    best: ModelUpdate | None = None
+
+    def version(self, version: str) -> ModelUpdate | None:
+        for update in self.history:
+            if update.version == version:
+                return update
+        return None
+
+
+class Registry:
+    """Pure fold of model updates. Re-applying an update is a no-op (at-least-once topics)."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, ModelEntry] = {}
+        self._seen: set[tuple[str, str]] = set()
+
+    def apply(self, update: ModelUpdate) -> bool:
+        """Folds one update; returns False if that version was already known."""
+        key = (update.model_id, update.version)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        slim = replace(update, checkpoint=None)
+        entry = self._models.get(update.model_id)
+        if entry is None:
+            entry = ModelEntry(update.model_id, update.backbone, update.cut, update.num_classes)
+            self._models[update.model_id] = entry
+        entry.history.append(slim)
+        entry.latest = slim
+        if slim.is_best or entry.best is None:
+            entry.best = slim
+        return True
+
+    def get(self, model_id: str) -> ModelEntry | None:
+        return self._models.get(model_id)
+
+    def models(self) -> list[ModelEntry]:
+        return [self._models[k] for k in sorted(self._models)]
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._models
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+UpdateCallback = Callable[[ModelUpdate], Awaitable[None] | None]
+
+
+class RegistryFollower:
+    """Follows the model topic from its start and keeps a :class:`Registry` current.
+
+    Reads every partition without a consumer group (every follower sees everything).
+    ``wait_caught_up()`` returns once the updates that were on the topic at start-up are
+    folded. ``on_update`` is called for each new version, blob included, in topic order
+    per model. A bad record is logged and skipped: it cannot be re-routed from here, and
+    the producer (a trainer) validated it before sending.
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        topic: str,
+        on_update: UpdateCallback | None = None,
+        registry: Registry | None = None,
+        client_id: str = "fedex-registry",
+    ) -> None:
+        self.registry = registry or Registry()
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._on_update = on_update
+        self._client_id = client_id
+        self._task: asyncio.Task[None] | None = None
+        self._caught_up = asyncio.Event()
+        self._consumer: object | None = None
+        self.skipped = 0
+
+    async def start(self) -> None:
+        from aiokafka import TopicPartition
+
+        from pipeline import clients
+
+        if self._task is not None:
+            return
+        consumer = clients.make_consumer(
+            self._bootstrap, group_id=None, client_id=self._client_id, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        self._consumer = consumer
+        partitions = consumer.partitions_for_topic(self._topic)
+        if not partitions:
+            await consumer.stop()
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"model topic {self._topic!r} does not exist: run `fedex topics ensure`")
+        tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        self._task = asyncio.create_task(self._run(consumer, ends), name="registry-follower")
+
+    async def _run(self, consumer: object, ends: dict[object, int]) -> None:
+        remaining = {tp: end for tp, end in ends.items() if end > 0}
+        if not remaining:
+            self._caught_up.set()
+        while True:
+            batches = await consumer.getmany(timeout_ms=500)  # type: ignore[attr-defined]
+            for tp, records in batches.items():
+                for record in records:
+                    await self._fold(record.value)
+                    if tp in remaining and record.offset + 1 >= remaining[tp]:
+                        del remaining[tp]
+            if not self._caught_up.is_set() and all(
+                await consumer.position(tp) >= end  # type: ignore[attr-defined]
+                for tp, end in remaining.items()
+            ):
+                self._caught_up.set()
+
+    async def _fold(self, value: bytes | None) -> None:
+        if value is None:  # a compaction tombstone
+            return
+        try:
+            update = codec.decode_update(value)
+        except codec.CodecError as exc:
+            self.skipped += 1
+            log.warning("skipping a bad model update: %s", exc)
+            return
+        if self.registry.apply(update) and self._on_update is not None:
+            result = self._on_update(update)
+            if result is not None:
+                await result
+
+    async def wait_caught_up(self, timeout: float = 30.0) -> None:
+        waiter = asyncio.ensure_future(self._caught_up.wait())
+        done, _ = await asyncio.wait(
+            [waiter, *([self._task] if self._task else [])],
+            timeout=timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if self._task is not None and self._task in done:
+            waiter.cancel()
+            self._task.result()  # a crashed follower fails whoever waits on it
+        if waiter not in done:
+            waiter.cancel()
+            raise TimeoutError(f"registry did not catch up with {self._topic!r} in {timeout}s")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
