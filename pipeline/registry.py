@@ -121,7 +121,10 @@ class RegistryFollower:
         if self._task is not None:
             return
         consumer = clients.make_consumer(
-            self._bootstrap, group_id=None, client_id=self._client_id, auto_offset_reset="earliest"
+            bootstrap=self._bootstrap,
+            group_id=None,
+            client_id=self._client_id,
+            auto_offset_reset="earliest",
         )
         await consumer.start()
         self._consumer = consumer

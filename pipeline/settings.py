@@ -57,6 +57,51 @@ class Settings(BaseSettings):
         description="where devices and trainers reach the model server (checkpoints by reference).",
     )
 
+    # Aggregation agents (fedex worker).
+    min_samples: int = Field(default=1000, ge=1, description="pending samples that fire a count trigger.")
+    age_floor_samples: int = Field(
+        default=100, ge=1, description="pending samples needed before an age trigger may fire."
+    )
+    max_age_s: float = Field(
+        default=300.0, gt=0, description="oldest pending sample age that fires an age trigger."
+    )
+    job_timeout_s: float = Field(
+        default=600.0, gt=0, description="a trigger with no model update after this is fired again."
+    )
+    agent_tick_s: float = Field(default=1.0, gt=0, description="how often agents check age and timeouts.")
+    worker_port: int = Field(default=6066, ge=1, le=65535, description="Faust worker web port.")
+
+    # Trainer (fedex trainer).
+    train_epochs: int = Field(default=5, ge=1, description="epochs per training job.")
+    train_batch_size: int = Field(default=256, ge=1, description="minibatch size.")
+    train_lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
+    train_weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
+    val_fraction: float = Field(
+        default=0.1, gt=0, lt=1, description="share of samples (by hash of the sample id) held out."
+    )
+    checkpoint_dtype: str = Field(
+        default="float16", pattern=r"^(float16|float32)$", description="dtype of published checkpoints."
+    )
+
+    # Model server (fedex serve).
+    auth_secret: str | None = Field(
+        default=None,
+        description="HMAC secret of device tokens; unset = a random one per server start (dev only).",
+    )
+    token_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="lifetime of issued device tokens.")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.home / "checkpoints"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "state"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
     @property
     def bootstrap(self) -> str:
         """Where clients connect: the external cluster if configured, else the local broker."""

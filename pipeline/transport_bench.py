@@ -173,17 +173,17 @@ async def measure_kafka_round_trip(
         for i in range(64)
     ]
     size = len(payloads[0])
-    admin = clients.make_admin(bootstrap)
+    admin = clients.make_admin(bootstrap=bootstrap)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, partitions, 1)])
     finally:
         await admin.close()
 
-    consumer = clients.make_consumer(bootstrap, group_id=None, auto_offset_reset="earliest")
+    consumer = clients.make_consumer(bootstrap=bootstrap, group_id=None, auto_offset_reset="earliest")
     consumer.subscribe([topic])
     await consumer.start()
-    producer = clients.make_producer(bootstrap, linger_ms=5, max_batch_size=1024 * 1024)
+    producer = clients.make_producer(bootstrap=bootstrap, linger_ms=5, max_batch_size=1024 * 1024)
     await producer.start()
     try:
         # Partitions must be assigned before the clock starts.
@@ -214,7 +214,7 @@ async def measure_kafka_round_trip(
     finally:
         await producer.stop()
         await consumer.stop()
-        admin = clients.make_admin(bootstrap)
+        admin = clients.make_admin(bootstrap=bootstrap)
         await admin.start()
         with contextlib.suppress(Exception):
             await admin.delete_topics([topic])
