@@ -52,7 +52,10 @@ def write_result(name: str, payload: dict[str, Any], out: Path | None = None) ->
 
 
 def print_table(
-    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], console: Console | None = None
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    console: Console | None = None,
 ) -> None:
     table = Table(title=title)
     for i, col in enumerate(columns):

@@ -122,19 +122,23 @@ def _envelope(kind: Kind, meta: Mapping[str, Any], body_parts: list[bytes] | Non
     return b"".join([header, meta_bytes, b"\0" * pad, *parts])
 
 
-def _open(data: bytes | bytearray | memoryview, expected: Kind | None) -> tuple[Kind, dict[str, Any], memoryview]:
+def _open(
+    data: bytes | bytearray | memoryview, expected: Kind | None
+) -> tuple[Kind, dict[str, Any], memoryview]:
     """Checks the header and returns (kind, metadata, body view)."""
     view = memoryview(data)
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B")
     if len(view) < HEADER_SIZE:
         raise CodecError(
-            Reject.TRUNCATED, f"message is {len(view)} bytes, shorter than the {HEADER_SIZE}-byte header"
+            Reject.TRUNCATED,
+            f"message is {len(view)} bytes, shorter than the {HEADER_SIZE}-byte header",
         )
     magic, version, kind_byte, flags, meta_len, body_len = HEADER.unpack_from(view, 0)
     if magic != MAGIC:
         raise CodecError(
-            Reject.BAD_MAGIC, f"starts with {bytes(magic)!r}, expected {MAGIC!r}: not a FedEx record"
+            Reject.BAD_MAGIC,
+            f"starts with {bytes(magic)!r}, expected {MAGIC!r}: not a FedEx record",
         )
     if version != VERSION:
         raise CodecError(
@@ -146,17 +150,24 @@ def _open(data: bytes | bytearray | memoryview, expected: Kind | None) -> tuple[
     except ValueError:
         raise CodecError(Reject.UNKNOWN_KIND, f"record kind {kind_byte} is unknown") from None
     if expected is not None and kind is not expected:
-        raise CodecError(Reject.WRONG_KIND, f"expected a {expected.name.lower()}, got a {kind.name.lower()}")
+        raise CodecError(
+            Reject.WRONG_KIND, f"expected a {expected.name.lower()}, got a {kind.name.lower()}"
+        )
     if flags != 0:
-        raise CodecError(Reject.BAD_FLAGS, f"flags must be 0 in version {VERSION}, got {flags:#06x}")
+        raise CodecError(
+            Reject.BAD_FLAGS, f"flags must be 0 in version {VERSION}, got {flags:#06x}"
+        )
     if meta_len > MAX_META_BYTES:
-        raise CodecError(Reject.BAD_METADATA, f"metadata length {meta_len} is over {MAX_META_BYTES}")
+        raise CodecError(
+            Reject.BAD_METADATA, f"metadata length {meta_len} is over {MAX_META_BYTES}"
+        )
     body_at = _align(HEADER_SIZE + meta_len)
     end = body_at + body_len
     if len(view) < end:
         raise CodecError(
             Reject.TRUNCATED,
-            f"header declares {end} bytes (metadata {meta_len}, body {body_len}), message has {len(view)}",
+            f"header declares {end} bytes (metadata {meta_len}, body {body_len}), "
+            f"message has {len(view)}",
         )
     if len(view) > end:
         raise CodecError(
@@ -167,7 +178,9 @@ def _open(data: bytes | bytearray | memoryview, expected: Kind | None) -> tuple[
     except orjson.JSONDecodeError as exc:
         raise CodecError(Reject.BAD_METADATA, f"metadata is not valid JSON: {exc}") from None
     if not isinstance(meta, dict):
-        raise CodecError(Reject.BAD_METADATA, f"metadata must be a JSON object, got {type(meta).__name__}")
+        raise CodecError(
+            Reject.BAD_METADATA, f"metadata must be a JSON object, got {type(meta).__name__}"
+        )
     return kind, meta, view[body_at:end]
 
 
@@ -205,7 +218,8 @@ def _id(meta: Mapping[str, Any], key: str) -> str:
         raise CodecError(Reject.MISSING_ID, f"{key!r} is missing or empty")
     if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
         raise CodecError(
-            Reject.BAD_ID, f"{key!r} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -, got {value!r:.80}"
+            Reject.BAD_ID,
+            f"{key!r} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -, got {value!r:.80}",
         )
     return value
 
@@ -220,7 +234,8 @@ def _enum(meta: Mapping[str, Any], key: str, cls: type[enum.StrEnum], reason: Re
         return cls(value)
     except ValueError:
         raise CodecError(
-            reason, f"{key} {value!r:.40} is unknown; expected one of {', '.join(m.value for m in cls)}"
+            reason,
+            f"{key} {value!r:.40} is unknown; expected one of {', '.join(m.value for m in cls)}",
         ) from None
 
 
@@ -234,7 +249,9 @@ def _nonneg_int(meta: Mapping[str, Any], key: str) -> int:
 # ------------------------------------------------------------------------ feature push
 
 
-def push_layout(n: int, shape: tuple[int, ...], dtype: FeatureDType) -> tuple[int, int, int, int, int]:
+def push_layout(
+    n: int, shape: tuple[int, ...], dtype: FeatureDType
+) -> tuple[int, int, int, int, int]:
     """Byte offsets in a push body: (ids, timestamps, labels, features, total)."""
     ids_at = 0
     ts_at = 8 * n
@@ -301,7 +318,8 @@ def decode_push(
     ):
         raise CodecError(
             Reject.SHAPE_MISMATCH,
-            f"feature shape {raw_shape!r:.80} does not match {backbone}/{cut}: {list(expected_shape)}",
+            f"feature shape {raw_shape!r:.80} does not match "
+            f"{backbone}/{cut}: {list(expected_shape)}",
         )
     shape = tuple(raw_shape)
     if shape != expected_shape:
@@ -313,7 +331,9 @@ def decode_push(
     if n == 0:
         raise CodecError(Reject.EMPTY_BATCH, "the push holds no samples")
     if n > max_samples:
-        raise CodecError(Reject.OVERSIZED_BATCH, f"the push holds {n} samples, the limit is {max_samples}")
+        raise CodecError(
+            Reject.OVERSIZED_BATCH, f"the push holds {n} samples, the limit is {max_samples}"
+        )
     ids_at, ts_at, labels_at, features_at, total = push_layout(n, shape, dtype)
     if len(body) != total:
         raise CodecError(
@@ -323,7 +343,9 @@ def decode_push(
     sample_ids = np.frombuffer(body, _U64, n, ids_at)
     timestamps = np.frombuffer(body, _I64, n, ts_at)
     labels = np.frombuffer(body, _I32, n, labels_at)
-    features = np.frombuffer(body, dtype.numpy, n * math.prod(shape), features_at).reshape(n, *shape)
+    features = np.frombuffer(body, dtype.numpy, n * math.prod(shape), features_at).reshape(
+        n, *shape
+    )
 
     # A wider accumulator cannot overflow on finite input, so a non-finite sum means a
     # NaN or Inf somewhere: one pass, no temporary mask on the hot path.
@@ -383,10 +405,14 @@ def decode_trigger(data: bytes | bytearray | memoryview) -> TrainingTrigger:
             or len(item) != 3
             or any(not isinstance(v, int) or isinstance(v, bool) for v in item)
         ):
-            raise CodecError(Reject.BAD_FIELD, f"range {item!r:.60} must be [partition, start, end]")
+            raise CodecError(
+                Reject.BAD_FIELD, f"range {item!r:.60} must be [partition, start, end]"
+            )
         partition, start, end = item
         if partition < 0 or start < 0 or end < start:
-            raise CodecError(Reject.BAD_FIELD, f"range {item} needs partition ≥ 0 and 0 ≤ start ≤ end")
+            raise CodecError(
+                Reject.BAD_FIELD, f"range {item} needs partition ≥ 0 and 0 ≤ start ≤ end"
+            )
         ranges.append(OffsetRange(partition, start, end))
     attempt = _nonneg_int(meta, "attempt")
     return TrainingTrigger(
@@ -444,7 +470,9 @@ def decode_update(data: bytes | bytearray | memoryview) -> ModelUpdate:
     size = _nonneg_int(meta, "size")
     inline = _get(meta, "inline", bool, "true or false")
     if inline and len(body) != size:
-        raise CodecError(Reject.SIZE_MISMATCH, f"inline checkpoint is {len(body)} bytes, size says {size}")
+        raise CodecError(
+            Reject.SIZE_MISMATCH, f"inline checkpoint is {len(body)} bytes, size says {size}"
+        )
     if not inline:
         _no_body(body, "a by-reference model update")
     sha = _get(meta, "sha256", str, "64 lowercase hex digits")
@@ -457,7 +485,9 @@ def decode_update(data: bytes | bytearray | memoryview) -> ModelUpdate:
     number = (int, float)
     metrics = ModelMetrics(
         val_accuracy=float(_get(raw, "val_accuracy", number, "a number")),
-        champion_val_accuracy=_float_or_none(_optional(raw, "champion_val_accuracy", number, "a number")),
+        champion_val_accuracy=_float_or_none(
+            _optional(raw, "champion_val_accuracy", number, "a number")
+        ),
         train_samples=_nonneg_int(raw, "train_samples"),
         val_samples=_nonneg_int(raw, "val_samples"),
         train_seconds=float(_get(raw, "train_seconds", number, "a number")),
@@ -544,3 +574,36 @@ def decode_key(key: bytes | None) -> str | None:
         return key.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+# ------------------------------------------------------------------ agent table value
+#
+# The aggregation agents keep one state per model in a changelog-backed table. Its value is
+# internal to the agents (not a wire record): versioned orjson of plain fields, which the
+# agents turn into their ``ModelState``.
+
+MODEL_STATE_VERSION: Final = 1
+
+
+def encode_model_state(fields: Mapping[str, Any]) -> bytes:
+    """Encodes the plain fields of an agent's per-model state (JSON types only)."""
+    return orjson.dumps({"v": MODEL_STATE_VERSION, **fields})
+
+
+def decode_model_state(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Decodes what :func:`encode_model_state` wrote; raises CodecError on anything else."""
+    try:
+        fields = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CodecError(Reject.BAD_METADATA, f"model state is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise CodecError(Reject.BAD_METADATA, f"model state must be a JSON object, got {type(fields).__name__}")
+    version = fields.pop("v", None)
+    if version != MODEL_STATE_VERSION:
+        raise CodecError(
+            Reject.UNSUPPORTED_VERSION,
+            f"model state version {version!r} is not supported (this codec reads {MODEL_STATE_VERSION})",
+        )
+    if not isinstance(fields.get("model_id"), str):
+        raise CodecError(Reject.MISSING_ID, "model state has no 'model_id'")
+    return fields

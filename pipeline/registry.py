@@ -17,8 +17,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline import codec
 from pipeline.records import Backbone, Cut, ModelUpdate
 
@@ -110,7 +112,7 @@ class RegistryFollower:
         self._client_id = client_id
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
-        self._consumer: object | None = None
+        self._consumer: AIOKafkaConsumer | None = None
         self.skipped = 0
 
     async def start(self) -> None:
@@ -133,29 +135,32 @@ class RegistryFollower:
             await consumer.stop()
             from pipeline.errors import ConfigError
 
-            raise ConfigError(f"model topic {self._topic!r} does not exist: run `fedex topics ensure`")
+            raise ConfigError(
+                f"model topic {self._topic!r} does not exist: run `fedex topics ensure`"
+            )
         tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         self._task = asyncio.create_task(self._run(consumer, ends), name="registry-follower")
 
-    async def _run(self, consumer: object, ends: dict[object, int]) -> None:
+    async def _run(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
         remaining = {tp: end for tp, end in ends.items() if end > 0}
         if not remaining:
             self._caught_up.set()
         while True:
-            batches = await consumer.getmany(timeout_ms=500)  # type: ignore[attr-defined]
+            batches = await consumer.getmany(timeout_ms=500)
             for tp, records in batches.items():
                 for record in records:
                     await self._fold(record.value)
                     if tp in remaining and record.offset + 1 >= remaining[tp]:
                         del remaining[tp]
-            if not self._caught_up.is_set() and all(
-                await consumer.position(tp) >= end  # type: ignore[attr-defined]
-                for tp, end in remaining.items()
-            ):
-                self._caught_up.set()
+            if not self._caught_up.is_set():
+                for tp, end in list(remaining.items()):
+                    if await consumer.position(tp) >= end:
+                        del remaining[tp]
+                if not remaining:
+                    self._caught_up.set()
 
     async def _fold(self, value: bytes | None) -> None:
         if value is None:  # a compaction tombstone
@@ -193,13 +198,16 @@ class RegistryFollower:
                 await task
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            await consumer.stop()  # type: ignore[attr-defined]
+            await consumer.stop()
 
     async def __aenter__(self) -> Self:
         await self.start()
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.stop()

@@ -21,11 +21,11 @@ class Settings(BaseSettings):
 
     home: Path = Field(
         default=Path(".fedex"),
-        description="Project data directory: Kafka jars and data, logs, checkpoints, feature banks.",
+        description="data directory: Kafka jars and data, logs, checkpoints, feature banks.",
     )
     kafka_bootstrap: str | None = Field(
         default=None,
-        description="bootstrap servers of an existing cluster; when set, no local broker is started.",
+        description="bootstrap of an existing cluster; when set, no local broker is started.",
     )
     kafka_port: int = Field(default=9092, ge=1, le=65535, description="port of the local broker.")
     kafka_heap: str = Field(default="512m", description="JVM heap of the local broker.")
@@ -35,10 +35,14 @@ class Settings(BaseSettings):
         description="prefix of every topic name (tests use a unique one each).",
     )
     features_partitions: int = Field(default=6, ge=1, description="partitions of the feature log.")
-    triggers_partitions: int = Field(default=6, ge=1, description="partitions of the trigger topic.")
+    triggers_partitions: int = Field(
+        default=6, ge=1, description="partitions of the trigger topic."
+    )
     models_partitions: int = Field(default=6, ge=1, description="partitions of the model topic.")
     training_window_ms: int = Field(
-        default=7 * DAY_MS, ge=60_000, description="retention of the feature log = the training window."
+        default=7 * DAY_MS,
+        ge=60_000,
+        description="retention of the feature log = the training window.",
     )
     max_message_bytes: int = Field(
         default=8 * 1024 * 1024,
@@ -48,8 +52,12 @@ class Settings(BaseSettings):
     max_push_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="max size of one feature push."
     )
-    max_push_samples: int = Field(default=1024, ge=1, description="max samples in one feature push.")
-    replication_factor: int = Field(default=1, ge=1, description="replication factor of created topics.")
+    max_push_samples: int = Field(
+        default=1024, ge=1, description="max samples in one feature push."
+    )
+    replication_factor: int = Field(
+        default=1, ge=1, description="replication factor of created topics."
+    )
     server_host: str = Field(default="127.0.0.1", description="address the model server binds.")
     server_port: int = Field(default=8080, ge=1, le=65535, description="port of the model server.")
     server_url: str = Field(
@@ -58,7 +66,9 @@ class Settings(BaseSettings):
     )
 
     # Aggregation agents (fedex worker).
-    min_samples: int = Field(default=1000, ge=1, description="pending samples that fire a count trigger.")
+    min_samples: int = Field(
+        default=1000, ge=1, description="pending samples that fire a count trigger."
+    )
     age_floor_samples: int = Field(
         default=100, ge=1, description="pending samples needed before an age trigger may fire."
     )
@@ -68,7 +78,9 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(
         default=600.0, gt=0, description="a trigger with no model update after this is fired again."
     )
-    agent_tick_s: float = Field(default=1.0, gt=0, description="how often agents check age and timeouts.")
+    agent_tick_s: float = Field(
+        default=1.0, gt=0, description="how often agents check age and timeouts."
+    )
     worker_port: int = Field(default=6066, ge=1, le=65535, description="Faust worker web port.")
 
     # Trainer (fedex trainer).
@@ -80,15 +92,19 @@ class Settings(BaseSettings):
         default=0.1, gt=0, lt=1, description="share of samples (by hash of the sample id) held out."
     )
     checkpoint_dtype: str = Field(
-        default="float16", pattern=r"^(float16|float32)$", description="dtype of published checkpoints."
+        default="float16",
+        pattern=r"^(float16|float32)$",
+        description="dtype of published checkpoints.",
     )
 
     # Model server (fedex serve).
     auth_secret: str | None = Field(
         default=None,
-        description="HMAC secret of device tokens; unset = a random one per server start (dev only).",
+        description="HMAC secret of device tokens; unset = random per server start (dev only).",
     )
-    token_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="lifetime of issued device tokens.")
+    token_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=60, description="lifetime of issued device tokens."
+    )
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -84,7 +84,7 @@ def _time_loop(fn: Any, arg: Any, min_seconds: float) -> tuple[int, float]:
 def run_codec_bench(
     *, samples: int = 10, repeats: int = 5, seconds: float = 0.4, out: Path | None = None
 ) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     with one_core() as core:
         for cut in CODEC_CUTS:
             push = synthetic_push(samples, cut=cut)
@@ -180,12 +180,20 @@ async def measure_kafka_round_trip(
     finally:
         await admin.close()
 
-    consumer = clients.make_consumer(bootstrap=bootstrap, group_id=None, auto_offset_reset="earliest")
+    consumer = clients.make_consumer(
+        bootstrap=bootstrap, group_id=None, auto_offset_reset="earliest"
+    )
     consumer.subscribe([topic])
     await consumer.start()
     producer = clients.make_producer(bootstrap=bootstrap, linger_ms=5, max_batch_size=1024 * 1024)
     await producer.start()
     try:
+        # A new topic's leaders take a moment to appear; sending earlier only logs retries.
+        deadline = time.monotonic() + 30
+        while len(await producer.partitions_for(topic)) < partitions:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topic {topic} has no leaders after 30 s")
+            await asyncio.sleep(0.05)
         # Partitions must be assigned before the clock starts.
         deadline = time.monotonic() + 30
         while not consumer.assignment() and time.monotonic() < deadline:

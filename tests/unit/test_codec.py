@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import struct
 from dataclasses import replace
@@ -153,7 +154,9 @@ def test_update_round_trip(inline: bool) -> None:
 
 
 def test_update_without_champion_round_trip() -> None:
-    update = replace(make_update(), metrics=ModelMetrics(0.5, None, 10, 2, 0.1, 1), parent_version=None)
+    update = replace(
+        make_update(), metrics=ModelMetrics(0.5, None, 10, 2, 0.1, 1), parent_version=None
+    )
     assert codec.decode_update(codec.encode_update(update)) == update
 
 
@@ -301,7 +304,10 @@ def test_reject_duplicate_sample_ids() -> None:
     push = make_push()
     ids = push.sample_ids.copy()
     ids[5] = ids[2]
-    assert reject_reason(codec.encode_push(replace(push, sample_ids=ids))) is Reject.DUPLICATE_SAMPLE_ID
+    assert (
+        reject_reason(codec.encode_push(replace(push, sample_ids=ids)))
+        is Reject.DUPLICATE_SAMPLE_ID
+    )
 
 
 def test_encode_rejects_inconsistent_columns() -> None:
@@ -312,7 +318,9 @@ def test_encode_rejects_inconsistent_columns() -> None:
 
 
 def test_reject_bad_trigger_and_update_fields() -> None:
-    trigger = TrainingTrigger("m", "t", (OffsetRange(0, 5, 9),), 4, TriggerReason.COUNT, created_at_ms=1)
+    trigger = TrainingTrigger(
+        "m", "t", (OffsetRange(0, 5, 9),), 4, TriggerReason.COUNT, created_at_ms=1
+    )
     data = codec.encode_trigger(trigger)
     for changes, reason in [
         ({"ranges": [[0, 9, 5]]}, Reject.BAD_FIELD),
@@ -344,7 +352,9 @@ def test_reject_bad_trigger_and_update_fields() -> None:
 
 
 def _samples() -> list[bytes]:
-    trigger = TrainingTrigger("m", "t", (OffsetRange(0, 5, 9),), 4, TriggerReason.COUNT, created_at_ms=1)
+    trigger = TrainingTrigger(
+        "m", "t", (OffsetRange(0, 5, 9),), 4, TriggerReason.COUNT, created_at_ms=1
+    )
     letter = DeadLetter(b"x", "t", 0, 1, "r", "m", None, 1)
     return [
         codec.encode_push(make_push(3)),
@@ -356,11 +366,14 @@ def _samples() -> list[bytes]:
 
 
 def _decode_any(data: bytes) -> None:
-    for decode in (codec.decode_push, codec.decode_trigger, codec.decode_update, codec.decode_dead_letter):
-        try:
+    for decode in (
+        codec.decode_push,
+        codec.decode_trigger,
+        codec.decode_update,
+        codec.decode_dead_letter,
+    ):
+        with contextlib.suppress(CodecError):
             decode(data)
-        except CodecError:
-            pass
 
 
 def test_fuzz_random_bytes_raise_only_codec_errors() -> None:
@@ -379,7 +392,11 @@ def test_fuzz_mutated_messages_raise_only_codec_errors() -> None:
         op = rng.randrange(4)
         if op == 0:  # flip bytes anywhere, mostly in the header and metadata
             for _ in range(rng.randrange(1, 6)):
-                i = rng.randrange(min(len(data), 256)) if rng.random() < 0.8 else rng.randrange(len(data))
+                i = (
+                    rng.randrange(min(len(data), 256))
+                    if rng.random() < 0.8
+                    else rng.randrange(len(data))
+                )
                 data[i] = rng.randrange(256)
         elif op == 1:  # truncate
             del data[rng.randrange(len(data)) :]
@@ -398,7 +415,7 @@ def test_fuzz_metadata_values_raise_only_codec_errors() -> None:
     for _ in range(3000):
         data = rng.choice(samples)
         _, _, _, _, meta_len, _ = codec.HEADER.unpack_from(data, 0)
-        keys = list(orjson.loads(data[16 : 16 + meta_len])) + ["metrics", "ranges", "key"]
+        keys = [*orjson.loads(data[16 : 16 + meta_len]), "metrics", "ranges", "key"]
         changes = {rng.choice(keys): rng.choice(weird) for _ in range(rng.randrange(1, 4))}
         try:
             mutated = rewrite_meta(data, **changes)

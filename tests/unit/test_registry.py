@@ -8,7 +8,9 @@ from pipeline.records import Backbone, Cut, ModelMetrics, ModelUpdate
 from pipeline.registry import Registry
 
 
-def update(version: str, *, best: bool, model_id: str = "faces-1", blob: bytes | None = None) -> ModelUpdate:
+def update(
+    version: str, *, best: bool, model_id: str = "faces-1", blob: bytes | None = None
+) -> ModelUpdate:
     return ModelUpdate(
         model_id=model_id,
         version=version,
@@ -32,7 +34,11 @@ def test_first_update_defines_the_model_and_is_best() -> None:
     assert registry.apply(update("v0", best=False, blob=b"abc"))
     entry = registry.get("faces-1")
     assert entry is not None
-    assert (entry.num_classes, entry.cut, entry.backbone) == (100, Cut.FREEZE6, Backbone.INCEPTION_RESNET_V1)
+    assert (entry.num_classes, entry.cut, entry.backbone) == (
+        100,
+        Cut.FREEZE6,
+        Backbone.INCEPTION_RESNET_V1,
+    )
     assert entry.best is not None and entry.best.version == "v0"
     assert entry.latest is not None and entry.latest.checkpoint is None  # blobs are not kept
 

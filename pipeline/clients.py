@@ -1,0 +1,156 @@
+"""Kafka client factories with the project's defaults, and a readiness probe.
+
+Every actor builds its aiokafka clients here so that the settings that must agree with the
+topic configs (request and fetch sizes for 8 MiB model messages, acks, manual commits) are
+chosen once. Factories take plain keyword arguments; extra aiokafka options pass through
+``**options`` and win over the defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from pipeline.errors import KafkaUnavailableError
+
+MIB = 1024 * 1024
+#: Large enough for one model message (8 MiB by default) plus framing.
+DEFAULT_MAX_REQUEST_SIZE = 16 * MIB
+
+
+def make_producer(
+    *,
+    bootstrap: str,
+    client_id: str = "fedex",
+    acks: int | str = "all",
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
+    linger_ms: int = 5,
+    max_batch_size: int = 1 * MIB,
+    compression_type: str | None = None,
+    enable_idempotence: bool = False,
+    request_timeout_ms: int = 30_000,
+    **options: Any,
+) -> AIOKafkaProducer:
+    """An unstarted producer. ``acks="all"``: an output counts as durable only when written.
+
+    Pass ``max_request_size`` >= the largest record you send (e.g. settings.max_message_bytes
+    plus headroom); the topic's ``max.message.bytes`` still applies on the broker.
+    """
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks=acks,
+        max_request_size=max_request_size,
+        linger_ms=linger_ms,
+        max_batch_size=max_batch_size,
+        compression_type=compression_type,
+        enable_idempotence=enable_idempotence,
+        request_timeout_ms=request_timeout_ms,
+        **options,
+    )
+
+
+def make_consumer(
+    *topics: str,
+    bootstrap: str,
+    group_id: str | None,
+    client_id: str = "fedex",
+    auto_offset_reset: str = "earliest",
+    enable_auto_commit: bool = False,
+    max_partition_fetch_bytes: int = DEFAULT_MAX_REQUEST_SIZE,
+    fetch_max_bytes: int = 64 * MIB,
+    isolation_level: str = "read_committed",
+    **options: Any,
+) -> AIOKafkaConsumer:
+    """An unstarted consumer. Commits are manual (``enable_auto_commit=False``): actors commit
+    only after their output is durable. ``group_id=None`` for a group-less reader (e.g. one
+    that rebuilds a registry with ``assign``/``seek``)."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        client_id=client_id,
+        auto_offset_reset=auto_offset_reset,
+        enable_auto_commit=enable_auto_commit,
+        max_partition_fetch_bytes=max_partition_fetch_bytes,
+        fetch_max_bytes=fetch_max_bytes,
+        isolation_level=isolation_level,
+        **options,
+    )
+
+
+def make_admin(
+    *, bootstrap: str, client_id: str = "fedex-admin", request_timeout_ms: int = 30_000
+) -> AIOKafkaAdminClient:
+    """An unstarted admin client (``await admin.start()``, ``await admin.close()``)."""
+    return AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        request_timeout_ms=request_timeout_ms,
+    )
+
+
+async def _tcp_accepts(host: str, port: int, within: float) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), within)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def _servers(bootstrap: str) -> list[tuple[str, int]]:
+    servers = []
+    for item in bootstrap.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        servers.append((host.strip("[]"), int(port)) if sep else (item.strip(), 9092))
+    return servers
+
+
+async def wait_for_kafka(bootstrap: str, timeout: float = 30.0) -> None:
+    """Return once the cluster at ``bootstrap`` answers a metadata request.
+
+    Polls until ``timeout`` seconds have passed, then raises KafkaUnavailableError naming
+    the bootstrap servers and the last error seen.
+    """
+    deadline = time.monotonic() + timeout
+    last_error = "no connection attempt finished"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        # A plain TCP probe first: aiokafka logs an ERROR for every refused connection.
+        reachable = False
+        for host, port in _servers(bootstrap):
+            if await _tcp_accepts(host, port, min(1.0, remaining)):
+                reachable = True
+                break
+        if not reachable:
+            last_error = "connection refused or timed out"
+        else:
+            admin = make_admin(
+                bootstrap=bootstrap,
+                client_id="fedex-probe",
+                request_timeout_ms=max(1000, int(remaining * 1000)),
+            )
+            try:
+                await asyncio.wait_for(admin.start(), max(0.1, deadline - time.monotonic()))
+                return
+            except (KafkaError, OSError, TimeoutError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                with contextlib.suppress(Exception):
+                    await admin.close()
+        await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    raise KafkaUnavailableError(
+        f"Kafka at {bootstrap} did not answer within {timeout:g} s ({last_error}). Start the "
+        "local broker with `fedex kafka start`, or check FEDEX_KAFKA_BOOTSTRAP."
+    )

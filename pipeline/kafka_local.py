@@ -1,0 +1,918 @@
+"""A real Apache Kafka broker (KRaft, single node) run from Maven Central jars, no Docker.
+
+What this module owns:
+
+- the jar cache: ``pipeline/kafka/pom.xml`` is resolved once with Maven into
+  ``<home>/kafka/libs``; a marker holding the pom's sha256 makes every later start
+  offline (no ``mvn`` call at all);
+- the broker's files: ``server.properties``, the log, the data dir (formatted once);
+- the JVM's lifetime. A broker *owned* by a Python process (tests, ``fedex up``) dies with
+  it: its own process group (Ctrl-C in a terminal reaches Python, which stops it in order),
+  ``PR_SET_PDEATHSIG`` (SIGTERM when the parent dies, even by SIGKILL) and an ``atexit``
+  hook. A *detached* broker (``fedex kafka start``) outlives the command and is found
+  again through its pidfile.
+
+The pure helpers (properties, command line, pidfile records) are separate from the I/O so
+they can be unit-tested without Java.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+import psutil
+
+from pipeline.errors import KafkaUnavailableError
+
+log = logging.getLogger(__name__)
+
+KAFKA_DIR = Path(__file__).with_name("kafka")
+POM_PATH = KAFKA_DIR / "pom.xml"
+LOG4J2_PATH = KAFKA_DIR / "log4j2.properties"
+
+MIB = 1024 * 1024
+#: Broker-wide max record batch size; the model topic (8 MiB by default) must fit under it.
+DEFAULT_MESSAGE_MAX_BYTES = 16 * MIB
+#: The broker prints this once every listener accepts requests.
+READY_LINE = "Kafka Server started"
+DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies"
+JARS_MARKER = ".fedex-pom.sha256"
+LOG_TAIL_LINES = 30
+#: A daemon's log is appended to across restarts; past this size it moves to broker.log.1.
+LOG_ROTATE_BYTES = 50 * MIB
+MAIN_CLASS = "kafka.Kafka"
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def kafka_version(pom_text: str) -> str:
+    """The Kafka version pinned in the pom (``<kafka.version>``)."""
+    match = re.search(r"<kafka\.version>\s*([^<\s]+)\s*</kafka\.version>", pom_text)
+    return match.group(1) if match else "unknown"
+
+
+def pom_digest(pom_bytes: bytes) -> str:
+    return hashlib.sha256(pom_bytes).hexdigest()
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: a random UUID as 22 chars of URL-safe base64, like ``kafka-storage
+    random-uuid``. Kafka never hands out ids starting with '-' (they read as CLI flags)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
+        if not cid.startswith("-"):
+            return cid
+
+
+def broker_properties(
+    *,
+    port: int,
+    controller_port: int,
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    node_id: int = 1,
+    message_max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """``server.properties`` of a single-node combined broker+controller on loopback.
+
+    Replication factors are 1 and the internal topics small so a 256 MB heap suffices.
+    ``extra`` overrides or adds properties (tests use it to break the broker on purpose).
+    """
+    if port == controller_port:
+        raise ValueError(f"broker and controller need distinct ports, both are {port}")
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": str(node_id),
+        "controller.quorum.voters": f"{node_id}@{host}:{controller_port}",
+        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "log.dirs": str(data_dir),
+        "num.partitions": "1",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "log.cleaner.dedupe.buffer.size": str(8 * MIB),
+        "message.max.bytes": str(message_max_bytes),
+        # A request carries at least one full batch; keep the 100 MiB default or more.
+        "socket.request.max.bytes": str(max(100 * MIB, message_max_bytes + MIB)),
+        "replica.fetch.max.bytes": str(message_max_bytes),
+    }
+    props.update(extra or {})
+    return props
+
+
+def render_properties(props: Mapping[str, str]) -> str:
+    """Java ``.properties`` text. Backslashes are escaped; values here never span lines."""
+    lines = ["# Written by pipeline.kafka_local; rewritten at every start."]
+    for key, value in props.items():
+        if "\n" in key or "\n" in value:
+            raise ValueError(f"property {key!r} contains a newline")
+        lines.append(f"{key}={value.replace(chr(92), chr(92) * 2)}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_properties(text: str) -> dict[str, str]:
+    """The inverse of :func:`render_properties` (enough for files we wrote)."""
+    props: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#!":
+            continue
+        key, _, value = line.partition("=")
+        props[key.strip()] = value.strip().replace("\\\\", "\\")
+    return props
+
+
+def java_command(
+    *,
+    java: str,
+    libs_dir: Path,
+    heap: str,
+    log4j_config: Path,
+    server_properties: Path,
+) -> list[str]:
+    """The JVM command line of the broker. ``server_properties`` is the last argument; the
+    pidfile check relies on it to tell our broker from any other java process."""
+    return [
+        java,
+        f"-Xmx{heap}",
+        f"-Xms{heap}",
+        "-XX:+ExitOnOutOfMemoryError",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={log4j_config}",
+        "-cp",
+        f"{libs_dir}/*",
+        MAIN_CLASS,
+        str(server_properties),
+    ]
+
+
+def storage_format_command(
+    *, java: str, libs_dir: Path, cluster_id: str, server_properties: Path
+) -> list[str]:
+    return [
+        java,
+        "-Xmx128m",
+        "-cp",
+        f"{libs_dir}/*",
+        "kafka.tools.StorageTool",
+        "format",
+        "-t",
+        cluster_id,
+        "-c",
+        str(server_properties),
+    ]
+
+
+def read_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a text file ('' if it does not exist)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 256 * 1024))
+            data = fh.read()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_ROTATE_BYTES) -> bool:
+    """Move ``path`` to ``path.1`` (replacing it) when larger than ``max_bytes``."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    path.replace(path.with_name(path.name + ".1"))
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS considers free right now (bind to 0, read it back, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Same as the JVM's listener: a TIME_WAIT leftover does not make the port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def split_bootstrap(bootstrap: str) -> tuple[str, int]:
+    """Host and port of the first server of a bootstrap string (default port 9092)."""
+    first = bootstrap.split(",")[0].strip()
+    host, sep, port = first.rpartition(":")
+    if not sep:
+        return first, 9092
+    return host.strip("[]"), int(port)
+
+
+# --------------------------------------------------------------------------- pidfile
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerRecord:
+    """What the pidfile of a detached broker remembers about it."""
+
+    pid: int
+    port: int
+    controller_port: int
+    bootstrap: str
+    work_dir: str
+    data_dir: str
+    server_properties: str
+    log: str
+    version: str
+    started_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> BrokerRecord:
+        raw = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def write_pidfile(path: Path, record: BrokerRecord) -> None:
+    """Write atomically: a concurrent reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(record.to_json() + "\n")
+    tmp.replace(path)
+
+
+def read_pidfile(path: Path) -> BrokerRecord | None:
+    """The record, or None when there is no pidfile or it is unreadable (a crash mid-write of
+    an older version, a hand edit): such a file says nothing about a running broker."""
+    try:
+        return BrokerRecord.from_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:
+        log.warning("ignoring unreadable pidfile %s: %s", path, exc)
+        return None
+
+
+def is_broker_process(pid: int, server_properties: str | Path) -> bool:
+    """True if ``pid`` is alive and is *our* broker: a java process running ``kafka.Kafka``
+    with that properties file. Guards against a stale pidfile whose pid was reused."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return MAIN_CLASS in cmdline and str(server_properties) in cmdline
+
+
+def find_broker_processes(work_dir: Path) -> list[int]:
+    """Pids of live brokers whose properties file lies in ``work_dir`` (orphans included)."""
+    prefix = str(work_dir).rstrip(os.sep) + os.sep
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = proc.info.get("cmdline") or []
+        if proc.info.get("status") == psutil.STATUS_ZOMBIE or MAIN_CLASS not in cmdline:
+            continue
+        if any(arg.startswith(prefix) for arg in cmdline[1:]):
+            found.append(int(proc.info["pid"]))
+    return found
+
+
+def process_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs. A zombie counts as gone: a detached broker's parent
+    has exited, and a container's pid 1 may never reap it."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def terminate_pid(pid: int, *, timeout: float, group: bool) -> bool:
+    """SIGTERM (controlled shutdown), wait up to ``timeout``, then SIGKILL. Blocking.
+    Returns True if SIGKILL was needed."""
+
+    def send(sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+
+    send(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process_gone(pid):
+            return False
+        time.sleep(0.05)
+    log.warning("Kafka broker pid %d ignored SIGTERM for %.0f s; sending SIGKILL", pid, timeout)
+    send(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not process_gone(pid):
+        time.sleep(0.05)
+    return True
+
+
+# --------------------------------------------------------------------------- jars and storage
+
+
+def find_java(java: str | None = None) -> str:
+    """``java`` as given, else ``$JAVA_HOME/bin/java``, else ``java`` on PATH."""
+    if java:
+        return java
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").is_file():
+        return str(Path(java_home) / "bin" / "java")
+    found = shutil.which("java")
+    if found is None:
+        raise KafkaUnavailableError(
+            "Java is not installed (no `java` on PATH and no $JAVA_HOME): the local Kafka broker "
+            "needs a JRE 17+, e.g. `apt-get install openjdk-17-jre-headless`. Or point "
+            "FEDEX_KAFKA_BOOTSTRAP at an existing cluster."
+        )
+    return found
+
+
+def jars_are_cached(libs_dir: Path, pom: Path = POM_PATH) -> bool:
+    marker = libs_dir / JARS_MARKER
+    try:
+        return marker.read_text().strip() == pom_digest(pom.read_bytes())
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fetch_jars(
+    libs_dir: Path, *, pom: Path = POM_PATH, mvn: str | None = None, timeout: float = 900
+) -> Path:
+    """Resolve the pom's runtime dependencies into ``libs_dir`` unless already there. Blocking.
+
+    Safe against concurrent callers (a file lock) and interrupted downloads (fetch into a
+    temporary sibling, rename when complete, the marker is written last).
+    """
+    libs_dir = libs_dir.resolve()
+    if jars_are_cached(libs_dir, pom):
+        return libs_dir
+    with _file_lock(libs_dir.with_name(f".{libs_dir.name}.lock")):
+        if jars_are_cached(libs_dir, pom):
+            return libs_dir
+        mvn_path = mvn or shutil.which("mvn")
+        if mvn_path is None or not Path(mvn_path).exists():
+            raise KafkaUnavailableError(
+                f"Kafka jars are not in {libs_dir} and Maven (`mvn`) is not installed to fetch "
+                "them: `apt-get install maven` (one download of ~42 MB, cached afterwards), or "
+                "set FEDEX_KAFKA_BOOTSTRAP to an existing cluster."
+            )
+        log.info("fetching Kafka %s jars into %s (once)", kafka_version(pom.read_text()), libs_dir)
+        started = time.monotonic()
+        staging = Path(tempfile.mkdtemp(prefix=f".{libs_dir.name}.", dir=libs_dir.parent))
+        try:
+            # mvn may write next to the pom (target/); the installed package can be read-only.
+            shutil.copy(pom, staging / "pom.xml")
+            out_dir = staging / "libs"
+            cmd = [
+                mvn_path,
+                "-q",
+                "-B",
+                "-f",
+                str(staging / "pom.xml"),
+                DEPENDENCY_PLUGIN,
+                f"-DoutputDirectory={out_dir}",
+                "-DincludeScope=runtime",
+            ]
+            try:
+                result = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=timeout, check=False
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise KafkaUnavailableError(
+                    f"`mvn` did not finish fetching the Kafka jars within {timeout:.0f} s; "
+                    "check network access to Maven Central (or a mirror in ~/.m2/settings.xml)."
+                ) from exc
+            jars = list(out_dir.glob("*.jar")) if out_dir.is_dir() else []
+            if result.returncode != 0 or not jars:
+                output = "\n".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL_LINES:])
+                raise KafkaUnavailableError(
+                    f"fetching the Kafka jars with Maven failed (exit {result.returncode}); "
+                    "Maven Central (or your mirror) must be reachable once.\n"
+                    f"command: {' '.join(cmd)}\n--- mvn output ---\n{output}"
+                )
+            (out_dir / JARS_MARKER).write_text(pom_digest(pom.read_bytes()) + "\n")
+            if libs_dir.exists():
+                shutil.rmtree(libs_dir)
+            out_dir.rename(libs_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("fetched %d jars in %.1f s", len(jars), time.monotonic() - started)
+    return libs_dir
+
+
+async def ensure_jars(libs_dir: Path, *, pom: Path = POM_PATH, mvn: str | None = None) -> Path:
+    """Async :func:`fetch_jars`: returns at once when the cache matches the pom."""
+    if jars_are_cached(libs_dir, pom):
+        return libs_dir
+    return await asyncio.to_thread(fetch_jars, libs_dir, pom=pom, mvn=mvn)
+
+
+def format_storage(
+    *, java: str, libs_dir: Path, data_dir: Path, server_properties: Path, timeout: float = 120
+) -> bool:
+    """Format ``data_dir`` for KRaft unless it already is. Blocking. True if it formatted."""
+    if (data_dir / "meta.properties").exists():
+        return False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = storage_format_command(
+        java=java,
+        libs_dir=libs_dir,
+        cluster_id=new_cluster_id(),
+        server_properties=server_properties,
+    )
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise KafkaUnavailableError(
+            f"formatting Kafka storage in {data_dir} took more than {timeout:.0f} s"
+        ) from exc
+    if result.returncode != 0:
+        output = "\n".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL_LINES:])
+        raise KafkaUnavailableError(
+            f"formatting Kafka storage in {data_dir} failed (exit {result.returncode}); if the "
+            f"directory holds data of another broker, delete it.\n--- output ---\n{output}"
+        )
+    return True
+
+
+# --------------------------------------------------------------------------- owned processes
+
+_OWNED: dict[int, subprocess.Popen[bytes]] = {}
+_ATEXIT_REGISTERED = False
+
+
+def _kill_owned_at_exit() -> None:
+    for pid, proc in list(_OWNED.items()):
+        if proc.poll() is None:
+            log.warning("stopping Kafka broker pid %d left running at interpreter exit", pid)
+            terminate_pid(pid, timeout=10, group=True)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+        _OWNED.pop(pid, None)
+
+
+def _die_with_parent_preexec(parent_pid: int) -> Callable[[], None]:
+    """preexec_fn for the JVM: SIGTERM it when the parent dies, even by SIGKILL (Linux).
+
+    The death signal fires when the *thread* that forked exits; brokers are started from
+    the event loop's thread, which lives as long as the process.
+    """
+    libc: ctypes.CDLL | None = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        if libc is not None:
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        # The parent may have died between fork and prctl: then nobody would stop us.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
+# --------------------------------------------------------------------------- the component
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaPaths:
+    """Where a broker keeps its files. The CLI daemon uses ``<home>/kafka``."""
+
+    root: Path
+
+    @classmethod
+    def under(cls, home: Path) -> KafkaPaths:
+        return cls(home / "kafka")
+
+    @property
+    def libs(self) -> Path:
+        return self.root / "libs"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def server_properties(self) -> Path:
+        return self.root / "server.properties"
+
+    @property
+    def log4j(self) -> Path:
+        return self.root / "log4j2.properties"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "broker.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "broker.pid"
+
+
+class LocalKafka:
+    """One local single-node Kafka broker: ``async start()``, idempotent ``async stop()``,
+    ``async with``.
+
+    ``work_dir`` holds server.properties, the log (``broker.log``) and by default the data
+    (``data/``); ``libs_dir`` is the jar cache (default ``<work_dir>/libs``) and may be
+    shared by many brokers. With ``detached=True`` the JVM outlives this process (its own
+    session, no death signal) and ``pidfile`` lets a later process find and stop it.
+    """
+
+    def __init__(
+        self,
+        *,
+        work_dir: Path,
+        port: int,
+        libs_dir: Path | None = None,
+        data_dir: Path | None = None,
+        controller_port: int | None = None,
+        host: str = "127.0.0.1",
+        heap: str = "512m",
+        message_max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES,
+        extra_properties: Mapping[str, str] | None = None,
+        start_timeout: float = 90.0,
+        stop_timeout: float = 30.0,
+        detached: bool = False,
+        pidfile: Path | None = None,
+        java: str | None = None,
+        mvn: str | None = None,
+        pom: Path = POM_PATH,
+    ) -> None:
+        self.paths = KafkaPaths(work_dir.resolve())
+        self.libs_dir = (libs_dir or self.paths.libs).resolve()
+        self.data_dir = (data_dir or self.paths.data).resolve()
+        self.host = host
+        self.port = port
+        self._controller_port = controller_port
+        self.heap = heap
+        self.message_max_bytes = message_max_bytes
+        self.extra_properties = dict(extra_properties or {})
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.detached = detached
+        self.pidfile = pidfile
+        self._java = java
+        self._mvn = mvn
+        self._pom = pom
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._record: BrokerRecord | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def log_path(self) -> Path:
+        return self.paths.log
+
+    @property
+    def record(self) -> BrokerRecord | None:
+        """What the pidfile holds about the running broker (None before start)."""
+        return self._record
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return read_tail(self.log_path, lines)
+
+    async def start(self) -> None:
+        """Fetch jars if needed, format storage if new, start the JVM, return when it serves.
+
+        Raises KafkaUnavailableError (with the broker log's tail) when Java or the jars are
+        missing, a port is taken, the JVM exits, or it is not ready within ``start_timeout``.
+        """
+        if self._proc is not None:
+            return
+        java = find_java(self._java)
+        libs = await ensure_jars(self.libs_dir, pom=self._pom, mvn=self._mvn)
+        controller_port = self._controller_port or free_port(self.host)
+        for what, port in (("broker", self.port), ("controller", controller_port)):
+            if not port_is_free(self.host, port):
+                raise KafkaUnavailableError(
+                    f"cannot start the local Kafka broker: {what} port {self.host}:{port} is "
+                    "already in use (another broker? `fedex kafka status`). Stop it, or pick "
+                    "another port with FEDEX_KAFKA_PORT."
+                )
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        props = broker_properties(
+            port=self.port,
+            controller_port=controller_port,
+            data_dir=self.data_dir,
+            host=self.host,
+            message_max_bytes=self.message_max_bytes,
+            extra=self.extra_properties,
+        )
+        self.paths.server_properties.write_text(render_properties(props))
+        shutil.copyfile(LOG4J2_PATH, self.paths.log4j)
+        await asyncio.to_thread(
+            format_storage,
+            java=java,
+            libs_dir=libs,
+            data_dir=self.data_dir,
+            server_properties=self.paths.server_properties,
+        )
+        cmd = java_command(
+            java=java,
+            libs_dir=libs,
+            heap=self.heap,
+            log4j_config=self.paths.log4j,
+            server_properties=self.paths.server_properties,
+        )
+        rotate_log(self.log_path)
+        with self.log_path.open("ab") as log_fh:
+            log_offset = log_fh.tell()
+            header = f"\n==== fedex: starting Kafka broker at {time.strftime('%F %T')} ====\n"
+            log_fh.write(header.encode())
+            log_fh.flush()
+            log.info("starting Kafka broker on %s (log %s)", self.bootstrap, self.log_path)
+            self._proc = self._spawn(cmd, log_fh)
+        self._record = BrokerRecord(
+            pid=self._proc.pid,
+            port=self.port,
+            controller_port=controller_port,
+            bootstrap=self.bootstrap,
+            work_dir=str(self.paths.root),
+            data_dir=str(self.data_dir),
+            server_properties=str(self.paths.server_properties),
+            log=str(self.log_path),
+            version=kafka_version(self._pom.read_text()),
+            started_at=time.time(),
+        )
+        if self.pidfile is not None:
+            write_pidfile(self.pidfile, self._record)
+        try:
+            await self._wait_ready(log_offset)
+        except BaseException:
+            # Includes cancellation (Ctrl-C during start): never leave a half-started JVM.
+            await asyncio.shield(self.stop())
+            raise
+
+    def _spawn(self, cmd: list[str], log_fh: IO[bytes]) -> subprocess.Popen[bytes]:
+        global _ATEXIT_REGISTERED
+        if self.detached:
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+                cwd=self.paths.root,
+                start_new_session=True,
+            )
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            cwd=self.paths.root,
+            process_group=0,
+            preexec_fn=_die_with_parent_preexec(os.getpid()),
+        )
+        _OWNED[proc.pid] = proc
+        if not _ATEXIT_REGISTERED:
+            atexit.register(_kill_owned_at_exit)
+            _ATEXIT_REGISTERED = True
+        return proc
+
+    async def _wait_ready(self, log_offset: int) -> None:
+        assert self._proc is not None
+        proc = self._proc
+        deadline = time.monotonic() + self.start_timeout
+        seen_line = False
+        carry = ""
+        with self.log_path.open("rb") as fh:
+            fh.seek(log_offset)
+            while True:
+                if not seen_line:
+                    chunk = carry + fh.read().decode("utf-8", "replace")
+                    seen_line = READY_LINE in chunk
+                    carry = chunk[-len(READY_LINE) :]
+                # The log line says the broker thinks it is up; the open port proves it.
+                if seen_line and await _port_accepts(self.host, self.port):
+                    log.info("Kafka broker ready on %s (pid %d)", self.bootstrap, proc.pid)
+                    return
+                returncode = proc.poll()
+                if returncode is not None:
+                    raise KafkaUnavailableError(
+                        f"the local Kafka broker (pid {proc.pid}) exited with code {returncode} "
+                        f"during start-up.\n{self._tail_for_error()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise KafkaUnavailableError(
+                        f"the local Kafka broker (pid {proc.pid}) was not ready on "
+                        f"{self.bootstrap} within {self.start_timeout:.0f} s "
+                        f"(log says started: {seen_line}).\n{self._tail_for_error()}"
+                    )
+                await asyncio.sleep(0.1)
+
+    def _tail_for_error(self) -> str:
+        return f"--- last {LOG_TAIL_LINES} lines of {self.log_path} ---\n{self.log_tail()}"
+
+    async def stop(self) -> None:
+        """SIGTERM (controlled shutdown), wait ``stop_timeout``, then SIGKILL. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                log.info("stopping Kafka broker pid %d", proc.pid)
+                await asyncio.to_thread(
+                    terminate_pid, proc.pid, timeout=self.stop_timeout, group=True
+                )
+            await asyncio.to_thread(proc.wait, 10)
+        finally:
+            _OWNED.pop(proc.pid, None)
+            if self.pidfile is not None:
+                record = read_pidfile(self.pidfile)
+                if record is not None and record.pid == proc.pid:
+                    self.pidfile.unlink(missing_ok=True)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def _port_accepts(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+# --------------------------------------------------------------------------- the CLI daemon
+
+
+def running_daemon(paths: KafkaPaths) -> BrokerRecord | None:
+    """The record of the detached broker of ``paths`` if it runs; removes a stale pidfile."""
+    record = read_pidfile(paths.pidfile)
+    if record is None:
+        return None
+    if is_broker_process(record.pid, record.server_properties):
+        return record
+    log.info("removing stale pidfile %s (pid %d is not our broker)", paths.pidfile, record.pid)
+    paths.pidfile.unlink(missing_ok=True)
+    return None
+
+
+async def start_daemon(
+    *,
+    home: Path,
+    port: int,
+    heap: str,
+    message_max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES,
+    start_timeout: float = 90.0,
+) -> tuple[BrokerRecord, bool]:
+    """Start the detached broker under ``<home>/kafka`` unless it runs already.
+
+    Returns its record and whether this call started it.
+    """
+    paths = KafkaPaths.under(home)
+    existing = running_daemon(paths)
+    if existing is not None:
+        return existing, False
+    kafka = LocalKafka(
+        work_dir=paths.root,
+        port=port,
+        heap=heap,
+        message_max_bytes=message_max_bytes,
+        start_timeout=start_timeout,
+        detached=True,
+        pidfile=paths.pidfile,
+    )
+    await kafka.start()
+    assert kafka.record is not None
+    return kafka.record, True
+
+
+async def stop_daemon(*, home: Path, grace: float = 30.0) -> BrokerRecord | None:
+    """Stop the detached broker of ``<home>/kafka``. Returns its record, None if none ran."""
+    paths = KafkaPaths.under(home)
+    record = running_daemon(paths)
+    if record is None:
+        return None
+    await asyncio.to_thread(terminate_pid, record.pid, timeout=grace, group=True)
+    paths.pidfile.unlink(missing_ok=True)
+    return record
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaStatus:
+    """What ``fedex kafka status`` reports."""
+
+    external: bool
+    bootstrap: str
+    reachable: bool
+    running: bool
+    pid: int | None
+    port: int | None
+    data_dir: str | None
+    log: str | None
+    version: str
+    error: str | None = None
+
+
+async def kafka_status(
+    *, home: Path, bootstrap: str, external: bool, probe_seconds: float = 3.0
+) -> KafkaStatus:
+    """The local daemon's state (unless ``external``) and whether ``bootstrap`` answers."""
+    from pipeline.clients import wait_for_kafka  # aiokafka only when asked
+
+    paths = KafkaPaths.under(home)
+    record = None if external else running_daemon(paths)
+    error = None
+    try:
+        await wait_for_kafka(bootstrap, timeout=probe_seconds)
+        reachable = True
+    except KafkaUnavailableError as exc:
+        reachable, error = False, str(exc)
+    _, port = split_bootstrap(bootstrap)
+    return KafkaStatus(
+        external=external,
+        bootstrap=bootstrap,
+        reachable=reachable,
+        running=record is not None,
+        pid=record.pid if record else None,
+        port=record.port if record else (None if external else port),
+        data_dir=record.data_dir if record else (None if external else str(paths.data)),
+        log=str(paths.log) if not external else None,
+        version=record.version if record else kafka_version(POM_PATH.read_text()),
+        error=error,
+    )
