@@ -69,6 +69,30 @@ def bench_kafka(
     asyncio.run(run())
 
 
+@app.command("up")
+def up(
+    trainer: list[str] = typer.Option(
+        ["auto"], "--trainer", help="one trainer per value: auto, cpu, cuda, cuda:N (repeatable)"
+    ),
+    max_runtime: float | None = typer.Option(None, help="stop after this many seconds"),
+) -> None:
+    """Broker (unless FEDEX_KAFKA_BOOTSTRAP), topics, worker, trainer(s) and model server,
+    supervised; logs under $FEDEX_HOME/logs; Ctrl-C stops everything."""
+    from rich.console import Console
+
+    from pipeline.supervisor import run_up
+
+    console = Console()
+    asyncio.run(
+        run_up(
+            Settings(),
+            trainers=trainer,
+            max_runtime=max_runtime,
+            on_event=lambda message: console.print(f"[bold]up[/bold] {message}", highlight=False),
+        )
+    )
+
+
 @app.command("demo")
 def demo() -> None:
     """The main job on the embedded default stack (see the README)."""

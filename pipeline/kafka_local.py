@@ -22,7 +22,6 @@ import asyncio
 import atexit
 import base64
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import hashlib
@@ -31,14 +30,12 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +44,7 @@ from typing import IO, Self
 import psutil
 
 from pipeline.errors import KafkaUnavailableError
+from pipeline.processes import die_with_parent, terminate_pid
 
 log = logging.getLogger(__name__)
 
@@ -320,40 +318,6 @@ def find_broker_processes(work_dir: Path) -> list[int]:
     return found
 
 
-def process_gone(pid: int) -> bool:
-    """True when ``pid`` no longer runs. A zombie counts as gone: a detached broker's parent
-    has exited, and a container's pid 1 may never reap it."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def terminate_pid(pid: int, *, timeout: float, group: bool) -> bool:
-    """SIGTERM (controlled shutdown), wait up to ``timeout``, then SIGKILL. Blocking.
-    Returns True if SIGKILL was needed."""
-
-    def send(sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if group:
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
-
-    send(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process_gone(pid):
-            return False
-        time.sleep(0.05)
-    log.warning("Kafka broker pid %d ignored SIGTERM for %.0f s; sending SIGKILL", pid, timeout)
-    send(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not process_gone(pid):
-        time.sleep(0.05)
-    return True
-
-
 # --------------------------------------------------------------------------- jars and storage
 
 
@@ -507,28 +471,6 @@ def _kill_owned_at_exit() -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1)
         _OWNED.pop(pid, None)
-
-
-def _die_with_parent_preexec(parent_pid: int) -> Callable[[], None]:
-    """preexec_fn for the JVM: SIGTERM it when the parent dies, even by SIGKILL (Linux).
-
-    The death signal fires when the *thread* that forked exits; brokers are started from
-    the event loop's thread, which lives as long as the process.
-    """
-    libc: ctypes.CDLL | None = None
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            libc = ctypes.CDLL(None, use_errno=True)
-
-    def preexec() -> None:
-        if libc is not None:
-            pr_set_pdeathsig = 1
-            libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-        # The parent may have died between fork and prctl: then nobody would stop us.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
 
 
 # --------------------------------------------------------------------------- the component
@@ -732,7 +674,7 @@ class LocalKafka:
             stderr=subprocess.STDOUT,
             cwd=self.paths.root,
             process_group=0,
-            preexec_fn=_die_with_parent_preexec(os.getpid()),
+            preexec_fn=die_with_parent(os.getpid()),
         )
         _OWNED[proc.pid] = proc
         if not _ATEXIT_REGISTERED:
