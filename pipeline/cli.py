@@ -24,6 +24,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table an
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
 app.add_typer(bench_app, name="bench")
+token_app = typer.Typer(no_args_is_help=True, help="Device bearer tokens for the model server.")
+app.add_typer(token_app, name="token")
 
 OUT_HELP = "JSON result path (default bench/results/<name>.json)"
 
@@ -67,6 +69,75 @@ def bench_kafka(
             )
 
     asyncio.run(run())
+
+
+@app.command("worker")
+def worker(
+    max_runtime: float | None = typer.Option(None, help="stop after this many seconds"),
+) -> None:
+    """Run one aggregation-agents worker (Faust) until Ctrl-C / SIGTERM."""
+    from agents.worker import run_worker
+
+    run_worker(Settings(), max_runtime=max_runtime)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    messages: int = typer.Option(20_000, help="pushes through the agents"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Samples/s through the aggregation agents vs raw Kafka, and trigger latency."""
+    import uuid
+
+    from agents.bench import measure_agent_throughput
+    from pipeline.benchio import write_result
+    from pipeline.stack import kafka_for
+
+    async def run() -> dict[str, object]:
+        async with kafka_for(Settings()) as bootstrap:
+            prefix = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
+            return await asyncio.to_thread(measure_agent_throughput, bootstrap, prefix, messages)
+
+    result = asyncio.run(run())
+    print(f"wrote {write_result('pipeline', result, out)}")
+
+
+@app.command("serve")
+def serve(
+    host: str | None = typer.Option(None, help="bind address (default FEDEX_SERVER_HOST)"),
+    port: int | None = typer.Option(None, help="port (default FEDEX_SERVER_PORT; 0 = any free)"),
+    max_runtime: float | None = typer.Option(None, help="stop after this many seconds"),
+) -> None:
+    """The model server: registry, checkpoint downloads and HTTP pushes."""
+    from pipeline.server import run_server
+
+    run_server(Settings(), host=host, port=port, max_runtime=max_runtime)
+
+
+@token_app.command("issue")
+def token_issue(
+    device: str = typer.Option(..., help="device id the token is issued to"),
+    model: list[str] = typer.Option(
+        ..., help="model id it may push to and pull from; repeat it, or '*' for every model"
+    ),
+    ttl: int | None = typer.Option(None, help="lifetime in seconds (default FEDEX_TOKEN_TTL_S)"),
+) -> None:
+    """Print a bearer token signed with FEDEX_AUTH_SECRET (the model server's secret)."""
+    import time
+
+    from pipeline.auth import ANY_MODEL, issue_token
+
+    settings = Settings()
+    if not settings.auth_secret:
+        raise typer.BadParameter("set FEDEX_AUTH_SECRET to the model server's secret")
+    models: list[str] | str = ANY_MODEL if ANY_MODEL in model else model
+    try:
+        token = issue_token(
+            settings.auth_secret, device, models, ttl or settings.token_ttl_s, time.time()
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(token)
 
 
 @app.command("up")

@@ -91,6 +91,9 @@ class Reject(enum.StrEnum):
     NON_FINITE = "non_finite"
     LABEL_OUT_OF_RANGE = "label_out_of_range"
     DUPLICATE_SAMPLE_ID = "duplicate_sample_id"
+    # Raised by the agents, which know the registry (the codec alone cannot tell).
+    UNKNOWN_MODEL = "unknown_model"
+    MODEL_MISMATCH = "model_mismatch"
 
 
 class CodecError(FedexError):
@@ -597,12 +600,15 @@ def decode_model_state(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise CodecError(Reject.BAD_METADATA, f"model state is not valid JSON: {exc}") from None
     if not isinstance(fields, dict):
-        raise CodecError(Reject.BAD_METADATA, f"model state must be a JSON object, got {type(fields).__name__}")
+        raise CodecError(
+            Reject.BAD_METADATA, f"model state must be a JSON object, got {type(fields).__name__}"
+        )
     version = fields.pop("v", None)
     if version != MODEL_STATE_VERSION:
         raise CodecError(
             Reject.UNSUPPORTED_VERSION,
-            f"model state version {version!r} is not supported (this codec reads {MODEL_STATE_VERSION})",
+            f"model state version {version!r} is not supported "
+            f"(this codec reads {MODEL_STATE_VERSION})",
         )
     if not isinstance(fields.get("model_id"), str):
         raise CodecError(Reject.MISSING_ID, "model state has no 'model_id'")

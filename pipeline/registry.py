@@ -130,8 +130,14 @@ class RegistryFollower:
         )
         await consumer.start()
         self._consumer = consumer
-        partitions = consumer.partitions_for_topic(self._topic)
+        # A consumer without subscriptions has no topic metadata yet. Fetch every topic's
+        # (asking for the one topic could auto-create it); aiokafka has no public call
+        # returning partitions of a topic it is not subscribed to.
+        cluster = await consumer._client.fetch_all_metadata()
+        partitions = cluster.partitions_for_topic(self._topic)
         if not partitions:
+            self._consumer = None
+            await asyncio.sleep(0)  # aiokafka: let start()'s tasks run before stopping
             await consumer.stop()
             from pipeline.errors import ConfigError
 

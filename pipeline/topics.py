@@ -99,8 +99,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             settings.models_partitions,
             rf,
             {
-                # Compaction keeps the latest announcement per key; the key is
-                # model_id/version so every version stays in the registry's history.
+                # Keyed by model id (co-partitioned with the feature log for the agents).
+                # Compaction keeps at least the latest update per model; only closed
+                # segments are compacted, so recent history stays readable.
                 "cleanup.policy": "compact",
                 "max.message.bytes": str(settings.max_message_bytes),
                 "min.compaction.lag.ms": "60000",

@@ -1,0 +1,299 @@
+"""The Faust app of the aggregation agents: topics, the per-model table, agents and the timer.
+
+A thin I/O shell around :class:`agents.aggregator.Aggregator`:
+
+- ``pushes`` consumes the feature log in batches (``take_events``), validates every push,
+  dead-letters bad ones and counts good ones into the per-model table; a count trigger
+  fires as soon as a model's pending samples reach ``min_samples``.
+- ``updates`` consumes the model topic: learns a model's classes, backbone and cut from
+  its updates, and ends the job in flight when an update answers its trigger id.
+- ``ticks``: a timer on every worker sends, every ``agent_tick_s``, one tick to each
+  partition of an internal ticks topic this worker owns; the ``ticks`` agent then checks
+  age triggers and job timeouts for the models of that partition. The detour through a
+  topic is what lets the timer's decisions change the table: Faust writes a table key
+  only in the context of an event, whose partition is the changelog partition.
+
+Consumer group = app id ``<prefix>-agents``. The feature, model and ticks topics and the
+table's changelog have the same partition count, so Faust's assignor gives a worker the
+same partitions of all of them (co-partitioning): the worker that counts a model's pushes
+also folds its updates and ticks it. More workers = the partitions spread over them.
+
+Durability (at-least-once, nothing lost): for every batch, triggers and dead letters are
+sent with ``acks=all`` and awaited; only then is the new state written to the table, and
+its changelog records are awaited too; only then are the source events acked, and Faust
+commits an offset only once every event before it is acked (it also flushes its producer
+before committing). A batch that fails or is cancelled is never acked: its partition stops
+committing, and the agent's crash stops the worker, so a restart re-reads the batch.
+Replays are harmless: the table remembers the next offset it counted per partition, and a
+re-emitted trigger carries the same trigger id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import faust
+from faust.streams import _current_event  # the contextvar behind faust.current_event()
+from mode.supervisors import CrashingSupervisor
+
+from agents.aggregator import Aggregator, Outcome, Record
+from agents.policy import ModelState, TriggerPolicy
+from pipeline import codec
+from pipeline.clients import DEFAULT_MAX_REQUEST_SIZE
+from pipeline.errors import ConfigError
+from pipeline.settings import Settings
+from pipeline.topics import Topics
+
+log = logging.getLogger(__name__)
+
+#: Pushes per batch at most, and how long a batch waits to fill (also the floor of the
+#: trigger latency).
+BATCH_MAX = 2000
+BATCH_WITHIN_S = 0.05
+TABLE_NAME = "models"
+
+
+class DurableTable(faust.Table):
+    """A Faust table whose changelog writes can be awaited (``flush_changelog``), so that the
+    shell can hold back the source offsets until the state is durable."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unflushed: list[asyncio.Future[Any]] = []
+
+    def on_key_set(self, key: Any, value: Any) -> None:
+        fut = self.send_changelog(self.partition_for_key(key), key, value)
+        self._unflushed.append(fut)
+        self._sensor_on_set(self, key, value)
+
+    async def flush_changelog(self) -> None:
+        pending, self._unflushed = self._unflushed, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
+@contextlib.contextmanager
+def _event_context(event: Any) -> Iterator[None]:
+    """Makes ``event`` Faust's current event in this task, so that a table write goes to the
+    changelog (and RocksDB) partition of that event. ``take_events`` collects events in
+    another task, so the agent's own task has no current event while it handles a batch."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+def _withhold_acks(events: Sequence[Any]) -> None:
+    """Marks messages acked for the stream without telling the consumer, so their offsets
+    (and everything after them in their partition) are never committed by this process:
+    a batch whose outputs may not be durable is re-read after a restart."""
+    for event in events:
+        event.message.acked = True
+
+
+def _record(event: Any) -> Record:
+    message = event.message
+    return Record(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        timestamp=float(message.timestamp),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Emitted:
+    """What the agents put on the output topics, for observers (tests, the bench)."""
+
+    triggers: int
+    dead_letters: int
+
+
+class AgentApp:
+    """Builds and owns the Faust app of one worker.
+
+    ``store``: ``rocksdb://`` (default; table data under ``settings.state_dir``) or
+    ``memory://`` (tests: state then comes back only from the changelog). ``clock``
+    returns seconds since the epoch; tests inject their own. ``on_emit`` is awaited after
+    every batch whose outputs are durable.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: str = "rocksdb://",
+        clock: Callable[[], float] = time.time,
+        web_enabled: bool = False,
+        batch_max: int = BATCH_MAX,
+        batch_within_s: float = BATCH_WITHIN_S,
+        datadir: Path | None = None,
+        on_emit: Callable[[Emitted], Awaitable[None] | None] | None = None,
+        on_error: Callable[[str, BaseException], Awaitable[None]] | None = None,
+    ) -> None:
+        if settings.models_partitions != settings.features_partitions:
+            raise ConfigError(
+                f"the model topic has {settings.models_partitions} partitions and the feature "
+                f"log {settings.features_partitions}: the agents need them equal (co-partitioned "
+                "by model id); set FEDEX_MODELS_PARTITIONS = FEDEX_FEATURES_PARTITIONS"
+            )
+        self.settings = settings
+        self.clock = clock
+        self.on_emit = on_emit
+        self.batch_max = batch_max
+        self.batch_within_s = batch_within_s
+        self.topics = Topics(settings.topic_prefix)
+        self.app_id = f"{settings.topic_prefix}-agents"
+        partitions = settings.features_partitions
+        self.datadir = datadir or settings.state_dir / self.app_id
+        self.app = faust.App(
+            self.app_id,
+            broker=f"kafka://{settings.bootstrap}",
+            store=store,
+            datadir=str(self.datadir),
+            web_enabled=web_enabled,
+            web_port=settings.worker_port,
+            web_bind="127.0.0.1",
+            topic_partitions=partitions,
+            topic_replication_factor=settings.replication_factor,
+            table_standby_replicas=0,
+            producer_acks=-1,
+            producer_max_request_size=DEFAULT_MAX_REQUEST_SIZE,
+            consumer_max_fetch_size=DEFAULT_MAX_REQUEST_SIZE,
+            consumer_auto_offset_reset="earliest",
+            # Unacked events are re-read after a restart; waiting for them at shutdown
+            # would only delay it.
+            stream_wait_empty=False,
+            Table=DurableTable,
+            autodiscover=False,
+        )
+        raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.features_topic = self.app.topic(self.topics.features, **raw)
+        self.models_topic = self.app.topic(self.topics.models, allow_empty=True, **raw)
+        self.triggers_topic = self.app.topic(self.topics.triggers, **raw)
+        self.deadletter_topic = self.app.topic(self.topics.deadletter, **raw)
+        # Internal to this app, like the table's changelog (Faust names and creates both).
+        self.ticks_topic = self.app.topic(
+            f"{self.app_id}-ticks",
+            internal=True,
+            partitions=partitions,
+            retention=timedelta(hours=1),
+            deleting=True,
+            **raw,
+        )
+        self.table = cast(
+            DurableTable,
+            self.app.Table(TABLE_NAME, partitions=partitions, key_type=bytes, value_type=bytes),
+        )
+        self.policy = TriggerPolicy.from_settings(settings)
+        self.aggregator = Aggregator(
+            self.policy, max_push_samples=settings.max_push_samples, load=self.load_state
+        )
+        self.counted_samples = 0
+        self.triggers_sent = 0
+        self.dead_letters_sent = 0
+
+        # A failed agent is not restarted in-process: its batch was withheld from the
+        # commit, so the worker must stop and a restart re-reads it.
+        self._on_error = on_error
+        for channel, name, fun in (
+            (self.features_topic, "pushes", self._pushes_agent),
+            (self.models_topic, "updates", self._updates_agent),
+            (self.ticks_topic, "ticks", self._ticks_agent),
+        ):
+            self.app.agent(channel, name=name, supervisor_strategy=CrashingSupervisor)(fun)
+        self.app.timer(settings.agent_tick_s)(self._send_ticks)
+
+    # ------------------------------------------------------------------ table access
+
+    def load_state(self, model_id: str) -> ModelState | None:
+        data = self.table.get(codec.encode_key(model_id))
+        if data is None:
+            return None
+        return ModelState.from_fields(codec.decode_model_state(data))
+
+    def states(self) -> list[ModelState]:
+        """Every model state this worker holds (its active partitions)."""
+        return [ModelState.from_fields(codec.decode_model_state(v)) for v in self.table.values()]
+
+    # ------------------------------------------------------------------------ agents
+
+    async def _pushes_agent(self, stream: Any) -> AsyncIterator[None]:
+        async for events in stream.take_events(self.batch_max, self.batch_within_s):
+            outcome = self.aggregator.add_pushes([_record(e) for e in events], self.clock())
+            await self._guarded(events, outcome)
+            yield None
+
+    async def _updates_agent(self, stream: Any) -> AsyncIterator[None]:
+        async for event in stream.events():
+            outcome = self.aggregator.add_update(_record(event), self.clock())
+            await self._guarded([event], outcome)
+            yield None
+
+    async def _ticks_agent(self, stream: Any) -> AsyncIterator[None]:
+        async for event in stream.events():
+            partition = event.message.partition
+            due = [s for s in self.states() if s.partition == partition]
+            outcome = self.aggregator.tick(due, self.clock())
+            await self._guarded([event], outcome)
+            yield None
+
+    async def _send_ticks(self) -> None:
+        ticks = self.ticks_topic.get_topic_name()
+        for tp in sorted(self.app.assignor.assigned_actives()):
+            if tp.topic == ticks:
+                await self.ticks_topic.send(key=None, value=b"", partition=tp.partition)
+
+    # ---------------------------------------------------------------------- outputs
+
+    async def _guarded(self, events: Sequence[Any], outcome: Outcome) -> None:
+        try:
+            await self._commit(outcome, events)
+        except BaseException as exc:
+            _withhold_acks(events)
+            if self._on_error is not None and not isinstance(exc, asyncio.CancelledError):
+                await self._on_error(events[-1].message.topic, exc)
+            raise
+
+    async def _commit(self, out: Outcome, events: Sequence[Any]) -> None:
+        """Outputs durable, then state durable; the caller acks the events afterwards.
+        A model's state is written in the context of its last record's event (a tick's
+        states in the tick's), so it lands in that partition of the changelog."""
+        sends = [
+            await self.triggers_topic.send(
+                key=codec.encode_key(t.model_id), value=codec.encode_trigger(t)
+            )
+            for t in out.triggers
+        ]
+        sends += [
+            await self.deadletter_topic.send(key=d.key, value=codec.encode_dead_letter(d))
+            for d in out.dead_letters
+        ]
+        if sends:
+            await asyncio.gather(*sends)
+        by_offset = {(e.message.partition, e.message.offset): e for e in events}
+        for model_id, state in out.states.items():
+            record = out.last_record.get(model_id)
+            event = by_offset[(record.partition, record.offset)] if record else events[-1]
+            with _event_context(event):
+                self.table[codec.encode_key(model_id)] = codec.encode_model_state(state.to_fields())
+        await self.table.flush_changelog()
+        self.counted_samples += out.counted_samples
+        self.triggers_sent += len(out.triggers)
+        self.dead_letters_sent += len(out.dead_letters)
+        if self.on_emit is not None and (out.triggers or out.dead_letters or out.counted_samples):
+            result = self.on_emit(Emitted(len(out.triggers), len(out.dead_letters)))
+            if result is not None:
+                await result

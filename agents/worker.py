@@ -1,0 +1,209 @@
+"""Running the agents: :class:`AgentWorker` (async, for tests and benches) and
+:func:`run_worker` (the blocking entry point of ``fedex worker``).
+
+Several workers share the work through the consumer group ``<prefix>-agents``: start more
+``fedex worker`` processes (each with its own ``FEDEX_HOME`` or state dir when they share a
+machine, since RocksDB locks its files) and Faust's assignor spreads the partitions of the
+feature log, with the matching model, ticks and changelog partitions, over them. When a
+worker leaves, its partitions move and their table state is rebuilt from the changelog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from agents.app import AgentApp, Emitted
+from agents.policy import ModelState
+from pipeline.errors import FedexError
+from pipeline.settings import Settings
+from pipeline.topics import ensure_topics, topic_specs
+
+log = logging.getLogger(__name__)
+
+
+class AgentError(FedexError):
+    """An agent failed; the worker stopped without committing the batch it was handling."""
+
+
+class AgentWorker:
+    """One agents worker in the current event loop: ``start()``, ``stop()``, ``async with``.
+
+    ``wait_ready()`` returns once this worker has partitions and its table is recovered.
+    A crashed agent fails ``wait_stopped()`` and ``wait_ready()``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: str = "rocksdb://",
+        clock: Callable[[], float] = time.time,
+        web_enabled: bool = False,
+        ensure: bool = True,
+        datadir: Path | None = None,
+        on_emit: Callable[[Emitted], Awaitable[None] | None] | None = None,
+        **app_options: Any,
+    ) -> None:
+        self.settings = settings
+        self._ensure = ensure
+        self.agents = AgentApp(
+            settings,
+            store=store,
+            clock=clock,
+            web_enabled=web_enabled,
+            datadir=datadir,
+            on_emit=on_emit,
+            on_error=self._on_agent_error,
+            **app_options,
+        )
+        self.app = self.agents.app
+        self._failed: asyncio.Future[None] | None = None
+        self._started = False
+        self._stopped = False
+
+    async def _on_agent_error(self, source: str, exc: BaseException) -> None:
+        log.error("agent on %s failed: %r; its batch stays uncommitted", source, exc)
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_exception(AgentError(f"agent on {source} failed: {exc!r}"))
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._failed = asyncio.get_running_loop().create_future()
+        if self._ensure:
+            await ensure_topics(self.settings.bootstrap, topic_specs(self.settings))
+        self.agents.datadir.mkdir(parents=True, exist_ok=True)
+        await self.app.start()
+
+    def _check(self) -> None:
+        if self._failed is not None and self._failed.done():
+            self._failed.result()
+        if self.app.crashed:
+            raise AgentError(f"the agents app crashed: {self.app.crash_reason!r}")
+
+    @property
+    def ready(self) -> bool:
+        app = self.app
+        return (
+            bool(app.assignor.assigned_actives())
+            and not app.rebalancing
+            and app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+        )
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Returns once partitions are assigned and the table recovered."""
+        deadline = time.monotonic() + timeout
+        while not self.ready:
+            self._check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"agents worker {self.agents.app_id} not ready in {timeout} s")
+            await asyncio.sleep(0.05)
+
+    async def wait_stopped(self) -> None:
+        """Returns when the app stops; raises if an agent failed."""
+        assert self._failed is not None, "start() first"
+        stopped = asyncio.ensure_future(self.app.wait_until_stopped())
+        try:
+            await asyncio.wait([stopped, self._failed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        self._check()
+
+    def states(self) -> list[ModelState]:
+        return self.agents.states()
+
+    def state(self, model_id: str) -> ModelState | None:
+        return self.agents.load_state(model_id)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        try:
+            await asyncio.wait_for(self.app.stop(), timeout)
+        except TimeoutError:
+            log.warning("agents worker did not stop within %s s", timeout)
+        if self._failed is not None and not self._failed.done():
+            self._failed.cancel()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+def _log_to_stdout() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            stream=sys.stdout,
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
+
+
+async def _serve(settings: Settings, max_runtime: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    worker = AgentWorker(settings, web_enabled=True)
+    try:
+        await worker.start()
+        log.info(
+            "agents worker %s on %s (web :%d), tick %.1f s",
+            worker.agents.app_id,
+            settings.bootstrap,
+            settings.worker_port,
+            settings.agent_tick_s,
+        )
+        stop_waiter = asyncio.ensure_future(stop.wait())
+        app_waiter = asyncio.ensure_future(worker.wait_stopped())
+        done, _ = await asyncio.wait(
+            [stop_waiter, app_waiter], timeout=max_runtime, return_when=asyncio.FIRST_COMPLETED
+        )
+        stop_waiter.cancel()
+        if app_waiter in done:
+            app_waiter.result()  # an agent failure surfaces here
+        else:
+            app_waiter.cancel()
+            log.info("stopping: %s", "signal" if stop.is_set() else f"max runtime {max_runtime} s")
+    finally:
+        await worker.stop()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        agents = worker.agents
+        log.info(
+            "agents worker stopped: %d samples counted, %d triggers, %d dead letters",
+            agents.counted_samples,
+            agents.triggers_sent,
+            agents.dead_letters_sent,
+        )
+
+
+def run_worker(settings: Settings, *, max_runtime: float | None = None) -> None:
+    """Runs one agents worker until SIGINT/SIGTERM (or ``max_runtime`` seconds). Blocking;
+    logs to stdout; the Faust web server listens on ``settings.worker_port``. Raises
+    AgentError if an agent failed (the process should exit non-zero and be restarted)."""
+    _log_to_stdout()
+    asyncio.run(_serve(settings, max_runtime))

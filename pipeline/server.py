@@ -1,0 +1,857 @@
+"""The model server: the registry and checkpoints over HTTP, and HTTP pushes for devices.
+
+:class:`ModelServer` owns three things: a follower of the model topic (the registry it
+serves, and the checkpoints that only traveled inline on the topic, which it writes to
+its checkpoint store so it can serve them), a producer to the feature log (HTTP pushes go
+where Kafka pushes go, keyed by model id, acks=all), and an aiohttp application.
+
+Routes (every ``/v1`` route needs ``Authorization: Bearer <token>``, see ``pipeline.auth``;
+errors are JSON ``{"reason": ..., "message": ...}``):
+
+- ``GET /v1/models``: the models the token grants, with latest/best/version count.
+- ``GET /v1/models/{id}``: one model, its latest, best and full history with metrics.
+- ``GET|HEAD /v1/models/{id}/checkpoints/{version}``: the blob. ``ETag`` is the quoted
+  sha256 of the announcement; ``If-None-Match`` gives 304; one ``Range: bytes=a-b`` gives
+  206 (``If-Range`` with the ETag honoured; several ranges or a malformed header give the
+  whole blob, as RFC 9110 allows); a range past the end gives 416. The versions ``best``
+  and ``latest`` are resolved in place (no redirect): the response is the blob of the
+  current best/latest version, named by ``X-Fedex-Version`` and ``Content-Location``, so a
+  device polls ``best`` with ``If-None-Match: "<sha it runs>"`` and gets 304 until a better
+  model exists. ``best`` and ``latest`` are therefore reserved and never real versions.
+- ``POST /v1/models/{id}/pushes``: a wire-format feature push (``docs/wire-format.md``)
+  → 202 ``{"samples": n, "partition": p, "offset": o}`` once it is on the feature log.
+- ``GET /healthz`` (the process runs), ``GET /readyz`` (registry caught up with the model
+  topic and producer started; 503 otherwise), ``GET /metrics`` (Prometheus text).
+
+A version becomes visible here only after its inline checkpoint is in the store, so a
+client that sees a version can always download it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Protocol, Self
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest as prometheus_text
+
+from pipeline import auth, codec
+from pipeline.checkpoints import (
+    CheckpointError,
+    CheckpointStore,
+    LocalCheckpointStore,
+    checkpoint_uri,
+    sha256_hex,
+)
+from pipeline.errors import ConfigError
+from pipeline.records import ModelUpdate
+from pipeline.registry import ModelEntry, Registry, RegistryFollower
+from pipeline.settings import Settings
+from pipeline.topics import Topics
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("pipeline.server.access")
+
+#: Model ids and versions in paths: the wire format's id alphabet, and never only dots.
+PATH_ID: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+#: Versions resolved to the model's current best / latest.
+ALIASES: Final = frozenset({"best", "latest"})
+#: Blobs are streamed from the store in pieces of this size.
+CHUNK_BYTES: Final = 1024 * 1024
+#: One line per request: client, request line, status, bytes, microseconds, user agent.
+ACCESS_LOG_FORMAT: Final = '%a "%r" %s %b %Dus "%{User-Agent}i"'
+CACHE_CONTROL: Final = "private, no-cache"
+
+
+# ------------------------------------------------------------------------ injectable I/O
+
+
+class Follower(Protocol):
+    """What the server needs of a registry follower (``RegistryFollower`` in production)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def wait_caught_up(self, timeout: float = 30.0) -> None: ...
+
+
+class Producer(Protocol):
+    """What the server needs of a producer (aiokafka's ``AIOKafkaProducer`` in production)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> Any: ...
+
+
+# -------------------------------------------------------------------------- byte ranges
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """Bytes ``[start, end)`` of a blob of ``size`` bytes."""
+
+    start: int
+    end: int
+    size: int
+
+    @property
+    def content_range(self) -> str:
+        return f"bytes {self.start}-{self.end - 1}/{self.size}"
+
+
+class RangeNotSatisfiable(Exception):
+    """A syntactically valid range that selects no byte of the blob (HTTP 416)."""
+
+
+_RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """The single byte range a ``Range`` header asks for, or None for the whole blob.
+
+    Malformed headers, other units and multiple ranges are ignored (None), as RFC 9110
+    allows; a valid range that starts past the end raises :class:`RangeNotSatisfiable`.
+    """
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip().replace(" ", ""))
+    if match is None:
+        return None
+    first, last = match.group(1), match.group(2)
+    if not first and not last:
+        return None
+    if not first:  # suffix: the last N bytes
+        length = int(last)
+        if length == 0 or size == 0:
+            raise RangeNotSatisfiable(f"suffix range of {length} bytes of a {size}-byte blob")
+        return ByteRange(max(0, size - length), size, size)
+    start = int(first)
+    if last and int(last) < start:
+        return None  # a-b with b < a is invalid syntax: ignored
+    end = int(last) + 1 if last else size
+    if start >= size:
+        raise RangeNotSatisfiable(f"range starts at byte {start} of a {size}-byte blob")
+    return ByteRange(start, min(end, size), size)
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+class ServerMetrics:
+    """The server's Prometheus metrics, in a registry of their own (one per server)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "fedex_server_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "fedex_server_request_seconds",
+            "HTTP request handling time by route.",
+            ["route"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0),
+            registry=r,
+        )
+        self.bytes_served = Counter(
+            "fedex_server_checkpoint_bytes_served", "Checkpoint bytes sent to clients.", registry=r
+        )
+        self.pushes_accepted = Counter(
+            "fedex_server_pushes_accepted", "HTTP pushes written to the feature log.", registry=r
+        )
+        self.samples_accepted = Counter(
+            "fedex_server_push_samples_accepted", "Samples in accepted HTTP pushes.", registry=r
+        )
+        self.pushes_rejected = Counter(
+            "fedex_server_pushes_rejected",
+            "HTTP pushes refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.checkpoints = Counter(
+            "fedex_server_inline_checkpoints",
+            "Inline checkpoints seen on the model topic, by outcome "
+            "(stored, present, sha256_mismatch, unstorable, error).",
+            ["outcome"],
+            registry=r,
+        )
+        Gauge("fedex_server_registry_models", "Models in the registry.", registry=r).set_function(
+            lambda: len(registry)
+        )
+        Gauge(
+            "fedex_server_registry_versions", "Model versions in the registry.", registry=r
+        ).set_function(lambda: sum(len(e.history) for e in registry.models()))
+
+    def exposition(self) -> bytes:
+        return prometheus_text(self.registry)
+
+
+# -------------------------------------------------------------------------------- server
+
+
+class HttpFailure(Exception):
+    """Raised by a handler; the middleware turns it into a JSON error response."""
+
+    def __init__(
+        self, status: int, reason: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=orjson.dumps({"reason": self.reason, "message": self.message}),
+            content_type="application/json",
+            headers=self.headers,
+        )
+
+
+async def _quietly(what: str, step: Awaitable[object]) -> None:
+    """One shutdown step: a failure is logged and the next steps still run."""
+    try:
+        await step
+    except Exception as exc:
+        log.warning("%s failed: %r", what, exc)
+
+
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(data), content_type="application/json", headers=headers
+    )
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _path_id(request: web.Request, name: str, what: str) -> str:
+    value = request.match_info.get(name, "")
+    if not PATH_ID.fullmatch(value) or set(value) <= {"."}:
+        raise HttpFailure(
+            400,
+            codec.Reject.BAD_ID.value,
+            f"{what} {value[:80]!r} must be 1-128 characters of A-Z a-z 0-9 . _ : @ - "
+            "(not only dots)",
+        )
+    return value
+
+
+def _version_json(model_id: str, update: ModelUpdate) -> dict[str, object]:
+    m = update.metrics
+    return {
+        "version": update.version,
+        "parent_version": update.parent_version,
+        "trigger_id": update.trigger_id,
+        "is_best": update.is_best,
+        "sha256": update.sha256,
+        "size": update.size,
+        "encoding": update.encoding,
+        "created_at_ms": update.created_at_ms,
+        "checkpoint_url": f"/v1/models/{model_id}/checkpoints/{update.version}",
+        "metrics": {
+            "val_accuracy": m.val_accuracy,
+            "champion_val_accuracy": m.champion_val_accuracy,
+            "train_samples": m.train_samples,
+            "val_samples": m.val_samples,
+            "train_seconds": m.train_seconds,
+            "epochs": m.epochs,
+        },
+    }
+
+
+def _summary_json(entry: ModelEntry) -> dict[str, object]:
+    return {
+        "id": entry.model_id,
+        "backbone": entry.backbone.value,
+        "cut": entry.cut.value,
+        "num_classes": entry.num_classes,
+        "latest": entry.latest.version if entry.latest else None,
+        "best": entry.best.version if entry.best else None,
+        "versions": len(entry.history),
+    }
+
+
+class ModelServer:
+    """The model server component: ``async start()`` binds, ``async stop()`` drains and
+    closes (idempotent), or ``async with``. ``port=0`` binds a free port; ``port`` and
+    ``url`` tell which once started.
+
+    ``follower`` and ``producer`` are injectable for tests without Kafka; by default the
+    server builds a :class:`RegistryFollower` on ``models_topic`` and an acks=all producer
+    on ``bootstrap``. An injected follower must call :meth:`on_update` for each new version.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: str | bytes,
+        store: CheckpointStore,
+        features_topic: str,
+        models_topic: str | None = None,
+        bootstrap: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_push_bytes: int = 4 * 1024 * 1024,
+        max_push_samples: int = codec.DEFAULT_MAX_SAMPLES,
+        follower: Follower | None = None,
+        producer: Producer | None = None,
+        shutdown_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not secret:
+            raise ConfigError("the model server needs a token secret: set FEDEX_AUTH_SECRET")
+        self.registry = Registry()
+        self.store = store
+        self.metrics = ServerMetrics(self.registry)
+        self._secret = secret
+        self._features_topic = features_topic
+        self._host = host
+        self._requested_port = port
+        self._max_push_bytes = max_push_bytes
+        self._max_push_samples = max_push_samples
+        self._shutdown_timeout = shutdown_timeout
+        self._clock = clock
+        if follower is None:
+            if bootstrap is None or models_topic is None:
+                raise ConfigError("ModelServer needs bootstrap and models_topic, or a follower")
+            follower = RegistryFollower(
+                bootstrap=bootstrap,
+                topic=models_topic,
+                on_update=self.on_update,
+                client_id="fedex-server-registry",
+            )
+        if producer is None:
+            if bootstrap is None:
+                raise ConfigError("ModelServer needs bootstrap, or a producer")
+            from pipeline.clients import make_producer
+
+            producer = make_producer(bootstrap=bootstrap, client_id="fedex-server", acks="all")
+        self._follower: Follower = follower
+        self._producer: Producer = producer
+        self._producer_up = False
+        self._caught_up = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._follower_error: BaseException | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
+        self._started_once = False
+        self._port: int | None = None
+        self.app = self._make_app()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        secret: str | None = None,
+        store: CheckpointStore | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        **overrides: Any,
+    ) -> ModelServer:
+        """A server configured from the process's settings (``secret``, ``host`` and ``port``
+        override theirs; ``store`` defaults to the local checkpoint dir)."""
+        topics = Topics(settings.topic_prefix)
+        key = secret or settings.auth_secret
+        if not key:
+            raise ConfigError("the model server needs a token secret: set FEDEX_AUTH_SECRET")
+        return cls(
+            secret=key,
+            store=store or LocalCheckpointStore(settings.checkpoint_dir),
+            features_topic=topics.features,
+            models_topic=topics.models,
+            bootstrap=settings.bootstrap,
+            host=settings.server_host if host is None else host,
+            port=settings.server_port if port is None else port,
+            max_push_bytes=settings.max_push_bytes,
+            max_push_samples=settings.max_push_samples,
+            **overrides,
+        )
+
+    # ---------------------------------------------------------------------- lifecycle
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the model server is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def ready(self) -> bool:
+        return self._caught_up.is_set() and self._producer_up and self._follower_error is None
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        if self._started_once:
+            raise RuntimeError("a ModelServer cannot be restarted once stopped; build a new one")
+        self._started_once = True
+        runner = web.AppRunner(
+            self.app,
+            access_log=access_log,
+            access_log_format=ACCESS_LOG_FORMAT,
+            shutdown_timeout=self._shutdown_timeout,
+        )
+        self._runner = runner
+        try:
+            await self._producer.start()
+            self._producer_up = True
+            await self._follower.start()
+            self._watch_task = asyncio.create_task(self._watch_catch_up(), name="server-catch-up")
+            await runner.setup()
+            site = web.TCPSite(runner, self._host, self._requested_port)
+            await site.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._port = int(runner.addresses[0][1])
+        log.info("model server listening on %s", self.url)
+
+    async def stop(self) -> None:
+        """Stop taking requests and drain those in flight, then stop following and
+        producing (the producer flushes what was accepted)."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        await _quietly("stopping the HTTP server", runner.cleanup())
+        task, self._watch_task = self._watch_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await _quietly("stopping the registry follower", self._follower.stop())
+        self._producer_up = False
+        await _quietly("stopping the producer", self._producer.stop())
+        self._port = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _watch_catch_up(self) -> None:
+        while True:
+            try:
+                await self._follower.wait_caught_up(timeout=60.0)
+            except TimeoutError:
+                log.info("still catching up with the model topic")
+                continue
+            except Exception as exc:
+                self._follower_error = exc
+                log.error("registry follower failed: %s", exc)
+                return
+            self._caught_up.set()
+            log.info(
+                "registry caught up: %d models, %d versions",
+                len(self.registry),
+                sum(len(e.history) for e in self.registry.models()),
+            )
+            return
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Returns once the registry has caught up with the model topic."""
+        await asyncio.wait_for(self._caught_up.wait(), timeout)
+
+    # ------------------------------------------------------------------ registry input
+
+    async def on_update(self, update: ModelUpdate) -> None:
+        """Folds a new version into the served registry, first writing its inline
+        checkpoint to the store if the store lacks it (so the server can serve blobs that
+        only traveled on the topic)."""
+        if update.checkpoint is not None:
+            outcome = await asyncio.to_thread(self._store_inline, update, update.checkpoint)
+            self.metrics.checkpoints.labels(outcome).inc()
+        if self.registry.apply(update):
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for_version(
+        self, model_id: str, version: str, timeout: float = 30.0
+    ) -> ModelUpdate:
+        """Returns the update of ``model_id``/``version`` once the server serves it."""
+
+        def known() -> ModelUpdate | None:
+            entry = self.registry.get(model_id)
+            return entry.version(version) if entry else None
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: known() is not None), timeout)
+        update = known()
+        assert update is not None
+        return update
+
+    def _store_inline(self, update: ModelUpdate, blob: bytes) -> str:
+        name = f"{update.model_id}/{update.version}"
+        actual = sha256_hex(blob)
+        if actual != update.sha256:
+            log.error(
+                "inline checkpoint of %s has sha256 %s, the update says %s: not stored",
+                name,
+                actual,
+                update.sha256,
+            )
+            return "sha256_mismatch"
+        try:
+            uri = checkpoint_uri(update.model_id, update.version)
+        except CheckpointError as exc:
+            log.error("inline checkpoint of %s cannot be stored: %s", name, exc)
+            return "unstorable"
+        try:
+            if self.store.exists(uri) and self.store.size(uri) == len(blob):
+                return "present"
+            self.store.put(update.model_id, update.version, blob)
+        except (CheckpointError, OSError) as exc:
+            log.error("writing the inline checkpoint of %s failed: %s", name, exc)
+            return "error"
+        log.info("stored the inline checkpoint of %s (%d bytes)", name, len(blob))
+        return "stored"
+
+    # ------------------------------------------------------------------------- the app
+
+    def _make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/v1/models/{id}", self._get_model)
+        app.router.add_get("/v1/models/{id}/checkpoints/{version}", self._get_checkpoint)
+        app.router.add_post("/v1/models/{id}/pushes", self._post_push)
+        return app
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = _route_name(request)
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except HttpFailure as failure:
+            status = failure.status
+            return failure.response()
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return HttpFailure(
+                500, "internal", "internal server error; see the server log"
+            ).response()
+        finally:
+            self.metrics.requests.labels(route, request.method, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+    def _authenticate(self, request: web.Request) -> auth.Claims:
+        try:
+            token = auth.bearer_token(request.headers.get("Authorization"))
+            return auth.verify_token(self._secret, token, self._clock())
+        except auth.AuthError as exc:
+            challenge = 'Bearer realm="fedex"'
+            if exc.reason is not auth.AuthReason.MISSING:
+                description = exc.message.replace('"', "'")
+                challenge += f', error="invalid_token", error_description="{description}"'
+            raise HttpFailure(
+                401, exc.reason.value, exc.message, {"WWW-Authenticate": challenge}
+            ) from None
+
+    def _authorize(self, request: web.Request) -> tuple[auth.Claims, str]:
+        """Token first (401), then the path's model id (400), then the grant (403)."""
+        claims = self._authenticate(request)
+        model_id = _path_id(request, "id", "model id")
+        try:
+            claims.require_model(model_id)
+        except auth.AuthError as exc:
+            raise HttpFailure(403, exc.reason.value, exc.message) from None
+        return claims, model_id
+
+    def _entry(self, model_id: str) -> ModelEntry:
+        entry = self.registry.get(model_id)
+        if entry is None:
+            raise HttpFailure(404, "unknown_model", f"model {model_id!r} has no version yet")
+        return entry
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        registry = self._caught_up.is_set() and self._follower_error is None
+        if registry:
+            try:  # fails at once if the follower crashed since it caught up
+                await self._follower.wait_caught_up(timeout=1.0)
+            except Exception as exc:
+                self._follower_error = exc
+                registry = False
+        checks = {"registry": registry, "producer": self._producer_up}
+        ok = all(checks.values())
+        body: dict[str, object] = {"ready": ok, "checks": checks}
+        if self._follower_error is not None:
+            body["error"] = str(self._follower_error)
+        return _json(body, 200 if ok else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        claims = self._authenticate(request)
+        models = [_summary_json(e) for e in self.registry.models() if claims.allows(e.model_id)]
+        return _json({"models": models})
+
+    async def _get_model(self, request: web.Request) -> web.Response:
+        _, model_id = self._authorize(request)
+        entry = self._entry(model_id)
+        body: dict[str, object] = _summary_json(entry)
+        body["latest"] = _version_json(model_id, entry.latest) if entry.latest else None
+        body["best"] = _version_json(model_id, entry.best) if entry.best else None
+        body["history"] = [_version_json(model_id, u) for u in entry.history]
+        return _json(body)
+
+    async def _get_checkpoint(self, request: web.Request) -> web.StreamResponse:
+        _, model_id = self._authorize(request)
+        version = _path_id(request, "version", "version")
+        entry = self._entry(model_id)
+        update = (
+            (entry.best if version == "best" else entry.latest)
+            if version in ALIASES
+            else entry.version(version)
+        )
+        if update is None:
+            raise HttpFailure(
+                404, "unknown_version", f"model {model_id!r} has no version {version!r}"
+            )
+        headers = {
+            "ETag": f'"{update.sha256}"',
+            "Accept-Ranges": "bytes",
+            "Cache-Control": CACHE_CONTROL,
+            "X-Fedex-Version": update.version,
+        }
+        if version in ALIASES:
+            headers["Content-Location"] = f"/v1/models/{model_id}/checkpoints/{update.version}"
+        # If-None-Match uses the weak comparison (RFC 9110 13.1.2) and wins over Range.
+        if any(tag.value in ("*", update.sha256) for tag in request.if_none_match or ()):
+            return web.Response(status=304, headers=headers)
+        try:
+            uri = checkpoint_uri(model_id, update.version)
+            size = await asyncio.to_thread(self.store.size, uri)
+        except CheckpointError:
+            raise HttpFailure(
+                404,
+                "checkpoint_missing",
+                f"checkpoint of {model_id}/{update.version} is announced but not in the store",
+            ) from None
+        if size != update.size:
+            log.warning(
+                "stored checkpoint of %s/%s is %d bytes, its update says %d",
+                model_id,
+                update.version,
+                size,
+                update.size,
+            )
+        if_range = request.headers.get("If-Range")
+        try:
+            byte_range = (
+                parse_range(request.headers.get("Range"), size)
+                if if_range is None or if_range.strip() == headers["ETag"]
+                else None
+            )
+        except RangeNotSatisfiable as exc:
+            raise HttpFailure(
+                416,
+                "range_not_satisfiable",
+                str(exc),
+                {**headers, "Content-Range": f"bytes */{size}"},
+            ) from None
+        start, end = (byte_range.start, byte_range.end) if byte_range else (0, size)
+        if byte_range is not None:
+            headers["Content-Range"] = byte_range.content_range
+        response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
+        response.content_type = "application/octet-stream"
+        response.content_length = end - start
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        position = start
+        while position < end:
+            try:
+                chunk = await asyncio.to_thread(
+                    self.store.read_range, uri, position, min(end, position + CHUNK_BYTES)
+                )
+            except (CheckpointError, OSError) as exc:
+                chunk = b""
+                log.error("reading %s failed mid-response: %s", uri, exc)
+            if not chunk:  # vanished or shrank under us: the client sees a short body
+                response.force_close()
+                return response
+            await response.write(chunk)
+            self.metrics.bytes_served.inc(len(chunk))
+            position += len(chunk)
+        await response.write_eof()
+        return response
+
+    async def _post_push(self, request: web.Request) -> web.Response:
+        try:
+            return await self._accept_push(request)
+        except HttpFailure as failure:
+            self.metrics.pushes_rejected.labels(failure.reason).inc()
+            raise
+
+    async def _accept_push(self, request: web.Request) -> web.Response:
+        claims, model_id = self._authorize(request)
+        entry = self._entry(model_id)
+        limit = self._max_push_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise HttpFailure(413, "too_large", f"push is {declared} bytes, the limit is {limit}")
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > limit:  # chunked or lying Content-Length
+                raise HttpFailure(413, "too_large", f"push is over the limit of {limit} bytes")
+        data = bytes(body)
+        try:
+            push = codec.decode_push(
+                data, num_classes=entry.num_classes, max_samples=self._max_push_samples
+            )
+        except codec.CodecError as exc:
+            raise HttpFailure(400, exc.reason.value, exc.message) from None
+        if push.model_id != model_id:
+            raise HttpFailure(
+                400,
+                codec.Reject.BAD_ID.value,
+                f"push is for model {push.model_id!r}, posted to {model_id!r}",
+            )
+        if (push.backbone, push.cut) != (entry.backbone, entry.cut):
+            raise HttpFailure(
+                400,
+                codec.Reject.BAD_FIELD.value,
+                f"push is {push.backbone}/{push.cut}, model {model_id!r} is "
+                f"{entry.backbone}/{entry.cut}",
+            )
+        try:
+            claims.require_device(push.device_id)
+        except auth.AuthError as exc:
+            raise HttpFailure(403, exc.reason.value, exc.message) from None
+        from aiokafka.errors import KafkaError
+
+        try:
+            meta = await self._producer.send_and_wait(
+                self._features_topic, value=data, key=codec.encode_key(model_id)
+            )
+        except (KafkaError, TimeoutError) as exc:
+            log.error("producing a push of %s failed: %s", model_id, exc)
+            raise HttpFailure(
+                503, "unavailable", f"the feature log is unavailable ({exc}); retry later"
+            ) from None
+        self.metrics.pushes_accepted.inc()
+        self.metrics.samples_accepted.inc(push.n)
+        return _json(
+            {
+                "samples": push.n,
+                "partition": getattr(meta, "partition", None),
+                "offset": getattr(meta, "offset", None),
+            },
+            status=202,
+        )
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+async def serve(
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    max_runtime: float | None = None,
+    on_started: Callable[[ModelServer], None] | None = None,
+) -> None:
+    """Runs the model server until SIGINT/SIGTERM or ``max_runtime`` seconds, then drains
+    and stops. Ensures the topics first (idempotent). ``host``/``port`` override the
+    settings (port 0 = any free port); ``on_started`` is told the running server."""
+    from pipeline.clients import wait_for_kafka
+    from pipeline.topics import ensure_topics, topic_specs
+
+    secret = settings.auth_secret
+    if secret is None:
+        secret = secrets.token_urlsafe(32)
+        dev_token = auth.issue_token(
+            secret, "dev", auth.ANY_MODEL, settings.token_ttl_s, time.time()
+        )
+        log.warning(
+            "FEDEX_AUTH_SECRET is unset: using a random secret for this run (dev only); "
+            "a token for every model: %s",
+            dev_token,
+        )
+    await wait_for_kafka(settings.bootstrap)
+    await ensure_topics(settings.bootstrap, topic_specs(settings))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        server = ModelServer.from_settings(settings, secret=secret, host=host, port=port)
+        async with server:
+            log.info("serving the registry of %s on %s", settings.topic_prefix, server.url)
+            if on_started is not None:
+                on_started(server)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max_runtime)
+            log.info("stopping the model server")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def run_server(
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    max_runtime: float | None = None,
+) -> None:
+    """Blocking entry point of ``fedex serve``: runs until SIGINT/SIGTERM (clean stop) or
+    ``max_runtime`` seconds."""
+    asyncio.run(serve(settings, host=host, port=port, max_runtime=max_runtime))

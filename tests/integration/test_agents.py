@@ -1,0 +1,332 @@
+"""The aggregation agents on the real broker: triggers, dead letters, restart from the changelog.
+
+Each test runs one in-process agents worker (memory store, so state can only come back from
+the changelog) on its own topic prefix, with 2 partitions to keep start-up and rebalances
+quick on small machines. Nothing sleeps for a fixed time: waits poll with deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from agents.aggregator import UNKNOWN_MODEL
+from agents.policy import ModelState
+from agents.worker import AgentWorker
+from pipeline import clients, codec
+from pipeline.records import (
+    Backbone,
+    Cut,
+    DeadLetter,
+    FeaturePush,
+    ModelMetrics,
+    ModelUpdate,
+    TrainingTrigger,
+    TriggerReason,
+)
+from pipeline.settings import Settings
+from pipeline.topics import Topics
+from pipeline.transport_bench import synthetic_push
+
+NUM_CLASSES = 10
+WAIT = 30.0
+
+
+def agent_settings(settings: Settings, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "features_partitions": 2,
+        "models_partitions": 2,
+        "triggers_partitions": 2,
+        "min_samples": 50,
+        "age_floor_samples": 10,
+        "max_age_s": 3600.0,
+        "job_timeout_s": 3600.0,
+        "agent_tick_s": 0.2,
+    }
+    return settings.model_copy(update={**base, **overrides})
+
+
+def base_update(
+    model_id: str, *, version: str = "v0", trigger_id: str | None = None
+) -> ModelUpdate:
+    return ModelUpdate(
+        model_id=model_id,
+        version=version,
+        parent_version=None if version == "v0" else "v0",
+        trigger_id=trigger_id,
+        backbone=Backbone.INCEPTION_RESNET_V1,
+        cut=Cut.FREEZE6,
+        num_classes=NUM_CLASSES,
+        checkpoint_uri=f"http://127.0.0.1:8080/v1/models/{model_id}/{version}",
+        sha256="0" * 64,
+        size=0,
+        encoding="safetensors",
+        metrics=ModelMetrics(0.5, None, 0, 0, 0.0, 0),
+        is_best=True,
+    )
+
+
+def make_push(model_id: str, *, device: int = 0, first_id: int = 0, n: int = 10) -> FeaturePush:
+    push = synthetic_push(n, device=device, first_id=first_id, seed=first_id)
+    return replace(push, model_id=model_id, labels=(push.labels % NUM_CLASSES).astype(np.int32))
+
+
+class Tail:
+    """Reads a topic from its beginning, group-less, and keeps what it decoded."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, partitions: int, decode: Callable[[bytes], Any]
+    ) -> None:
+        self.consumer = clients.make_consumer(bootstrap=bootstrap, group_id=None)
+        self.topic = topic
+        self.partitions = partitions
+        self.decode = decode
+        self.items: list[Any] = []
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        tps = [TopicPartition(self.topic, p) for p in range(self.partitions)]
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_beginning(*tps)
+
+    async def wait_for(self, count: int, timeout: float = WAIT) -> list[Any]:
+        async def fill() -> None:
+            while len(self.items) < count:
+                batches = await self.consumer.getmany(timeout_ms=200)
+                for records in batches.values():
+                    self.items += [self.decode(r.value) for r in records]
+
+        await asyncio.wait_for(fill(), timeout)
+        return self.items
+
+    async def drained(self) -> list[Any]:
+        """Everything on the topic now (reads up to the current end offsets)."""
+        tps = list(self.consumer.assignment())
+        ends = await self.consumer.end_offsets(tps)
+
+        async def fill() -> None:
+            while [tp for tp, end in ends.items() if await self.consumer.position(tp) < end]:
+                batches = await self.consumer.getmany(timeout_ms=200)
+                for records in batches.values():
+                    self.items += [self.decode(r.value) for r in records]
+
+        await asyncio.wait_for(fill(), WAIT)
+        return self.items
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Harness:
+    def __init__(self, settings: Settings, tmp: Path) -> None:
+        self.settings = settings
+        self.tmp = tmp
+        self.topics = Topics(settings.topic_prefix)
+        self.producer: AIOKafkaProducer = clients.make_producer(bootstrap=settings.bootstrap)
+        self.triggers = Tail(
+            settings.bootstrap,
+            self.topics.triggers,
+            settings.triggers_partitions,
+            codec.decode_trigger,
+        )
+        self.dead = Tail(settings.bootstrap, self.topics.deadletter, 1, codec.decode_dead_letter)
+        self.worker: AgentWorker | None = None
+        self.clock_offset = 0.0
+
+    def clock(self) -> float:
+        return time.time() + self.clock_offset
+
+    async def start_worker(self) -> AgentWorker:
+        worker = AgentWorker(
+            self.settings, store="memory://", clock=self.clock, datadir=self.tmp / "faust"
+        )
+        await worker.start()
+        self.worker = worker
+        await worker.wait_ready()
+        return worker
+
+    async def stop_worker(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop()
+            self.worker = None
+
+    def state(self, model_id: str) -> ModelState | None:
+        assert self.worker is not None
+        return self.worker.state(model_id)
+
+    async def publish_update(self, update: ModelUpdate) -> None:
+        await self.producer.send_and_wait(
+            self.topics.models, codec.encode_update(update), key=codec.encode_key(update.model_id)
+        )
+
+    async def add_model(self, model_id: str) -> None:
+        await self.publish_update(base_update(model_id))
+        await until(lambda: (s := self.state(model_id)) is not None and s.known, "base model")
+
+    async def push(self, *pushes: FeaturePush) -> None:
+        await self.send_raw(*((p.model_id, codec.encode_push(p)) for p in pushes))
+
+    async def send_raw(self, *items: tuple[str | None, bytes]) -> None:
+        futures = [
+            await self.producer.send(
+                self.topics.features, value, key=None if key is None else codec.encode_key(key)
+            )
+            for key, value in items
+        ]
+        await asyncio.gather(*futures)
+
+    async def pending(self, model_id: str, samples: int) -> None:
+        await until(
+            lambda: (s := self.state(model_id)) is not None and s.counted_samples >= samples,
+            f"{samples} samples counted",
+        )
+
+
+@pytest.fixture
+async def harness(settings: Settings, tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(agent_settings(settings), tmp_path)
+    await h.producer.start()
+    await h.start_worker()
+    await h.triggers.start()
+    await h.dead.start()
+    try:
+        yield h
+    finally:
+        await h.stop_worker()
+        await h.triggers.stop()
+        await h.dead.stop()
+        await h.producer.stop()
+
+
+async def test_count_trigger_covers_the_pushed_ranges(harness: Harness) -> None:
+    await harness.add_model("faces-1")
+    await harness.push(*(make_push("faces-1", device=i, first_id=i * 10) for i in range(5)))
+    [trigger] = await harness.triggers.wait_for(1)
+    assert isinstance(trigger, TrainingTrigger)
+    assert trigger.trigger_id == "faces-1:1"
+    assert trigger.reason is TriggerReason.COUNT
+    assert trigger.sample_count == 50
+    assert trigger.attempt == 1
+    assert trigger.base_version == "v0"
+    [r] = trigger.ranges
+    assert (r.start, r.end) == (0, 5)
+
+
+async def test_age_trigger_then_retry_with_the_same_id(harness: Harness) -> None:
+    await harness.add_model("faces-2")
+    await harness.push(make_push("faces-2", n=12), make_push("faces-2", device=1, n=8))
+    await harness.pending("faces-2", 20)  # over the age floor (10), under min_samples (50)
+    harness.clock_offset += harness.settings.max_age_s + 1  # the next tick sees them old
+    [first] = await harness.triggers.wait_for(1)
+    assert (first.trigger_id, first.reason, first.attempt) == ("faces-2:1", TriggerReason.AGE, 1)
+    assert first.sample_count == 20
+    harness.clock_offset += harness.settings.job_timeout_s + 1  # no update came back
+    retry = (await harness.triggers.wait_for(2))[1]
+    assert (retry.trigger_id, retry.reason, retry.attempt) == ("faces-2:1", TriggerReason.RETRY, 2)
+    assert (retry.ranges, retry.sample_count) == (first.ranges, first.sample_count)
+
+
+async def test_one_job_in_flight_and_the_next_covers_only_new_data(harness: Harness) -> None:
+    model = "faces-3"
+    await harness.add_model(model)
+    await harness.push(*(make_push(model, device=i, first_id=i * 10) for i in range(5)))
+    [first] = await harness.triggers.wait_for(1)
+    # Enough for another count trigger, but the first job is still running.
+    await harness.push(*(make_push(model, device=i, first_id=100 + i * 10) for i in range(6)))
+    await harness.pending(model, 110)
+    state = harness.state(model)
+    assert state is not None and state.in_flight is not None
+    assert (state.in_flight.trigger_id, state.pending_samples) == (first.trigger_id, 60)
+    assert len(await harness.triggers.drained()) == 1
+    # An update for another trigger id does not end the job; the matching one does.
+    await harness.publish_update(base_update(model, version="v9", trigger_id=f"{model}:9"))
+    await harness.publish_update(base_update(model, version="v1", trigger_id=first.trigger_id))
+    second = (await harness.triggers.wait_for(2))[1]
+    assert len(harness.triggers.items) == 2
+    assert (second.trigger_id, second.sample_count, second.base_version) == (f"{model}:2", 60, "v1")
+    [r0], [r1] = first.ranges, second.ranges
+    assert r1.partition == r0.partition and (r1.start, r1.end) == (r0.end, r0.end + 6)
+
+
+async def test_bad_pushes_are_dead_lettered_and_good_ones_still_count(harness: Harness) -> None:
+    model = "faces-4"
+    await harness.add_model(model)
+    good = make_push(model, n=10)
+    nan = make_push(model, first_id=10)
+    features = nan.features.copy()
+    features[3, 7] = np.nan
+    rng = np.random.default_rng(0)
+    bad = {
+        "non_finite": codec.encode_push(replace(nan, features=features)),
+        "shape_mismatch": codec.encode_push(
+            replace(good, features=rng.standard_normal((10, 256)).astype(np.float16))
+        ),
+        "label_out_of_range": codec.encode_push(
+            replace(good, labels=np.full(10, NUM_CLASSES, dtype=np.int32))
+        ),
+        "bad_magic": b"this is not a FedEx Stream record",
+    }
+    await harness.send_raw(
+        (model, codec.encode_push(good)),
+        *((model, value) for value in bad.values()),
+        ("ghost-1", codec.encode_push(make_push("ghost-1"))),
+        (model, codec.encode_push(make_push(model, first_id=20, n=5))),
+    )
+    letters: list[DeadLetter] = await harness.dead.wait_for(5)
+    assert [d.reason for d in letters] == [*bad, UNKNOWN_MODEL]
+    assert [d.original for d in letters[:4]] == list(bad.values())
+    offsets = [d.offset for d in letters]
+    assert offsets[:4] == sorted(offsets[:4]) and letters[0].offset >= 1
+    for letter in letters:
+        assert letter.topic == harness.topics.features
+        assert letter.message
+    assert letters[-1].key == b"ghost-1"
+    assert letters[0].key == model.encode()
+    await harness.pending(model, 15)
+    state = harness.state(model)
+    assert state is not None and state.counted_pushes == 2
+    assert harness.state("ghost-1") is None
+
+
+async def test_state_survives_a_restart_through_the_changelog(harness: Harness) -> None:
+    model = "faces-5"
+    await harness.add_model(model)
+    await harness.push(*(make_push(model, device=i, first_id=i * 10) for i in range(5)))
+    [first] = await harness.triggers.wait_for(1)
+    await harness.push(*(make_push(model, device=9, first_id=100 + i * 10) for i in range(3)))
+    await harness.pending(model, 80)
+    before = harness.state(model)
+    assert before is not None
+
+    await harness.stop_worker()
+    await harness.start_worker()  # memory store: everything comes from the changelog
+    after = harness.state(model)
+    assert after is not None
+    assert after.in_flight is not None and after.in_flight.trigger_id == first.trigger_id
+    assert (after.pending_samples, after.next_offsets) == (30, before.next_offsets)
+    assert after.pending_ranges == before.pending_ranges
+
+    await harness.push(*(make_push(model, device=8, first_id=500 + i * 10) for i in range(2)))
+    await harness.pending(model, 100)
+    await harness.publish_update(base_update(model, version="v1", trigger_id=first.trigger_id))
+    second = (await harness.triggers.wait_for(2))[1]
+    assert (second.trigger_id, second.sample_count) == (f"{model}:2", 50)
+    [r0], [r1] = first.ranges, second.ranges
+    assert (r1.start, r1.end) == (r0.end, r0.end + 5)
+    assert len(await harness.triggers.drained()) == 2  # none lost, none duplicated
