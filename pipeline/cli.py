@@ -24,6 +24,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table an
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
 app.add_typer(bench_app, name="bench")
+models_app = typer.Typer(no_args_is_help=True, help="Models on the model topic.")
+app.add_typer(models_app, name="models")
 token_app = typer.Typer(no_args_is_help=True, help="Device bearer tokens for the model server.")
 app.add_typer(token_app, name="token")
 
@@ -100,6 +102,41 @@ def bench_pipeline(
 
     result = asyncio.run(run())
     print(f"wrote {write_result('pipeline', result, out)}")
+
+
+@app.command("trainer")
+def trainer(
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    max_jobs: int | None = typer.Option(None, help="stop after N triggers"),
+    idle_timeout: float | None = typer.Option(None, help="stop after S seconds without a trigger"),
+) -> None:
+    """One trainer process (group <prefix>-trainers): triggers in, model versions out."""
+    from trainer.worker import run_trainer
+
+    run_trainer(Settings(), device=device, max_jobs=max_jobs, idle_timeout=idle_timeout)
+
+
+@models_app.command("register")
+def models_register(
+    model_id: str,
+    num_classes: int = typer.Option(..., "--num-classes", help="classifier width"),
+    backbone: str = typer.Option("inception_resnet_v1", help="inception_resnet_v1 or mobilenet_v2"),
+    cut: str = typer.Option("freeze6", help="freeze level the devices push at"),
+    seed: int = typer.Option(0, help="seed of the zoo's random head"),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="no error if the model exists"),
+) -> None:
+    """Publish a model's base version v0 (a random-init head of the zoo)."""
+    from pipeline.publishing import register_model
+
+    update = asyncio.run(
+        register_model(
+            Settings(), model_id, backbone, cut, num_classes, seed=seed, exist_ok=exist_ok
+        )
+    )
+    where = "inline" if update.checkpoint else "by reference"
+    typer.echo(
+        f"{update.model_id} {update.version} sha256 {update.sha256} ({update.size:,} B, {where})"
+    )
 
 
 @app.command("serve")

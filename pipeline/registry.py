@@ -91,9 +91,10 @@ class RegistryFollower:
 
     Reads every partition without a consumer group (every follower sees everything).
     ``wait_caught_up()`` returns once the updates that were on the topic at start-up are
-    folded. ``on_update`` is called for each new version, blob included, in topic order
-    per model. A bad record is logged and skipped: it cannot be re-routed from here, and
-    the producer (a trainer) validated it before sending.
+    folded; ``sync()`` once those on it *now* are (so a version another process published
+    a moment ago is known before acting on it). ``on_update`` is called for each new
+    version, blob included, in topic order per model. A bad record is logged and skipped:
+    it cannot be re-routed from here, and its producer (a trainer) validated it.
     """
 
     def __init__(
@@ -111,14 +112,17 @@ class RegistryFollower:
         self._on_update = on_update
         self._client_id = client_id
         self._task: asyncio.Task[None] | None = None
-        self._caught_up = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
+        self._start_ends: dict[TopicPartition, int] = {}
+        self._folded: dict[TopicPartition, int] = {}
+        self._progress = asyncio.Event()
         self.skipped = 0
 
     async def start(self) -> None:
         from aiokafka import TopicPartition
 
         from pipeline import clients
+        from pipeline.errors import ConfigError
 
         if self._task is not None:
             return
@@ -129,44 +133,42 @@ class RegistryFollower:
             auto_offset_reset="earliest",
         )
         await consumer.start()
+        try:
+            # A consumer without subscriptions has no topic metadata yet. Fetch every
+            # topic's (asking for the one topic could auto-create it); aiokafka has no
+            # public call for the partitions of a topic it is not subscribed to.
+            cluster = await consumer._client.fetch_all_metadata()
+            partitions = cluster.partitions_for_topic(self._topic)
+            if not partitions:
+                raise ConfigError(
+                    f"model topic {self._topic!r} does not exist: run `fedex topics ensure`"
+                )
+            tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            self._start_ends = await consumer.end_offsets(tps)
+        except BaseException:
+            await asyncio.sleep(0)  # aiokafka: stop() right after start() needs one turn
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await consumer.stop()
+            raise
         self._consumer = consumer
-        # A consumer without subscriptions has no topic metadata yet. Fetch every topic's
-        # (asking for the one topic could auto-create it); aiokafka has no public call
-        # returning partitions of a topic it is not subscribed to.
-        cluster = await consumer._client.fetch_all_metadata()
-        partitions = cluster.partitions_for_topic(self._topic)
-        if not partitions:
-            self._consumer = None
-            await asyncio.sleep(0)  # aiokafka: let start()'s tasks run before stopping
-            await consumer.stop()
-            from pipeline.errors import ConfigError
+        self._folded = dict.fromkeys(tps, 0)
+        self._task = asyncio.create_task(self._run(consumer), name="registry-follower")
 
-            raise ConfigError(
-                f"model topic {self._topic!r} does not exist: run `fedex topics ensure`"
-            )
-        tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        self._task = asyncio.create_task(self._run(consumer, ends), name="registry-follower")
-
-    async def _run(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
-        remaining = {tp: end for tp, end in ends.items() if end > 0}
-        if not remaining:
-            self._caught_up.set()
+    async def _run(self, consumer: AIOKafkaConsumer) -> None:
         while True:
             batches = await consumer.getmany(timeout_ms=500)
             for tp, records in batches.items():
                 for record in records:
                     await self._fold(record.value)
-                    if tp in remaining and record.offset + 1 >= remaining[tp]:
-                        del remaining[tp]
-            if not self._caught_up.is_set():
-                for tp, end in list(remaining.items()):
-                    if await consumer.position(tp) >= end:
-                        del remaining[tp]
-                if not remaining:
-                    self._caught_up.set()
+                    self._folded[tp] = record.offset + 1
+            # Everything fetched is folded, so the fetch position is folded too (this also
+            # steps over compaction gaps and reaches the end of empty partitions).
+            for tp in self._folded:
+                self._folded[tp] = max(self._folded[tp], await consumer.position(tp))
+            self._progress.set()
+            self._progress = asyncio.Event()
 
     async def _fold(self, value: bytes | None) -> None:
         if value is None:  # a compaction tombstone
@@ -182,19 +184,40 @@ class RegistryFollower:
             if result is not None:
                 await result
 
+    async def _wait_folded(self, ends: dict[TopicPartition, int], timeout: float) -> None:
+        task = self._task
+        if task is None:
+            from pipeline.errors import FedexError
+
+            raise FedexError("the registry follower is not started")
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(self._folded.get(tp, 0) < end for tp, end in ends.items()):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"registry did not catch up with {self._topic!r} in {timeout:g} s"
+                )
+            progress = asyncio.ensure_future(self._progress.wait())
+            done, _ = await asyncio.wait(
+                [progress, task], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            progress.cancel()
+            if task in done:
+                task.result()  # a crashed follower fails whoever waits on it
+                raise RuntimeError("registry follower stopped")
+
     async def wait_caught_up(self, timeout: float = 30.0) -> None:
-        waiter = asyncio.ensure_future(self._caught_up.wait())
-        done, _ = await asyncio.wait(
-            [waiter, *([self._task] if self._task else [])],
-            timeout=timeout,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if self._task is not None and self._task in done:
-            waiter.cancel()
-            self._task.result()  # a crashed follower fails whoever waits on it
-        if waiter not in done:
-            waiter.cancel()
-            raise TimeoutError(f"registry did not catch up with {self._topic!r} in {timeout}s")
+        """Return once every update that was on the topic at start-up is folded."""
+        await self._wait_folded(self._start_ends, timeout)
+
+    async def sync(self, timeout: float = 30.0) -> None:
+        """Return once every update on the topic at call time is folded."""
+        consumer = self._consumer
+        if consumer is None:
+            await self._wait_folded({}, timeout)  # raises: not started
+            return
+        ends = await consumer.end_offsets(list(self._folded))
+        await self._wait_folded(ends, timeout)
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -1,0 +1,323 @@
+"""Publishing model versions: a head's state dict → checkpoint blob → store → model topic.
+
+Shared by the trainer (every trained version) and the device simulator / CLI (the base
+model, ``v0``). One function decides how a checkpoint travels (:func:`build_update`): inline
+in the update when the encoded update fits under the model topic's ``max.message.bytes``
+with headroom for the record framing, else by reference to the model server
+(``<server_url>/v1/models/<id>/checkpoints/<version>``). Either way the blob is put in the
+checkpoint store first, so the model server can serve it and a trainer can warm-start
+from it, and the update's ``sha256`` / ``size`` describe exactly that blob.
+
+Updates are keyed by model id (docs/architecture.md), so a model's updates stay in order
+on the partition that also carries its pushes and triggers (Kafka's default murmur2
+partitioner; :func:`model_partition` computes it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final
+
+from pipeline import codec
+from pipeline.checkpoints import (
+    CheckpointDType,
+    CheckpointStore,
+    LocalCheckpointStore,
+    encode_checkpoint,
+    sha256_hex,
+)
+from pipeline.errors import FedexError
+from pipeline.records import Backbone, Cut, ModelMetrics, ModelUpdate, now_ms
+from pipeline.registry import RegistryFollower
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.structs import RecordMetadata
+    from torch import Tensor
+
+    from pipeline.settings import Settings
+
+#: Version of the base model every model starts from.
+BASE_VERSION: Final = "v0"
+
+#: Bytes kept free under the topic's max.message.bytes for the record batch framing
+#: (batch header, record header, key) when deciding to send a checkpoint inline.
+INLINE_HEADROOM: Final = 64 * 1024
+
+_TRIGGER_ID = re.compile(r"(?P<model>.+):(?P<seq>[1-9][0-9]*)")
+
+
+class PublishError(FedexError):
+    """A model update could not be built or published; the message says why."""
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def version_for_trigger(trigger_id: str, model_id: str | None = None) -> str:
+    """``<model_id>:<seq>`` → ``v<seq>``: a redelivered or re-fired trigger maps to the same
+    version, which is what makes training jobs idempotent.
+
+    With ``model_id`` the trigger id must name that model. Raises :class:`PublishError`
+    for an id not of that form.
+    """
+    match = _TRIGGER_ID.fullmatch(trigger_id)
+    if match is None:
+        raise PublishError(
+            f"trigger id {trigger_id!r} is not <model_id>:<seq> with seq = 1, 2, …; "
+            "versions derive from it"
+        )
+    if model_id is not None and match["model"] != model_id:
+        raise PublishError(f"trigger id {trigger_id!r} does not belong to model {model_id!r}")
+    return f"v{int(match['seq'])}"
+
+
+def checkpoint_url(server_url: str, model_id: str, version: str) -> str:
+    """Where the model server serves a version's checkpoint."""
+    return f"{server_url.rstrip('/')}/v1/models/{model_id}/checkpoints/{version}"
+
+
+def update_key(model_id: str, version: str) -> bytes:
+    """Kafka key of a model update: the model id, like pushes and triggers. (On the
+    compacted model topic this lets compaction drop all but a model's latest update; see
+    the report to the lead on keying by ``<model_id>/<version>`` instead.)"""
+    return codec.encode_key(model_id)
+
+
+def model_partition(model_id: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner picks for key ``model_id`` (the same one
+    the model's pushes and triggers land on when topics have equal partition counts)."""
+    from aiokafka.partitioner import murmur2
+
+    if partitions < 1:
+        raise PublishError(f"a topic needs at least one partition, got {partitions}")
+    return (murmur2(codec.encode_key(model_id)) & 0x7FFFFFFF) % partitions
+
+
+def checkpoint_dtype(value: str | CheckpointDType) -> CheckpointDType:
+    """``settings.checkpoint_dtype`` (``float16`` / ``float32``) as a :class:`CheckpointDType`."""
+    aliases = {"float16": CheckpointDType.FP16, "float32": CheckpointDType.FP32}
+    if isinstance(value, str) and value in aliases:
+        return aliases[value]
+    try:
+        return CheckpointDType(value)
+    except ValueError:
+        raise PublishError(
+            f"checkpoint dtype {value!r} is unknown; use float16 or float32"
+        ) from None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def fits_inline(
+    update: ModelUpdate, max_message_bytes: int, headroom: int = INLINE_HEADROOM
+) -> bool:
+    """Whether ``update`` encoded with its blob inline fits the model topic."""
+    return len(codec.encode_update(update)) <= max_message_bytes - headroom
+
+
+def build_update(
+    *,
+    store: CheckpointStore,
+    model_id: str,
+    version: str,
+    state_dict: Mapping[str, Tensor],
+    backbone: Backbone | str,
+    cut: Cut | str,
+    num_classes: int,
+    metrics: ModelMetrics,
+    is_best: bool,
+    parent_version: str | None,
+    trigger_id: str | None,
+    server_url: str,
+    max_message_bytes: int,
+    dtype: CheckpointDType | str = CheckpointDType.FP16,
+    headroom: int = INLINE_HEADROOM,
+    created_at_ms: int | None = None,
+) -> ModelUpdate:
+    """Encode a head's state dict (safetensors, ``dtype``), put the blob in ``store``, and
+    return the update announcing it, inline when it fits (see the module docstring).
+
+    Putting the blob is idempotent per (model, version): a retried job overwrites its own
+    version's blob before announcing it.
+    """
+    dtype = checkpoint_dtype(dtype)
+    # No extra safetensors metadata: the update carries it, and safetensors writes metadata
+    # in hash-map order, so more than one key would make equal heads differ in sha256.
+    blob = encode_checkpoint(state_dict, dtype=dtype)
+    store.put(model_id, version, blob)
+    update = ModelUpdate(
+        model_id=model_id,
+        version=version,
+        parent_version=parent_version,
+        trigger_id=trigger_id,
+        backbone=Backbone(backbone),
+        cut=Cut(cut),
+        num_classes=num_classes,
+        checkpoint_uri=checkpoint_url(server_url, model_id, version),
+        sha256=sha256_hex(blob),
+        size=len(blob),
+        encoding=dtype.encoding,
+        metrics=metrics,
+        is_best=is_best,
+        created_at_ms=created_at_ms if created_at_ms is not None else now_ms(),
+        checkpoint=blob,
+    )
+    if fits_inline(update, max_message_bytes, headroom):
+        return update
+    return dataclasses.replace(update, checkpoint=None)
+
+
+def base_metrics() -> ModelMetrics:
+    """Metrics of a base model nobody validated here (trained elsewhere or random)."""
+    return ModelMetrics(
+        val_accuracy=0.0,
+        champion_val_accuracy=None,
+        train_samples=0,
+        val_samples=0,
+        train_seconds=0.0,
+        epochs=0,
+    )
+
+
+def random_head_state(
+    backbone: Backbone | str, cut: Cut | str, num_classes: int, *, seed: int = 0
+) -> dict[str, Tensor]:
+    """The zoo's deterministic random initialisation of the head at ``cut``."""
+    from pipeline.zoo import build_backbone, head_state_dict, split
+
+    model = build_backbone(backbone, num_classes=num_classes, seed=seed)
+    return head_state_dict(split(model, backbone, cut).head)
+
+
+def build_base_update(
+    *,
+    store: CheckpointStore,
+    model_id: str,
+    backbone: Backbone | str,
+    cut: Cut | str,
+    num_classes: int,
+    server_url: str,
+    max_message_bytes: int,
+    head_state: Mapping[str, Tensor] | None = None,
+    seed: int = 0,
+    dtype: CheckpointDType | str = CheckpointDType.FP16,
+    metrics: ModelMetrics | None = None,
+) -> ModelUpdate:
+    """The base model ``v0``: best by definition, no parent, no trigger. Its head is
+    ``head_state`` (e.g. a pretrained classifier) or the zoo's random init for ``seed``."""
+    state = (
+        head_state
+        if head_state is not None
+        else random_head_state(backbone, cut, num_classes, seed=seed)
+    )
+    return build_update(
+        store=store,
+        model_id=model_id,
+        version=BASE_VERSION,
+        state_dict=state,
+        backbone=backbone,
+        cut=cut,
+        num_classes=num_classes,
+        metrics=metrics or base_metrics(),
+        is_best=True,
+        parent_version=None,
+        trigger_id=None,
+        server_url=server_url,
+        max_message_bytes=max_message_bytes,
+        dtype=dtype,
+    )
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+async def publish_update(
+    producer: AIOKafkaProducer, topic: str, update: ModelUpdate
+) -> RecordMetadata:
+    """Send ``update`` to the model topic and return once the broker acknowledged it
+    (``acks=all`` producers: durable). Callers commit their input only after this."""
+    partitions = await producer.partitions_for(topic)
+    if not partitions:
+        raise PublishError(f"model topic {topic!r} has no partitions: run `fedex topics ensure`")
+    return await producer.send_and_wait(
+        topic,
+        codec.encode_update(update),
+        key=update_key(update.model_id, update.version),
+        partition=model_partition(update.model_id, len(partitions)),
+    )
+
+
+def make_update_producer(
+    settings: Settings, *, client_id: str = "fedex-publisher"
+) -> AIOKafkaProducer:
+    """An unstarted producer able to carry the largest inline update."""
+    from pipeline.clients import MIB, make_producer
+
+    return make_producer(
+        bootstrap=settings.bootstrap,
+        client_id=client_id,
+        max_request_size=settings.max_message_bytes + MIB,
+    )
+
+
+async def register_model(
+    settings: Settings,
+    model_id: str,
+    backbone: Backbone | str,
+    cut: Cut | str,
+    num_classes: int,
+    head_state: Mapping[str, Tensor] | None = None,
+    seed: int = 0,
+    *,
+    store: CheckpointStore | None = None,
+    metrics: ModelMetrics | None = None,
+    exist_ok: bool = False,
+    check_timeout: float = 30.0,
+) -> ModelUpdate:
+    """Bring ``model_id`` into being: publish its base model ``v0`` and return that update.
+
+    Reads the model topic first: a model that already exists is an error, or with
+    ``exist_ok`` its existing ``v0`` (as the registry keeps it, without the blob) is
+    returned and nothing is published. The blob goes to ``store`` (default: the local
+    store at ``settings.checkpoint_dir``).
+    """
+    from pipeline.topics import Topics
+
+    topic = Topics(settings.topic_prefix).models
+    async with RegistryFollower(
+        bootstrap=settings.bootstrap, topic=topic, client_id="fedex-register"
+    ) as follower:
+        await follower.wait_caught_up(check_timeout)
+        entry = follower.registry.get(model_id)
+    if entry is not None:
+        existing = entry.version(BASE_VERSION) or entry.history[0]
+        if exist_ok:
+            return existing
+        raise PublishError(
+            f"model {model_id!r} already exists ({entry.backbone}/{entry.cut}, "
+            f"{entry.num_classes} classes, {len(entry.history)} versions); pick another id"
+        )
+    update = build_base_update(
+        store=store or LocalCheckpointStore(settings.checkpoint_dir),
+        model_id=model_id,
+        backbone=backbone,
+        cut=cut,
+        num_classes=num_classes,
+        server_url=settings.server_url,
+        max_message_bytes=settings.max_message_bytes,
+        head_state=head_state,
+        seed=seed,
+        dtype=settings.checkpoint_dtype,
+        metrics=metrics,
+    )
+    producer = make_update_producer(settings, client_id="fedex-register")
+    await producer.start()
+    try:
+        await publish_update(producer, topic, update)
+    finally:
+        await producer.stop()
+    return update

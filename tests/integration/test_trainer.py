@@ -1,0 +1,299 @@
+"""The trainer on the real broker: a trigger becomes exactly one better version.
+
+Tiny on purpose (freeze6, 10 classes, a few hundred separable 512-d samples, CPU): the
+Kafka paths are what is tested; the recipe has its own tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from aiokafka import TopicPartition
+
+from pipeline import clients, codec
+from pipeline.checkpoints import LocalCheckpointStore, checkpoint_uri, decode_checkpoint, sha256_hex
+from pipeline.publishing import register_model
+from pipeline.records import (
+    Backbone,
+    Cut,
+    FeatureDType,
+    FeaturePush,
+    ModelUpdate,
+    OffsetRange,
+    TrainingTrigger,
+    TriggerReason,
+)
+from pipeline.settings import Settings
+from pipeline.topics import Topics
+from trainer.dataset import Dataset, offset_ranges
+from trainer.worker import Outcome, Trainer, synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "faces-1"
+CLASSES = 10
+#: Short sessions so a killed member leaves the group in seconds, not the default 10 s.
+SESSION_MS = 6_000
+
+
+@pytest.fixture
+def tiny(settings: Settings, kafka_topics: Topics) -> Settings:
+    """Topics ensured; training tuned so a few hundred samples learn in well under a second."""
+    return settings.model_copy(
+        update={"train_epochs": 10, "train_batch_size": 64, "train_lr": 1e-2, "val_fraction": 0.2}
+    )
+
+
+@pytest.fixture
+async def producer(tiny: Settings) -> AsyncIterator[object]:
+    p = clients.make_producer(bootstrap=tiny.bootstrap, client_id="test-trainer")
+    await p.start()
+    yield p
+    await p.stop()
+
+
+def make_trainer(settings: Settings, **kw: object) -> Trainer:
+    return Trainer(
+        settings,
+        device="cpu",
+        session_timeout_ms=SESSION_MS,
+        heartbeat_interval_ms=1_000,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def push_dataset(
+    producer: object, topics: Topics, data: Dataset, per_push: int = 30
+) -> list[OffsetRange]:
+    """Produce ``data`` as pushes from its devices; returns the offset ranges they landed in."""
+    positions = []
+    keys = np.asarray(data.device_ids)
+    for device in sorted(set(data.device_ids)):
+        rows = np.flatnonzero(keys == device)
+        for at in range(0, len(rows), per_push):
+            chunk = rows[at : at + per_push]
+            push = FeaturePush(
+                model_id=MODEL,
+                device_id=device,
+                backbone=Backbone.INCEPTION_RESNET_V1,
+                cut=Cut.FREEZE6,
+                dtype=FeatureDType.FLOAT16,
+                sample_ids=data.sample_ids[chunk],
+                labels=data.labels[chunk].astype(np.int32),
+                timestamps_ms=np.zeros(len(chunk), np.int64),
+                features=data.features[chunk],
+            )
+            meta = await producer.send_and_wait(  # type: ignore[attr-defined]
+                topics.features, codec.encode_push(push), key=codec.encode_key(MODEL)
+            )
+            positions.append((meta.partition, meta.offset))
+    return offset_ranges(positions)
+
+
+async def send_trigger(
+    producer: object, topics: Topics, ranges: list[OffsetRange], samples: int, attempt: int = 1
+) -> tuple[TopicPartition, int]:
+    trigger = TrainingTrigger(
+        model_id=MODEL,
+        trigger_id=f"{MODEL}:1",
+        ranges=tuple(ranges),
+        sample_count=samples,
+        reason=TriggerReason.MANUAL,
+        base_version="v0",
+        attempt=attempt,
+    )
+    meta = await producer.send_and_wait(  # type: ignore[attr-defined]
+        topics.triggers, codec.encode_trigger(trigger), key=codec.encode_key(MODEL)
+    )
+    return TopicPartition(topics.triggers, meta.partition), meta.offset
+
+
+async def model_updates(settings: Settings, topics: Topics) -> list[ModelUpdate]:
+    """Every update on the model topic, read from its start to its current end."""
+    consumer = clients.make_consumer(bootstrap=settings.bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topics.models, p) for p in range(settings.models_partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        updates = []
+        for tp, end in ends.items():
+            while await consumer.position(tp) < end:
+                for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                    updates.append(codec.decode_update(record.value))
+        return updates
+    finally:
+        await consumer.stop()
+
+
+async def committed(settings: Settings, tp: TopicPartition) -> int | None:
+    admin = clients.make_admin(bootstrap=settings.bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(f"{settings.topic_prefix}-trainers")
+    finally:
+        await admin.close()
+    meta = offsets.get(tp)
+    return None if meta is None or meta.offset < 0 else meta.offset
+
+
+def accuracy(state: dict[str, torch.Tensor], data: Dataset) -> float:
+    logits = torch.from_numpy(data.features.astype(np.float32)) @ state["logits.weight"].float().T
+    logits += state["logits.bias"].float()
+    return float((logits.argmax(1).numpy() == data.labels).mean())
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_trigger_publishes_a_better_v1_and_commits(
+    tiny: Settings, kafka_topics: Topics, producer: object
+) -> None:
+    v0 = await register_model(
+        tiny, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES, seed=0
+    )
+    data = synthetic_dataset(360, CLASSES, seed=7)
+    ranges = await push_dataset(producer, kafka_topics, data)
+    tp, offset = await send_trigger(producer, kafka_topics, ranges, len(data))
+
+    async with make_trainer(tiny) as trainer:
+        assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
+    (report,) = trainer.jobs
+    assert report.outcome is Outcome.PUBLISHED, report.summary()
+    assert report.records_read == sum(r.count for r in ranges)
+    assert report.train_samples + report.val_samples == len(data)
+
+    updates = await model_updates(tiny, kafka_topics)
+    assert [u.version for u in updates] == ["v0", "v1"]
+    v1 = updates[1]
+    assert (v1.parent_version, v1.trigger_id, v1.is_best) == ("v0", f"{MODEL}:1", True)
+    assert v1.metrics.val_accuracy > (v1.metrics.champion_val_accuracy or 0) + 0.3
+    assert v1.metrics.val_samples == report.val_samples and v1.metrics.epochs == 10
+
+    # The blob in the store is the one announced, inline and by sha256.
+    blob = LocalCheckpointStore(tiny.checkpoint_dir).get(checkpoint_uri(MODEL, "v1"))
+    assert sha256_hex(blob) == v1.sha256 and len(blob) == v1.size and v1.checkpoint == blob
+    assert v1.checkpoint_uri.endswith(f"/v1/models/{MODEL}/checkpoints/v1")
+
+    # Judged independently on the same split: v1 beats v0.
+    _, val = data.split(tiny.val_fraction)
+    assert len(val) == v1.metrics.val_samples
+    assert v0.checkpoint is not None
+    champion, _ = decode_checkpoint(v0.checkpoint, expected_sha256=v0.sha256)
+    challenger, _ = decode_checkpoint(blob, expected_sha256=v1.sha256)
+    assert accuracy(challenger, val) > accuracy(champion, val) + 0.3
+    assert accuracy(challenger, val) == pytest.approx(
+        v1.metrics.val_accuracy, abs=1 / len(val) + 1e-6
+    )
+
+    assert await committed(tiny, tp) == offset + 1
+
+
+async def test_redelivered_trigger_publishes_no_second_version(
+    tiny: Settings, kafka_topics: Topics, producer: object
+) -> None:
+    await register_model(tiny, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES)
+    data = synthetic_dataset(200, CLASSES, seed=3)
+    ranges = await push_dataset(producer, kafka_topics, data)
+    await send_trigger(producer, kafka_topics, ranges, len(data))
+
+    async with make_trainer(tiny) as trainer:
+        assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
+        # The same trigger again (a re-fire after a timeout): right behind the publish,
+        # before the follower could read v1 back.
+        await send_trigger(producer, kafka_topics, ranges, len(data), attempt=2)
+        assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
+    # And once more to a fresh trainer, which knows v1 only from the model topic.
+    tp, offset = await send_trigger(producer, kafka_topics, ranges, len(data), attempt=3)
+    async with make_trainer(tiny) as fresh:
+        assert await fresh.run(max_jobs=1, idle_timeout=20) == 1
+
+    outcomes = [j.outcome for j in [*trainer.jobs, *fresh.jobs]]
+    assert outcomes == [Outcome.PUBLISHED, Outcome.ALREADY_PUBLISHED, Outcome.ALREADY_PUBLISHED]
+    updates = await model_updates(tiny, kafka_topics)
+    assert [u.version for u in updates] == ["v0", "v1"]
+    assert await committed(tiny, tp) == offset + 1
+
+
+HOLDING_TRAINER = textwrap.dedent(
+    """
+    import asyncio, logging, sys, threading
+    from pathlib import Path
+
+    from pipeline.settings import Settings
+    from trainer.worker import Trainer
+
+    marker = Path(sys.argv[1])
+
+    def hold(trigger):
+        marker.write_text(trigger.trigger_id)
+        threading.Event().wait()  # a job that never ends: the test kills this process
+
+    async def main():
+        trainer = Trainer(
+            Settings(), device="cpu", session_timeout_ms={session_ms},
+            heartbeat_interval_ms=1000, on_job_started=hold,
+        )
+        async with trainer:
+            await trainer.run(max_jobs=1)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(main())
+    """
+)
+
+
+async def test_trainer_killed_mid_job_is_replaced_and_one_version_is_published(
+    tiny: Settings, kafka_topics: Topics, producer: object, tmp_path: Path
+) -> None:
+    await register_model(tiny, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES)
+    data = synthetic_dataset(240, CLASSES, seed=5)
+    ranges = await push_dataset(producer, kafka_topics, data)
+    tp, offset = await send_trigger(producer, kafka_topics, ranges, len(data))
+
+    script, marker, log_path = tmp_path / "hold.py", tmp_path / "started", tmp_path / "hold.log"
+    script.write_text(HOLDING_TRAINER.format(session_ms=SESSION_MS))
+    env = {
+        **os.environ,
+        "FEDEX_KAFKA_BOOTSTRAP": tiny.bootstrap,
+        "FEDEX_TOPIC_PREFIX": tiny.topic_prefix,
+        "FEDEX_HOME": str(tiny.home),
+        "FEDEX_TRAIN_EPOCHS": str(tiny.train_epochs),
+        "PYTHONPATH": str(REPO),
+    }
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), str(marker), env=env, stdout=log_file, stderr=log_file
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while not marker.exists():
+            assert proc.returncode is None, f"trainer exited early:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"the job never started:\n{log_path.read_text()}"
+            await asyncio.sleep(0.05)
+        assert marker.read_text() == f"{MODEL}:1"
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert await committed(tiny, tp) is None
+    assert [u.version for u in await model_updates(tiny, kafka_topics)] == ["v0"]
+
+    async with make_trainer(tiny) as survivor:
+        assert await survivor.run(max_jobs=1, idle_timeout=30) == 1
+    (report,) = survivor.jobs
+    assert report.outcome is Outcome.PUBLISHED, report.summary()
+    assert report.offset == offset
+    assert [u.version for u in await model_updates(tiny, kafka_topics)] == ["v0", "v1"]
+    assert await committed(tiny, tp) == offset + 1

@@ -1,0 +1,57 @@
+"""``fedex bench train`` end to end on one level, for a fraction of a second."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from pipeline.records import Cut
+from trainer.bench import PAPER_TABLE1_IMG_PER_S, run_train_bench
+
+
+def test_one_level_writes_the_json(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    report = run_train_bench(
+        device="cpu",
+        levels=[Cut.FREEZE6],
+        num_classes=1000,
+        batch_size=64,
+        seconds_per_level=0.2,
+        min_steps=2,
+        out=out,
+        console=Console(file=open(tmp_path / "log.txt", "w"), width=160),  # noqa: SIM115
+    )
+    assert json.loads(out.read_text()) == report
+    env = report["environment"]
+    assert {"torch", "device", "device_name", "threads", "python"} <= set(env)
+    assert env["device"] == "cpu"
+    assert env["threads"] >= 1
+    assert report["peak"]["dtype"] == "fp32"
+    (level,) = report["levels"]
+    assert level["level"] == "freeze6"
+    assert level["feature_shape"] == [512]
+    assert level["batch_size"] == 64
+    assert level["steps"] >= 2
+    assert level["samples_per_s"] > 0
+    assert level["paper_img_per_s"] == PAPER_TABLE1_IMG_PER_S[Cut.FREEZE6]
+    assert level["head_params"] == 512 * 1000 + 1000
+    assert level["flops_per_sample"] == 3 * 2 * 512 * 1000
+    achieved = level["flops_per_sample"] * level["samples_per_s"]
+    assert level["utilisation"] == achieved / level["peak_flops_per_s"]
+    assert 0 < level["peak_flops_per_s"] <= report["peak"]["flops_per_s"]
+    assert env["loadavg_start"] is not None
+    assert "freeze6" in (tmp_path / "log.txt").read_text()
+
+
+def test_the_module_imports_no_kafka_stack() -> None:
+    code = (
+        "import sys, trainer.bench, trainer.recipe, pipeline.zoo, pipeline.checkpoints\n"
+        "bad = {'pydantic', 'pydantic_settings', 'faust', 'aiokafka', 'orjson'} & "
+        "{m.split('.')[0] for m in sys.modules}\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
