@@ -21,7 +21,8 @@ import pytest
 from pipeline import kafka_local
 from pipeline.clients import wait_for_kafka
 from pipeline.errors import KafkaUnavailableError
-from pipeline.kafka_local import LocalKafka, find_broker_processes, free_port, process_gone
+from pipeline.kafka_local import LocalKafka, find_broker_processes, free_port
+from pipeline.processes import process_gone, terminate_pid
 from tests.integration.conftest import EXTERNAL_BOOTSTRAP, JAR_CACHE, TEST_HEAP
 
 pytestmark = [
@@ -128,7 +129,7 @@ def test_owned_broker_dies_when_its_parent_is_killed(tmp_path: Path) -> None:
             parent.kill()
             parent.wait()
         for pid in find_broker_processes(tmp_path):
-            kafka_local.terminate_pid(pid, timeout=5, group=False)
+            terminate_pid(pid, timeout=5, group=False)
 
 
 def _fedex(
@@ -204,7 +205,7 @@ def test_cli_daemon_start_status_describe_stop(tmp_path: Path) -> None:
         assert "no" in down.stdout
     finally:
         for stray in find_broker_processes((home / "kafka").resolve()):
-            kafka_local.terminate_pid(stray, timeout=5, group=False)
+            terminate_pid(stray, timeout=5, group=False)
 
 
 def test_cli_with_external_bootstrap_starts_nothing(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import kafka_local
+from pipeline import kafka_local, processes
 from pipeline.clients import wait_for_kafka
 from pipeline.errors import KafkaUnavailableError
 from pipeline.kafka_local import (
@@ -262,7 +262,7 @@ def test_terminate_escalates_to_sigkill() -> None:
         assert stubborn.stdout is not None
         assert stubborn.stdout.readline().strip() == "ready"
         started = time.monotonic()
-        assert kafka_local.terminate_pid(stubborn.pid, timeout=0.5, group=True) is True
+        assert processes.terminate_pid(stubborn.pid, timeout=0.5, group=True) is True
         assert time.monotonic() - started < 10
         assert stubborn.wait(timeout=10) == -9
     finally:
@@ -275,7 +275,7 @@ def test_zombie_counts_as_gone() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 10
     # Not waited for: it stays a zombie until we reap it.
-    while not kafka_local.process_gone(proc.pid):
+    while not processes.process_gone(proc.pid):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     proc.wait()
