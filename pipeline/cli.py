@@ -83,6 +83,29 @@ def worker(
     run_worker(Settings(), max_runtime=max_runtime)
 
 
+@bench_app.command("train")
+def bench_train(
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    levels: str | None = typer.Option(
+        None, help="comma list such as freeze5,freeze6 (default freeze1..freeze6; 'all' adds full)"
+    ),
+    num_classes: int = typer.Option(8631, help="classifier width (VGGFace2: 8,631)"),
+    seconds: float | None = typer.Option(None, help="timed seconds per level"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Training samples/s per freeze level beside the paper's Table 1 and the matmul ceiling."""
+    from trainer.bench import main as bench_main
+
+    argv = ["--device", device, "--num-classes", str(num_classes)]
+    if levels is not None:
+        argv += ["--levels", levels]
+    if seconds is not None:
+        argv += ["--seconds", str(seconds)]
+    if out is not None:
+        argv += ["--out", str(out)]
+    bench_main(argv)
+
+
 @bench_app.command("pipeline")
 def bench_pipeline(
     messages: int = typer.Option(20_000, help="pushes through the agents"),

@@ -372,7 +372,11 @@ def head_flops_per_sample(backbone: Backbone | str, cut: Cut | str, num_classes:
 
 @functools.lru_cache(maxsize=64)
 def head_train_flops_per_sample(backbone: Backbone | str, cut: Cut | str, num_classes: int) -> int:
-    """Forward + backward FLOPs per sample of the head, counted op by op (no convention)."""
+    """Forward + backward FLOPs per sample of the head, counted op by op (no convention).
+
+    Exact for InceptionResnetV1. For MobileNetV2 it reads high: FlopCounterMode's formula
+    for the backward of grouped (depthwise) convolutions ignores the groups.
+    """
     return _count_flops(Backbone(backbone), Cut(cut), num_classes, backward=True)
 
 

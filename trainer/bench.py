@@ -261,13 +261,15 @@ def run_train_bench(
     seconds_per_level: float | None = None,
     min_steps: int = 3,
     amp: bool = True,
+    peak_seconds: float = 1.0,
     out: Path | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Measure head training throughput per freeze level; print a table, write JSON.
 
     ``batch_size`` None picks a per-level batch (:data:`CPU_BATCH` / :data:`CUDA_BATCH`);
-    ``seconds_per_level`` None means 5 s. ``out`` None writes
+    ``seconds_per_level`` None means 5 s. The matmul ceiling is measured for
+    ``peak_seconds`` first, then for half that around each level. ``out`` None writes
     ``bench/results/train-<device>.json``. Returns what it writes.
     """
     # a log file or CI pipe gets the whole table, not 80 columns of ellipses
@@ -287,7 +289,7 @@ def run_train_bench(
 
     console.log(f"bench train: {backbone} on {dev} ({torch.get_num_threads()} threads)")
     loadavg_start = _loadavg()
-    first_peak, peak_dtype = measure_peak_flops(dev)
+    first_peak, peak_dtype = measure_peak_flops(dev, seconds=peak_seconds)
     console.log(f"matmul ceiling ({peak_dtype}): {first_peak / 1e12:.3f} TFLOP/s")
     peaks = [first_peak]
     model = build_backbone(backbone, num_classes=num_classes).to(dev)
@@ -297,7 +299,9 @@ def run_train_bench(
         shape = FEATURE_SHAPES[backbone][cut]
         head = split(model, backbone, cut).head
         batch = batch_size or batches[cut]
-        before = first_peak if cut == cuts[0] else measure_peak_flops(dev, seconds=0.5)[0]
+        before = (
+            first_peak if cut == cuts[0] else measure_peak_flops(dev, seconds=peak_seconds / 2)[0]
+        )
         steps, elapsed = measure_head(
             head,
             shape,
@@ -310,7 +314,7 @@ def run_train_bench(
         )
         # the better of the ceilings measured around the level: on a shared CPU a busy
         # moment must not inflate the utilisation
-        peak = max(before, measure_peak_flops(dev, seconds=0.5)[0])
+        peak = max(before, measure_peak_flops(dev, seconds=peak_seconds / 2)[0])
         peaks.append(peak)
         rate = steps * batch / elapsed
         flops = head_flops_per_sample(backbone, cut, num_classes)

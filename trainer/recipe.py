@@ -104,9 +104,15 @@ def configure_threads(threads: int | None = None) -> int:
 
 def as_tensor(array: npt.ArrayLike | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
     """One conversion to ``dtype`` on ``device`` (float16 pushes become float32 once, not
-    per batch)."""
-    tensor = array if isinstance(array, Tensor) else torch.from_numpy(np.asarray(array))
-    return tensor.to(device=device, dtype=dtype, non_blocking=False)
+    per batch). Read-only arrays (views into decoded messages) are copied by that
+    conversion, never written."""
+    if isinstance(array, Tensor):
+        return array.to(device=device, dtype=dtype)
+    target = torch.empty((), dtype=dtype).numpy().dtype
+    host = np.asarray(array, dtype=target)
+    if not host.flags.writeable:
+        host = host.copy()
+    return torch.from_numpy(host).to(device=device)
 
 
 def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[object]:

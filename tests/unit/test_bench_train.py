@@ -22,6 +22,7 @@ def test_one_level_writes_the_json(tmp_path: Path) -> None:
         batch_size=64,
         seconds_per_level=0.2,
         min_steps=2,
+        peak_seconds=0.2,
         out=out,
         console=Console(file=open(tmp_path / "log.txt", "w"), width=160),  # noqa: SIM115
     )

@@ -69,8 +69,11 @@ def test_training_repeats_with_the_seed() -> None:
         assert torch.equal(pa, pb)
 
 
-def test_a_trailing_batch_of_one_is_folded() -> None:
+def test_a_trailing_batch_of_one_is_folded_and_read_only_arrays_are_fine() -> None:
     features, labels = _data(65)
+    features.flags.writeable = False
+    labels = labels.astype(np.int64)
+    labels.flags.writeable = False
     train_head(_head(), features, labels, TrainConfig(epochs=1, batch_size=64, device="cpu"))
 
 
