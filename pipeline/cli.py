@@ -7,6 +7,7 @@ Commands import their heavy modules (torch, faust) lazily so that ``fedex kafka`
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -109,21 +110,30 @@ def bench_train(
 @bench_app.command("pipeline")
 def bench_pipeline(
     messages: int = typer.Option(20_000, help="pushes through the agents"),
+    update_jobs: int = typer.Option(5, help="training jobs timed for update latency"),
+    device: str = typer.Option("auto", help="trainer device for update latency"),
     out: Path | None = typer.Option(None, help=OUT_HELP),
 ) -> None:
-    """Samples/s through the aggregation agents vs raw Kafka, and trigger latency."""
+    """Samples/s through the aggregation agents vs raw Kafka (same run), trigger latency
+    (threshold crossed → trigger on the topic) and update latency (trigger → model update)."""
     import uuid
 
     from agents.bench import measure_agent_throughput
     from pipeline.benchio import write_result
     from pipeline.stack import kafka_for
+    from trainer.latency import measure_update_latency
 
     async def run() -> dict[str, object]:
-        async with kafka_for(Settings()) as bootstrap:
+        settings = Settings()
+        async with kafka_for(settings) as bootstrap:
             prefix = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
-            return await asyncio.to_thread(measure_agent_throughput, bootstrap, prefix, messages)
+            agents = await asyncio.to_thread(measure_agent_throughput, bootstrap, prefix, messages)
+            live = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+            update = await measure_update_latency(live, jobs=update_jobs, device=device)
+            return {"agents": agents, "update": update}
 
     result = asyncio.run(run())
+    typer.echo(json.dumps(result, indent=2, default=str))
     print(f"wrote {write_result('pipeline', result, out)}")
 
 
