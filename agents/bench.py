@@ -4,13 +4,18 @@
 deployment's defaults otherwise), publishes base models, then produces freeze6 float16
 10-sample pushes as fast as the producer goes and measures
 
-- samples/s from the first send until the worker has counted every sample, next to raw
-  aiokafka produce→consume of the same pushes (``measure_kafka_round_trip``), and
+- samples/s from the first send until the worker has counted every sample (counted means
+  the batch's outputs and state are durable), next to raw aiokafka produce→consume of the
+  same pushes (``measure_kafka_round_trip``);
 - trigger latency: from the log time of the push that brought a model to ``min_samples``
-  (the end of the trigger's range) until a consumer sees the trigger on the topic.
+  (the end of the trigger's range) until a consumer sees the trigger on the topic, in three
+  regimes: under the flood (includes the backlog behind the producer), at a sustained load
+  of ``sustain_fraction`` of the capacity just measured (probe models cross the threshold
+  at evenly spaced moments of a paced stream), and on an idle worker.
 
 Producer, worker and consumers share one process and one event loop, as in the raw Kafka
-bench, so the ratio compares like with like on one core.
+bench, so the ratio compares like with like (Faust fetches in its own consumer thread in
+both the deployment and here).
 """
 
 from __future__ import annotations
@@ -97,6 +102,74 @@ async def _delete_topics(bootstrap: str, prefix: str) -> None:
         await admin.close()
 
 
+async def _sustained_latency(
+    worker: AgentWorker,
+    producer: Any,
+    topic: str,
+    encoded: dict[str, list[bytes]],
+    seen: list[tuple[TrainingTrigger, float]],
+    *,
+    background: list[str],
+    probes: list[str],
+    short: int,
+    rate: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """Trigger latency under a steady load below saturation.
+
+    The probe models are first filled to one push short of ``min_samples``; then pushes
+    go out at ``rate`` per second for ``seconds`` (the background models, whose jobs are
+    in flight, only get counted), and the push that crosses each probe's threshold is
+    slotted in at evenly spaced moments of that stream.
+    """
+    fill = [
+        await producer.send(topic, encoded[m][i % 8], key=codec.encode_key(m))
+        for m in probes
+        for i in range(short)
+    ]
+    await asyncio.gather(*fill)
+    for m in probes:
+        await _until(
+            functools.partial(_counted, worker, m, short * SAMPLES_PER_PUSH),
+            "the probe models' pushes counted",
+            60,
+        )
+    count = max(len(probes), int(rate * seconds))
+    slots = {int((j + 0.5) * count / len(probes)): m for j, m in enumerate(probes)}
+    crossing: dict[str, Any] = {}
+    others = []
+    start = time.perf_counter()
+    sent = 0
+    while sent < count:
+        due = min(count, int((time.perf_counter() - start) * rate) + 1)
+        while sent < due:
+            probe = slots.get(sent)
+            m = probe or background[sent % len(background)]
+            fut = await producer.send(topic, encoded[m][sent % 8], key=codec.encode_key(m))
+            if probe is not None:
+                crossing[probe] = fut
+            else:
+                others.append(fut)
+            sent += 1
+        await asyncio.sleep(0.002)
+    send_s = time.perf_counter() - start
+    await asyncio.gather(*others)
+    for m in probes:
+        await _until(functools.partial(_seen, seen, m), "the probe triggers", 60)
+    latencies = []
+    for m, fut in crossing.items():
+        md = await fut
+        seen_at = next(at for t, at in seen if t.model_id == m)
+        latencies.append(seen_at - md.timestamp / 1000)
+    return {
+        "target_pushes_s": rate,
+        "pushes_s": count / send_s,
+        "samples_s": count * SAMPLES_PER_PUSH / send_s,
+        "pushes": count,
+        "trigger_latency_s": _summary(latencies),
+    }
+
+
 async def ameasure_agent_throughput(
     bootstrap: str,
     prefix: str,
@@ -104,6 +177,9 @@ async def ameasure_agent_throughput(
     *,
     models: int = 50,
     idle_models: int = 20,
+    probe_models: int = 20,
+    sustain_fraction: float = 0.5,
+    sustain_s: float = 5.0,
     compare_raw: bool = True,
     timeout: float = 300.0,
 ) -> dict[str, Any]:
@@ -114,6 +190,8 @@ async def ameasure_agent_throughput(
     min_samples = max(1, pushes_per_model // 2) * SAMPLES_PER_PUSH
     model_ids = [f"bench-{i:03d}" for i in range(models)]
     idle_ids = [f"idle-{i:03d}" for i in range(idle_models)]
+    probe_ids = [f"probe-{i:03d}" for i in range(probe_models)]
+    known_ids = model_ids + idle_ids + probe_ids
     payloads = []
     for i in range(64):
         p = synthetic_push(SAMPLES_PER_PUSH, device=i, first_id=i * SAMPLES_PER_PUSH, seed=i)
@@ -130,8 +208,7 @@ async def ameasure_agent_throughput(
         )
         topics = Topics(prefix)
         encoded = {
-            m: [codec.encode_push(replace(p, model_id=m)) for p in payloads[:8]]
-            for m in model_ids + idle_ids
+            m: [codec.encode_push(replace(p, model_id=m)) for p in payloads[:8]] for m in known_ids
         }
         worker = AgentWorker(settings)
         producer = clients.make_producer(bootstrap=bootstrap, linger_ms=5)
@@ -141,15 +218,13 @@ async def ameasure_agent_throughput(
             await worker.start()
             await producer.start()
             await worker.wait_ready()
-            for m in model_ids + idle_ids:
+            for m in known_ids:
                 await producer.send(
                     topics.models, codec.encode_update(_base_update(m)), key=codec.encode_key(m)
                 )
             await producer.flush()
             deadline = time.monotonic() + 60
-            while not all(
-                (s := worker.state(m)) is not None and s.known for m in model_ids + idle_ids
-            ):
+            while not all((s := worker.state(m)) is not None and s.known for m in known_ids):
                 if time.monotonic() > deadline:
                     raise TimeoutError("the agents did not learn the bench models in 60 s")
                 await asyncio.sleep(0.05)
@@ -197,10 +272,23 @@ async def ameasure_agent_throughput(
             elapsed = time.perf_counter() - start
             await _until(lambda: len(seen) >= models, "a trigger per model", 30)
 
+            short = min_samples // SAMPLES_PER_PUSH - 1
+            sustained = await _sustained_latency(
+                worker,
+                producer,
+                topics.features,
+                encoded,
+                seen,
+                background=model_ids,
+                probes=probe_ids,
+                short=short,
+                rate=sustain_fraction * total / elapsed,
+                seconds=sustain_s,
+            )
+
             # Trigger latency on an idle system: fill a model to one push short of
             # min_samples, let the agents count it, then time the push that crosses.
             idle_latencies = []
-            short = min_samples // SAMPLES_PER_PUSH - 1
             for m in idle_ids:
                 await asyncio.gather(
                     *[
@@ -247,6 +335,8 @@ async def ameasure_agent_throughput(
         "triggers": len(seen),
         # Under the flood: includes the agents' backlog behind the producer.
         "trigger_latency_s": _summary(latencies),
+        # A paced stream at sustain_fraction of the capacity above.
+        "sustained": sustained,
         # One model at a time on an otherwise idle worker.
         "idle_trigger_latency_s": _summary(idle_latencies),
     }
