@@ -82,6 +82,15 @@ class AgentWorker:
         self._failed = asyncio.get_running_loop().create_future()
         if self._ensure:
             await ensure_topics(self.settings.bootstrap, topic_specs(self.settings))
+        # The ticks topic must exist before the group's first assignment: Faust declares it
+        # only after subscribing, and an assignor that found it missing never hands out its
+        # partitions, so age triggers and job timeouts would silently never be checked.
+        await _create_topic(
+            self.settings.bootstrap,
+            self.agents.ticks_topic.get_topic_name(),
+            self.settings.features_partitions,
+            self.settings.replication_factor,
+        )
         self.agents.datadir.mkdir(parents=True, exist_ok=True)
         await self.app.start()
 
@@ -94,8 +103,11 @@ class AgentWorker:
     @property
     def ready(self) -> bool:
         app = self.app
+        ticks = self.agents.ticks_topic.get_topic_name()
+        actives = app.assignor.assigned_actives()
         return (
-            bool(app.assignor.assigned_actives())
+            bool(actives)
+            and any(tp.topic == ticks for tp in actives)
             and not app.rebalancing
             and app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
         )
@@ -207,3 +219,26 @@ def run_worker(settings: Settings, *, max_runtime: float | None = None) -> None:
     AgentError if an agent failed (the process should exit non-zero and be restarted)."""
     _log_to_stdout()
     asyncio.run(_serve(settings, max_runtime))
+
+
+async def _create_topic(bootstrap: str, name: str, partitions: int, replication: int) -> None:
+    """Creates ``name`` unless it exists (idempotent, safe with several workers)."""
+    from aiokafka.admin import NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    from pipeline.clients import make_admin
+
+    admin = make_admin(bootstrap=bootstrap)
+    await admin.start()
+    try:
+        if name in await admin.list_topics():
+            return
+        with contextlib.suppress(TopicAlreadyExistsError):
+            response = await admin.create_topics(
+                [NewTopic(name, partitions, replication, topic_configs={"retention.ms": "3600000"})]
+            )
+            for _, code, *_ in getattr(response, "topic_errors", []):
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise AgentError(f"could not create the ticks topic {name!r}: error {code}")
+    finally:
+        await admin.close()
