@@ -27,6 +27,8 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(bench_app, name="bench")
 models_app = typer.Typer(no_args_is_help=True, help="Models on the model topic.")
 app.add_typer(models_app, name="models")
+bank_app = typer.Typer(no_args_is_help=True, help="Feature banks of the world, built once.")
+app.add_typer(bank_app, name="bank")
 token_app = typer.Typer(no_args_is_help=True, help="Device bearer tokens for the model server.")
 app.add_typer(token_app, name="token")
 
@@ -208,6 +210,37 @@ def token_issue(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(token)
+
+
+@bank_app.command("build")
+def bank_build(
+    cut: str = typer.Option("freeze6", "--cut", help="freeze level: freeze1..freeze6"),
+    backbone: str = typer.Option(
+        "inception_resnet_v1", "--backbone", help="inception_resnet_v1 or mobilenet_v2"
+    ),
+    images: Path | None = typer.Option(
+        None, "--images", help="real faces: DIR/<identity>/*.jpg|png"
+    ),
+    weights: Path | None = typer.Option(None, "--weights", help="local backbone state-dict file"),
+    seed: int = typer.Option(0, "--seed", help="seed of the synthetic world"),
+    batch_size: int = typer.Option(32, help="images per prefix forward"),
+    base_report: bool = typer.Option(
+        True, "--base-report/--no-base-report", help="train and report each model's base head"
+    ),
+) -> None:
+    """Build (or find in $FEDEX_HOME/banks) the feature bank of the synthetic world."""
+    from device_sim.bank import run_bank_build
+
+    run_bank_build(
+        out=Settings().bank_dir,
+        cut=cut,
+        backbone=backbone,
+        images=images,
+        weights=weights,
+        seed=seed,
+        batch_size=batch_size,
+        base_report=base_report,
+    )
 
 
 @app.command("up")

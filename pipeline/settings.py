@@ -111,6 +111,10 @@ class Settings(BaseSettings):
         return self.home / "checkpoints"
 
     @property
+    def bank_dir(self) -> Path:
+        return self.home / "banks"
+
+    @property
     def state_dir(self) -> Path:
         return self.home / "state"
 
