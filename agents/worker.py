@@ -18,12 +18,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from agents.app import AgentApp, Emitted
 from agents.policy import ModelState
 from pipeline.errors import FedexError
+from pipeline.lifecycle import Service
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, topic_specs
 
@@ -34,7 +34,7 @@ class AgentError(FedexError):
     """An agent failed; the worker stopped without committing the batch it was handling."""
 
 
-class AgentWorker:
+class AgentWorker(Service):
     """One agents worker in the current event loop: ``start()``, ``stop()``, ``async with``.
 
     ``wait_ready()`` returns once this worker has partitions and its table is recovered.
@@ -147,18 +147,6 @@ class AgentWorker:
             log.warning("agents worker did not stop within %s s", timeout)
         if self._failed is not None and not self._failed.done():
             self._failed.cancel()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def _log_to_stdout() -> None:

@@ -20,6 +20,7 @@ from rich.table import Table
 from pipeline import kafka_local
 from pipeline.errors import FedexError
 from pipeline.settings import Settings
+from pipeline.stack import broker_message_max_bytes
 
 T = TypeVar("T")
 
@@ -37,10 +38,6 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     except FedexError as exc:
         err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None
-
-
-def _broker_message_max_bytes(settings: Settings) -> int:
-    return max(kafka_local.DEFAULT_MESSAGE_MAX_BYTES, settings.max_message_bytes + kafka_local.MIB)
 
 
 # --------------------------------------------------------------------------- fedex kafka
@@ -69,7 +66,7 @@ def kafka_start(
             home=settings.home,
             port=settings.kafka_port,
             heap=settings.kafka_heap,
-            message_max_bytes=_broker_message_max_bytes(settings),
+            message_max_bytes=broker_message_max_bytes(settings),
             start_timeout=timeout,
         )
     )
@@ -93,7 +90,7 @@ async def _run_foreground(settings: Settings, start_timeout: float) -> None:
         work_dir=paths.root,
         port=settings.kafka_port,
         heap=settings.kafka_heap,
-        message_max_bytes=_broker_message_max_bytes(settings),
+        message_max_bytes=broker_message_max_bytes(settings),
         start_timeout=start_timeout,
         pidfile=paths.pidfile,
     ) as kafka:

@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from pipeline.errors import KafkaUnavailableError
+from pipeline.kafka_local import port_accepts
 
 MIB = 1024 * 1024
 #: Large enough for one model message (8 MiB by default) plus framing.
@@ -96,17 +97,6 @@ def make_admin(
     )
 
 
-async def _tcp_accepts(host: str, port: int, within: float) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), within)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
 def _servers(bootstrap: str) -> list[tuple[str, int]]:
     servers = []
     for item in bootstrap.split(","):
@@ -130,7 +120,7 @@ async def wait_for_kafka(bootstrap: str, timeout: float = 30.0) -> None:
         # A plain TCP probe first: aiokafka logs an ERROR for every refused connection.
         reachable = False
         for host, port in _servers(bootstrap):
-            if await _tcp_accepts(host, port, min(1.0, remaining)):
+            if await port_accepts(host, port, min(1.0, remaining)):
                 reachable = True
                 break
         if not reachable:

@@ -38,12 +38,12 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import psutil
 
 from pipeline.errors import KafkaUnavailableError
+from pipeline.lifecycle import Service
 from pipeline.processes import die_with_parent, terminate_pid
 
 log = logging.getLogger(__name__)
@@ -511,7 +511,7 @@ class KafkaPaths:
         return self.root / "broker.pid"
 
 
-class LocalKafka:
+class LocalKafka(Service):
     """One local single-node Kafka broker: ``async start()``, idempotent ``async stop()``,
     ``async with``.
 
@@ -696,7 +696,7 @@ class LocalKafka:
                     seen_line = READY_LINE in chunk
                     carry = chunk[-len(READY_LINE) :]
                 # The log line says the broker thinks it is up; the open port proves it.
-                if seen_line and await _port_accepts(self.host, self.port):
+                if seen_line and await port_accepts(self.host, self.port):
                     log.info("Kafka broker ready on %s (pid %d)", self.bootstrap, proc.pid)
                     return
                 returncode = proc.poll()
@@ -735,22 +735,11 @@ class LocalKafka:
                 if record is not None and record.pid == proc.pid:
                     self.pidfile.unlink(missing_ok=True)
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-
-async def _port_accepts(host: str, port: int) -> bool:
+async def port_accepts(host: str, port: int, within: float = 1.0) -> bool:
+    """True if a TCP connection to ``host:port`` opens within ``within`` seconds."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), within)
     except (OSError, TimeoutError):
         return False
     writer.close()

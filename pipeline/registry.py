@@ -16,12 +16,12 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline import codec
+from pipeline.lifecycle import Service
 from pipeline.records import Backbone, Cut, ModelUpdate
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Registry:
 UpdateCallback = Callable[[ModelUpdate], Awaitable[None] | None]
 
 
-class RegistryFollower:
+class RegistryFollower(Service):
     """Follows the model topic from its start and keeps a :class:`Registry` current.
 
     Reads every partition without a consumer group (every follower sees everything).
@@ -228,15 +228,3 @@ class RegistryFollower:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

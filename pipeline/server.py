@@ -37,9 +37,8 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Protocol, Self
+from dataclasses import asdict, dataclass
+from typing import Any, Final, Protocol
 
 import orjson
 from aiohttp import web
@@ -55,6 +54,7 @@ from pipeline.checkpoints import (
     sha256_hex,
 )
 from pipeline.errors import ConfigError
+from pipeline.lifecycle import Service
 from pipeline.records import ModelUpdate
 from pipeline.registry import ModelEntry, Registry, RegistryFollower
 from pipeline.settings import Settings
@@ -259,7 +259,6 @@ def _path_id(request: web.Request, name: str, what: str) -> str:
 
 
 def _version_json(model_id: str, update: ModelUpdate) -> dict[str, object]:
-    m = update.metrics
     return {
         "version": update.version,
         "parent_version": update.parent_version,
@@ -270,14 +269,7 @@ def _version_json(model_id: str, update: ModelUpdate) -> dict[str, object]:
         "encoding": update.encoding,
         "created_at_ms": update.created_at_ms,
         "checkpoint_url": f"/v1/models/{model_id}/checkpoints/{update.version}",
-        "metrics": {
-            "val_accuracy": m.val_accuracy,
-            "champion_val_accuracy": m.champion_val_accuracy,
-            "train_samples": m.train_samples,
-            "val_samples": m.val_samples,
-            "train_seconds": m.train_seconds,
-            "epochs": m.epochs,
-        },
+        "metrics": asdict(update.metrics),
     }
 
 
@@ -293,7 +285,7 @@ def _summary_json(entry: ModelEntry) -> dict[str, object]:
     }
 
 
-class ModelServer:
+class ModelServer(Service):
     """The model server component: ``async start()`` binds, ``async stop()`` drains and
     closes (idempotent), or ``async with``. ``port=0`` binds a free port; ``port`` and
     ``url`` tell which once started.
@@ -450,18 +442,6 @@ class ModelServer:
         self._producer_up = False
         await _quietly("stopping the producer", self._producer.stop())
         self._port = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def _watch_catch_up(self) -> None:
         while True:

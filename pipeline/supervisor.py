@@ -19,9 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from pipeline.lifecycle import Service
 from pipeline.processes import die_with_parent
 from pipeline.settings import Settings
 
@@ -83,7 +82,7 @@ def cloud_children(*, trainers: Sequence[str]) -> list[ChildSpec]:
 Event = Callable[[str], None]
 
 
-class Supervisor:
+class Supervisor(Service):
     """Runs children, restarts the ones that die, stops them all on ``stop()``."""
 
     def __init__(
@@ -177,18 +176,6 @@ class Supervisor:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         self._on_event("all children stopped")
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def child_env(settings: Settings, bootstrap: str) -> dict[str, str]:

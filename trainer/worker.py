@@ -39,8 +39,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,6 +54,7 @@ from pipeline.checkpoints import (
     decode_checkpoint,
 )
 from pipeline.errors import ConfigError, FedexError
+from pipeline.lifecycle import Service
 from pipeline.publishing import (
     build_update,
     make_update_producer,
@@ -278,7 +278,7 @@ class _Ownership:
 JobHook = Callable[[TrainingTrigger], None]
 
 
-class Trainer:
+class Trainer(Service):
     """One trainer process's Kafka side: trigger consumer (group ``<prefix>-trainers``,
     manual commits), feature-log reader (no group), registry follower, update producer.
 
@@ -422,18 +422,6 @@ class Trainer:
         follower, self._follower = self._follower, None
         if follower is not None:
             await follower.stop()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # ----------------------------------------------------------------- the loop
 
