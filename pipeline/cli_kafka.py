@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import kafka_local
+from pipeline import kafka_daemon, kafka_local
 from pipeline.errors import FedexError
 from pipeline.settings import Settings
 from pipeline.stack import broker_message_max_bytes
@@ -62,7 +62,7 @@ def kafka_start(
         _run(_run_foreground(settings, timeout))
         return
     record, started = _run(
-        kafka_local.start_daemon(
+        kafka_daemon.start_daemon(
             home=settings.home,
             port=settings.kafka_port,
             heap=settings.kafka_heap,
@@ -80,7 +80,7 @@ def kafka_start(
 
 async def _run_foreground(settings: Settings, start_timeout: float) -> None:
     paths = kafka_local.KafkaPaths.under(settings.home)
-    if kafka_local.running_daemon(paths) is not None:
+    if kafka_daemon.running_daemon(paths) is not None:
         raise FedexError(f"a local broker already runs from {paths.root}; `fedex kafka stop` first")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -108,7 +108,7 @@ def kafka_stop(
     if settings.uses_external_kafka:
         console.print(f"using the external cluster at {settings.bootstrap}; nothing to stop.")
         return
-    record = _run(kafka_local.stop_daemon(home=settings.home, grace=timeout))
+    record = _run(kafka_daemon.stop_daemon(home=settings.home, grace=timeout))
     if record is None:
         console.print("no local Kafka broker is running.")
     else:
@@ -129,7 +129,7 @@ def kafka_status(
     """Is the broker running and reachable? Exit status 1 when it is not reachable."""
     settings = Settings()
     status = _run(
-        kafka_local.kafka_status(
+        kafka_daemon.kafka_status(
             home=settings.home,
             bootstrap=settings.bootstrap,
             external=settings.uses_external_kafka,

@@ -1,10 +1,8 @@
 """A real Apache Kafka broker (KRaft, single node) run from Maven Central jars, no Docker.
 
-What this module owns:
+What this module owns (the jar cache is :mod:`pipeline.kafka_jars`, the detached broker of
+``fedex kafka start`` is :mod:`pipeline.kafka_daemon`):
 
-- the jar cache: ``pipeline/kafka/pom.xml`` is resolved once with Maven into
-  ``<home>/kafka/libs``; a marker holding the pom's sha256 makes every later start
-  offline (no ``mvn`` call at all);
 - the broker's files: ``server.properties``, the log, the data dir (formatted once);
 - the JVM's lifetime. A broker *owned* by a Python process (tests, ``fedex up``) dies with
   it: its own process group (Ctrl-C in a terminal reaches Python, which stops it in order),
@@ -23,19 +21,15 @@ import atexit
 import base64
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -43,13 +37,12 @@ from typing import IO
 import psutil
 
 from pipeline.errors import KafkaUnavailableError
+from pipeline.kafka_jars import KAFKA_DIR, POM_PATH, ensure_jars, find_java, kafka_version
 from pipeline.lifecycle import Service
 from pipeline.processes import die_with_parent, terminate_pid
 
 log = logging.getLogger(__name__)
 
-KAFKA_DIR = Path(__file__).with_name("kafka")
-POM_PATH = KAFKA_DIR / "pom.xml"
 LOG4J2_PATH = KAFKA_DIR / "log4j2.properties"
 
 MIB = 1024 * 1024
@@ -57,8 +50,6 @@ MIB = 1024 * 1024
 DEFAULT_MESSAGE_MAX_BYTES = 16 * MIB
 #: The broker prints this once every listener accepts requests.
 READY_LINE = "Kafka Server started"
-DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies"
-JARS_MARKER = ".fedex-pom.sha256"
 LOG_TAIL_LINES = 30
 #: A daemon's log is appended to across restarts; past this size it moves to broker.log.1.
 LOG_ROTATE_BYTES = 50 * MIB
@@ -66,16 +57,6 @@ MAIN_CLASS = "kafka.Kafka"
 
 
 # --------------------------------------------------------------------------- pure helpers
-
-
-def kafka_version(pom_text: str) -> str:
-    """The Kafka version pinned in the pom (``<kafka.version>``)."""
-    match = re.search(r"<kafka\.version>\s*([^<\s]+)\s*</kafka\.version>", pom_text)
-    return match.group(1) if match else "unknown"
-
-
-def pom_digest(pom_bytes: bytes) -> str:
-    return hashlib.sha256(pom_bytes).hexdigest()
 
 
 def new_cluster_id() -> str:
@@ -318,115 +299,7 @@ def find_broker_processes(work_dir: Path) -> list[int]:
     return found
 
 
-# --------------------------------------------------------------------------- jars and storage
-
-
-def find_java(java: str | None = None) -> str:
-    """``java`` as given, else ``$JAVA_HOME/bin/java``, else ``java`` on PATH."""
-    if java:
-        return java
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and (Path(java_home) / "bin" / "java").is_file():
-        return str(Path(java_home) / "bin" / "java")
-    found = shutil.which("java")
-    if found is None:
-        raise KafkaUnavailableError(
-            "Java is not installed (no `java` on PATH and no $JAVA_HOME): the local Kafka broker "
-            "needs a JRE 17+, e.g. `apt-get install openjdk-17-jre-headless`. Or point "
-            "FEDEX_KAFKA_BOOTSTRAP at an existing cluster."
-        )
-    return found
-
-
-def jars_are_cached(libs_dir: Path, pom: Path = POM_PATH) -> bool:
-    marker = libs_dir / JARS_MARKER
-    try:
-        return marker.read_text().strip() == pom_digest(pom.read_bytes())
-    except FileNotFoundError:
-        return False
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def fetch_jars(
-    libs_dir: Path, *, pom: Path = POM_PATH, mvn: str | None = None, timeout: float = 900
-) -> Path:
-    """Resolve the pom's runtime dependencies into ``libs_dir`` unless already there. Blocking.
-
-    Safe against concurrent callers (a file lock) and interrupted downloads (fetch into a
-    temporary sibling, rename when complete, the marker is written last).
-    """
-    libs_dir = libs_dir.resolve()
-    if jars_are_cached(libs_dir, pom):
-        return libs_dir
-    with _file_lock(libs_dir.with_name(f".{libs_dir.name}.lock")):
-        if jars_are_cached(libs_dir, pom):
-            return libs_dir
-        mvn_path = mvn or shutil.which("mvn")
-        if mvn_path is None or not Path(mvn_path).exists():
-            raise KafkaUnavailableError(
-                f"Kafka jars are not in {libs_dir} and Maven (`mvn`) is not installed to fetch "
-                "them: `apt-get install maven` (one download of ~42 MB, cached afterwards), or "
-                "set FEDEX_KAFKA_BOOTSTRAP to an existing cluster."
-            )
-        log.info("fetching Kafka %s jars into %s (once)", kafka_version(pom.read_text()), libs_dir)
-        started = time.monotonic()
-        staging = Path(tempfile.mkdtemp(prefix=f".{libs_dir.name}.", dir=libs_dir.parent))
-        try:
-            # mvn may write next to the pom (target/); the installed package can be read-only.
-            shutil.copy(pom, staging / "pom.xml")
-            out_dir = staging / "libs"
-            cmd = [
-                mvn_path,
-                "-q",
-                "-B",
-                "-f",
-                str(staging / "pom.xml"),
-                DEPENDENCY_PLUGIN,
-                f"-DoutputDirectory={out_dir}",
-                "-DincludeScope=runtime",
-            ]
-            try:
-                result = subprocess.run(
-                    cmd, capture_output=True, text=True, timeout=timeout, check=False
-                )
-            except subprocess.TimeoutExpired as exc:
-                raise KafkaUnavailableError(
-                    f"`mvn` did not finish fetching the Kafka jars within {timeout:.0f} s; "
-                    "check network access to Maven Central (or a mirror in ~/.m2/settings.xml)."
-                ) from exc
-            jars = list(out_dir.glob("*.jar")) if out_dir.is_dir() else []
-            if result.returncode != 0 or not jars:
-                output = "\n".join((result.stdout + result.stderr).splitlines()[-LOG_TAIL_LINES:])
-                raise KafkaUnavailableError(
-                    f"fetching the Kafka jars with Maven failed (exit {result.returncode}); "
-                    "Maven Central (or your mirror) must be reachable once.\n"
-                    f"command: {' '.join(cmd)}\n--- mvn output ---\n{output}"
-                )
-            (out_dir / JARS_MARKER).write_text(pom_digest(pom.read_bytes()) + "\n")
-            if libs_dir.exists():
-                shutil.rmtree(libs_dir)
-            out_dir.rename(libs_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        log.info("fetched %d jars in %.1f s", len(jars), time.monotonic() - started)
-    return libs_dir
-
-
-async def ensure_jars(libs_dir: Path, *, pom: Path = POM_PATH, mvn: str | None = None) -> Path:
-    """Async :func:`fetch_jars`: returns at once when the cache matches the pom."""
-    if jars_are_cached(libs_dir, pom):
-        return libs_dir
-    return await asyncio.to_thread(fetch_jars, libs_dir, pom=pom, mvn=mvn)
+# --------------------------------------------------------------------------- storage
 
 
 def format_storage(
@@ -746,104 +619,3 @@ async def port_accepts(host: str, port: int, within: float = 1.0) -> bool:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return True
-
-
-# --------------------------------------------------------------------------- the CLI daemon
-
-
-def running_daemon(paths: KafkaPaths) -> BrokerRecord | None:
-    """The record of the detached broker of ``paths`` if it runs; removes a stale pidfile."""
-    record = read_pidfile(paths.pidfile)
-    if record is None:
-        return None
-    if is_broker_process(record.pid, record.server_properties):
-        return record
-    log.info("removing stale pidfile %s (pid %d is not our broker)", paths.pidfile, record.pid)
-    paths.pidfile.unlink(missing_ok=True)
-    return None
-
-
-async def start_daemon(
-    *,
-    home: Path,
-    port: int,
-    heap: str,
-    message_max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES,
-    start_timeout: float = 90.0,
-) -> tuple[BrokerRecord, bool]:
-    """Start the detached broker under ``<home>/kafka`` unless it runs already.
-
-    Returns its record and whether this call started it.
-    """
-    paths = KafkaPaths.under(home)
-    existing = running_daemon(paths)
-    if existing is not None:
-        return existing, False
-    kafka = LocalKafka(
-        work_dir=paths.root,
-        port=port,
-        heap=heap,
-        message_max_bytes=message_max_bytes,
-        start_timeout=start_timeout,
-        detached=True,
-        pidfile=paths.pidfile,
-    )
-    await kafka.start()
-    assert kafka.record is not None
-    return kafka.record, True
-
-
-async def stop_daemon(*, home: Path, grace: float = 30.0) -> BrokerRecord | None:
-    """Stop the detached broker of ``<home>/kafka``. Returns its record, None if none ran."""
-    paths = KafkaPaths.under(home)
-    record = running_daemon(paths)
-    if record is None:
-        return None
-    await asyncio.to_thread(terminate_pid, record.pid, timeout=grace, group=True)
-    paths.pidfile.unlink(missing_ok=True)
-    return record
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaStatus:
-    """What ``fedex kafka status`` reports."""
-
-    external: bool
-    bootstrap: str
-    reachable: bool
-    running: bool
-    pid: int | None
-    port: int | None
-    data_dir: str | None
-    log: str | None
-    version: str
-    error: str | None = None
-
-
-async def kafka_status(
-    *, home: Path, bootstrap: str, external: bool, probe_seconds: float = 3.0
-) -> KafkaStatus:
-    """The local daemon's state (unless ``external``) and whether ``bootstrap`` answers."""
-    from pipeline.clients import wait_for_kafka  # aiokafka only when asked
-
-    paths = KafkaPaths.under(home)
-    record = None if external else running_daemon(paths)
-    error = None
-    try:
-        await wait_for_kafka(bootstrap, timeout=probe_seconds)
-        reachable = True
-    except KafkaUnavailableError as exc:
-        reachable, error = False, str(exc)
-    _, port = split_bootstrap(bootstrap)
-    return KafkaStatus(
-        external=external,
-        bootstrap=bootstrap,
-        reachable=reachable,
-        running=record is not None,
-        pid=record.pid if record else None,
-        port=record.port if record else (None if external else port),
-        data_dir=record.data_dir if record else (None if external else str(paths.data)),
-        log=str(paths.log) if not external else None,
-        version=record.version if record else kafka_version(POM_PATH.read_text()),
-        error=error,
-    )

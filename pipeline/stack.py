@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from pipeline import kafka_local
+from pipeline import kafka_daemon, kafka_local
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, topic_specs
 
@@ -32,7 +32,7 @@ async def kafka_for(settings: Settings, *, start_timeout: float = 120.0) -> Asyn
         yield settings.bootstrap
         return
     paths = kafka_local.KafkaPaths.under(settings.home)
-    daemon = kafka_local.running_daemon(paths)
+    daemon = kafka_daemon.running_daemon(paths)
     if daemon is not None:
         log.info("using the local broker of `fedex kafka start` on %s", daemon.bootstrap)
         yield daemon.bootstrap

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import kafka_local
+from pipeline import kafka_jars, kafka_local
 from pipeline.clients import wait_for_kafka
 from pipeline.errors import KafkaUnavailableError
 from pipeline.kafka_local import LocalKafka, find_broker_processes, free_port
@@ -43,7 +43,7 @@ def _wait_gone(pid: int, within: float) -> None:
 
 async def test_session_broker_answers(kafka_bootstrap: str) -> None:
     await wait_for_kafka(kafka_bootstrap, timeout=10)
-    assert kafka_local.jars_are_cached(JAR_CACHE)
+    assert kafka_jars.jars_are_cached(JAR_CACHE)
 
 
 async def test_broker_that_cannot_start_raises_with_the_log_tail(tmp_path: Path) -> None:

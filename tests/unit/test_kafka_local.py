@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import kafka_local, processes
+from pipeline import kafka_daemon, kafka_jars, kafka_local, processes
 from pipeline.clients import wait_for_kafka
 from pipeline.errors import KafkaUnavailableError
 from pipeline.kafka_local import (
@@ -105,8 +105,8 @@ def test_cluster_id_is_22_char_urlsafe_uuid() -> None:
 
 
 def test_kafka_version_from_the_shipped_pom() -> None:
-    assert kafka_local.kafka_version(kafka_local.POM_PATH.read_text()) == "4.0.1"
-    assert kafka_local.kafka_version("<project/>") == "unknown"
+    assert kafka_jars.kafka_version(kafka_jars.POM_PATH.read_text()) == "4.0.1"
+    assert kafka_jars.kafka_version("<project/>") == "unknown"
 
 
 def test_java_command_ends_with_properties_file(tmp_path: Path) -> None:
@@ -212,7 +212,7 @@ def test_stale_pidfile_of_a_dead_process_is_removed(tmp_path: Path) -> None:
     proc.wait()
     write_pidfile(paths.pidfile, _record(tmp_path, proc.pid, paths.server_properties))
 
-    assert kafka_local.running_daemon(paths) is None
+    assert kafka_daemon.running_daemon(paths) is None
     assert not paths.pidfile.exists()
 
 
@@ -222,7 +222,7 @@ def test_pidfile_pointing_at_another_process_is_not_ours(tmp_path: Path) -> None
     write_pidfile(paths.pidfile, _record(tmp_path, os.getpid(), paths.server_properties))
 
     assert not kafka_local.is_broker_process(os.getpid(), paths.server_properties)
-    assert kafka_local.running_daemon(paths) is None
+    assert kafka_daemon.running_daemon(paths) is None
     assert not paths.pidfile.exists()
 
 
@@ -233,16 +233,16 @@ async def test_stop_daemon_terminates_our_process_and_removes_pidfile(
     paths = KafkaPaths.under(tmp_path)
     assert props == paths.server_properties
     write_pidfile(paths.pidfile, _record(tmp_path, proc.pid, props))
-    assert kafka_local.running_daemon(paths) == read_pidfile(paths.pidfile)
+    assert kafka_daemon.running_daemon(paths) == read_pidfile(paths.pidfile)
     assert kafka_local.find_broker_processes(paths.root) == [proc.pid]
 
-    stopped = await kafka_local.stop_daemon(home=tmp_path, grace=10)
+    stopped = await kafka_daemon.stop_daemon(home=tmp_path, grace=10)
 
     assert stopped is not None
     assert stopped.pid == proc.pid
     assert proc.wait(timeout=10) != 0
     assert not paths.pidfile.exists()
-    assert await kafka_local.stop_daemon(home=tmp_path) is None
+    assert await kafka_daemon.stop_daemon(home=tmp_path) is None
 
 
 def test_terminate_escalates_to_sigkill() -> None:
@@ -304,11 +304,11 @@ mkdir -p "$out" && touch "$out/kafka_2.13-4.0.1.jar"
     )
     libs = tmp_path / "libs"
 
-    assert kafka_local.fetch_jars(libs, mvn=str(mvn)) == libs.resolve()
+    assert kafka_jars.fetch_jars(libs, mvn=str(mvn)) == libs.resolve()
     assert (libs / "kafka_2.13-4.0.1.jar").exists()
-    assert kafka_local.jars_are_cached(libs)
+    assert kafka_jars.jars_are_cached(libs)
     # Second time: the marker matches the pom, no mvn at all (not even a missing one).
-    assert kafka_local.fetch_jars(libs, mvn="/nonexistent/mvn") == libs.resolve()
+    assert kafka_jars.fetch_jars(libs, mvn="/nonexistent/mvn") == libs.resolve()
     assert calls.read_text().count("call") == 1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".libs.")] == [".libs.lock"]
 
@@ -316,19 +316,19 @@ mkdir -p "$out" && touch "$out/kafka_2.13-4.0.1.jar"
 def test_fetch_jars_refetches_when_the_pom_changes(tmp_path: Path) -> None:
     libs = tmp_path / "libs"
     libs.mkdir()
-    (libs / kafka_local.JARS_MARKER).write_text("sha-of-an-older-pom\n")
-    assert not kafka_local.jars_are_cached(libs)
+    (libs / kafka_jars.JARS_MARKER).write_text("sha-of-an-older-pom\n")
+    assert not kafka_jars.jars_are_cached(libs)
 
 
 def test_fetch_jars_without_maven_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(KafkaUnavailableError, match="Maven"):
-        kafka_local.fetch_jars(tmp_path / "libs", mvn="/nonexistent/mvn")
+        kafka_jars.fetch_jars(tmp_path / "libs", mvn="/nonexistent/mvn")
 
 
 def test_fetch_jars_failure_shows_mvn_output(tmp_path: Path) -> None:
     mvn = _fake_mvn(tmp_path, "echo 'Could not resolve dependencies: offline'\nexit 1\n")
     with pytest.raises(KafkaUnavailableError, match="Could not resolve dependencies") as info:
-        kafka_local.fetch_jars(tmp_path / "libs", mvn=str(mvn))
+        kafka_jars.fetch_jars(tmp_path / "libs", mvn=str(mvn))
     assert "exit 1" in str(info.value)
     assert not (tmp_path / "libs").exists()
 
@@ -349,8 +349,8 @@ def test_format_storage_runs_once_per_data_dir(tmp_path: Path) -> None:
 def _cached_libs(tmp_path: Path) -> Path:
     libs = tmp_path / "libs"
     libs.mkdir()
-    digest = kafka_local.pom_digest(kafka_local.POM_PATH.read_bytes())
-    (libs / kafka_local.JARS_MARKER).write_text(digest)
+    digest = kafka_jars.pom_digest(kafka_jars.POM_PATH.read_bytes())
+    (libs / kafka_jars.JARS_MARKER).write_text(digest)
     return libs
 
 
