@@ -32,18 +32,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
 from typing import Any, Final, Protocol
 
-import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import generate_latest as prometheus_text
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeline import auth, codec
 from pipeline.checkpoints import (
@@ -54,17 +50,25 @@ from pipeline.checkpoints import (
     sha256_hex,
 )
 from pipeline.errors import ConfigError
+from pipeline.http_api import (
+    HttpFailure,
+    json_response,
+    path_id,
+    route_name,
+    summary_json,
+    version_json,
+)
+from pipeline.http_ranges import RangeNotSatisfiable, parse_range
 from pipeline.lifecycle import Service
 from pipeline.records import ModelUpdate
 from pipeline.registry import ModelEntry, Registry, RegistryFollower
+from pipeline.server_metrics import ServerMetrics
 from pipeline.settings import Settings
 from pipeline.topics import Topics
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("pipeline.server.access")
 
-#: Model ids and versions in paths: the wire format's id alphabet, and never only dots.
-PATH_ID: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 #: Versions resolved to the model's current best / latest.
 ALIASES: Final = frozenset({"best", "latest"})
 #: Blobs are streamed from the store in pieces of this size.
@@ -97,134 +101,7 @@ class Producer(Protocol):
     async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> Any: ...
 
 
-# -------------------------------------------------------------------------- byte ranges
-
-
-@dataclass(frozen=True, slots=True)
-class ByteRange:
-    """Bytes ``[start, end)`` of a blob of ``size`` bytes."""
-
-    start: int
-    end: int
-    size: int
-
-    @property
-    def content_range(self) -> str:
-        return f"bytes {self.start}-{self.end - 1}/{self.size}"
-
-
-class RangeNotSatisfiable(Exception):
-    """A syntactically valid range that selects no byte of the blob (HTTP 416)."""
-
-
-_RANGE: Final = re.compile(r"bytes=(\d*)-(\d*)")
-
-
-def parse_range(header: str | None, size: int) -> ByteRange | None:
-    """The single byte range a ``Range`` header asks for, or None for the whole blob.
-
-    Malformed headers, other units and multiple ranges are ignored (None), as RFC 9110
-    allows; a valid range that starts past the end raises :class:`RangeNotSatisfiable`.
-    """
-    if header is None:
-        return None
-    match = _RANGE.fullmatch(header.strip().replace(" ", ""))
-    if match is None:
-        return None
-    first, last = match.group(1), match.group(2)
-    if not first and not last:
-        return None
-    if not first:  # suffix: the last N bytes
-        length = int(last)
-        if length == 0 or size == 0:
-            raise RangeNotSatisfiable(f"suffix range of {length} bytes of a {size}-byte blob")
-        return ByteRange(max(0, size - length), size, size)
-    start = int(first)
-    if last and int(last) < start:
-        return None  # a-b with b < a is invalid syntax: ignored
-    end = int(last) + 1 if last else size
-    if start >= size:
-        raise RangeNotSatisfiable(f"range starts at byte {start} of a {size}-byte blob")
-    return ByteRange(start, min(end, size), size)
-
-
-# ------------------------------------------------------------------------------ metrics
-
-
-class ServerMetrics:
-    """The server's Prometheus metrics, in a registry of their own (one per server)."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "fedex_server_requests",
-            "HTTP requests by route, method and status.",
-            ["route", "method", "status"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "fedex_server_request_seconds",
-            "HTTP request handling time by route.",
-            ["route"],
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0),
-            registry=r,
-        )
-        self.bytes_served = Counter(
-            "fedex_server_checkpoint_bytes_served", "Checkpoint bytes sent to clients.", registry=r
-        )
-        self.pushes_accepted = Counter(
-            "fedex_server_pushes_accepted", "HTTP pushes written to the feature log.", registry=r
-        )
-        self.samples_accepted = Counter(
-            "fedex_server_push_samples_accepted", "Samples in accepted HTTP pushes.", registry=r
-        )
-        self.pushes_rejected = Counter(
-            "fedex_server_pushes_rejected",
-            "HTTP pushes refused, by reason.",
-            ["reason"],
-            registry=r,
-        )
-        self.checkpoints = Counter(
-            "fedex_server_inline_checkpoints",
-            "Inline checkpoints seen on the model topic, by outcome "
-            "(stored, present, sha256_mismatch, unstorable, error).",
-            ["outcome"],
-            registry=r,
-        )
-        Gauge("fedex_server_registry_models", "Models in the registry.", registry=r).set_function(
-            lambda: len(registry)
-        )
-        Gauge(
-            "fedex_server_registry_versions", "Model versions in the registry.", registry=r
-        ).set_function(lambda: sum(len(e.history) for e in registry.models()))
-
-    def exposition(self) -> bytes:
-        return prometheus_text(self.registry)
-
-
 # -------------------------------------------------------------------------------- server
-
-
-class HttpFailure(Exception):
-    """Raised by a handler; the middleware turns it into a JSON error response."""
-
-    def __init__(
-        self, status: int, reason: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(f"{status} {reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.headers = headers or {}
-
-    def response(self) -> web.Response:
-        return web.Response(
-            status=self.status,
-            body=orjson.dumps({"reason": self.reason, "message": self.message}),
-            content_type="application/json",
-            headers=self.headers,
-        )
 
 
 async def _quietly(what: str, step: Awaitable[object]) -> None:
@@ -233,56 +110,6 @@ async def _quietly(what: str, step: Awaitable[object]) -> None:
         await step
     except Exception as exc:
         log.warning("%s failed: %r", what, exc)
-
-
-def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, body=orjson.dumps(data), content_type="application/json", headers=headers
-    )
-
-
-def _route_name(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-def _path_id(request: web.Request, name: str, what: str) -> str:
-    value = request.match_info.get(name, "")
-    if not PATH_ID.fullmatch(value) or set(value) <= {"."}:
-        raise HttpFailure(
-            400,
-            codec.Reject.BAD_ID.value,
-            f"{what} {value[:80]!r} must be 1-128 characters of A-Z a-z 0-9 . _ : @ - "
-            "(not only dots)",
-        )
-    return value
-
-
-def _version_json(model_id: str, update: ModelUpdate) -> dict[str, object]:
-    return {
-        "version": update.version,
-        "parent_version": update.parent_version,
-        "trigger_id": update.trigger_id,
-        "is_best": update.is_best,
-        "sha256": update.sha256,
-        "size": update.size,
-        "encoding": update.encoding,
-        "created_at_ms": update.created_at_ms,
-        "checkpoint_url": f"/v1/models/{model_id}/checkpoints/{update.version}",
-        "metrics": asdict(update.metrics),
-    }
-
-
-def _summary_json(entry: ModelEntry) -> dict[str, object]:
-    return {
-        "id": entry.model_id,
-        "backbone": entry.backbone.value,
-        "cut": entry.cut.value,
-        "num_classes": entry.num_classes,
-        "latest": entry.latest.version if entry.latest else None,
-        "best": entry.best.version if entry.best else None,
-        "versions": len(entry.history),
-    }
 
 
 class ModelServer(Service):
@@ -538,7 +365,7 @@ class ModelServer(Service):
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         started = time.perf_counter()
-        route = _route_name(request)
+        route = route_name(request)
         status = 500
         try:
             response = await handler(request)
@@ -578,7 +405,7 @@ class ModelServer(Service):
     def _authorize(self, request: web.Request) -> tuple[auth.Claims, str]:
         """Token first (401), then the path's model id (400), then the grant (403)."""
         claims = self._authenticate(request)
-        model_id = _path_id(request, "id", "model id")
+        model_id = path_id(request, "id", "model id")
         try:
             claims.require_model(model_id)
         except auth.AuthError as exc:
@@ -592,7 +419,7 @@ class ModelServer(Service):
         return entry
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
         registry = self._caught_up.is_set() and self._follower_error is None
@@ -607,7 +434,7 @@ class ModelServer(Service):
         body: dict[str, object] = {"ready": ok, "checks": checks}
         if self._follower_error is not None:
             body["error"] = str(self._follower_error)
-        return _json(body, 200 if ok else 503)
+        return json_response(body, 200 if ok else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -616,21 +443,21 @@ class ModelServer(Service):
 
     async def _list_models(self, request: web.Request) -> web.Response:
         claims = self._authenticate(request)
-        models = [_summary_json(e) for e in self.registry.models() if claims.allows(e.model_id)]
-        return _json({"models": models})
+        models = [summary_json(e) for e in self.registry.models() if claims.allows(e.model_id)]
+        return json_response({"models": models})
 
     async def _get_model(self, request: web.Request) -> web.Response:
         _, model_id = self._authorize(request)
         entry = self._entry(model_id)
-        body: dict[str, object] = _summary_json(entry)
-        body["latest"] = _version_json(model_id, entry.latest) if entry.latest else None
-        body["best"] = _version_json(model_id, entry.best) if entry.best else None
-        body["history"] = [_version_json(model_id, u) for u in entry.history]
-        return _json(body)
+        body: dict[str, object] = summary_json(entry)
+        body["latest"] = version_json(model_id, entry.latest) if entry.latest else None
+        body["best"] = version_json(model_id, entry.best) if entry.best else None
+        body["history"] = [version_json(model_id, u) for u in entry.history]
+        return json_response(body)
 
     async def _get_checkpoint(self, request: web.Request) -> web.StreamResponse:
         _, model_id = self._authorize(request)
-        version = _path_id(request, "version", "version")
+        version = path_id(request, "version", "version")
         entry = self._entry(model_id)
         update = (
             (entry.best if version == "best" else entry.latest)
@@ -766,7 +593,7 @@ class ModelServer(Service):
             ) from None
         self.metrics.pushes_accepted.inc()
         self.metrics.samples_accepted.inc(push.n)
-        return _json(
+        return json_response(
             {
                 "samples": push.n,
                 "partition": getattr(meta, "partition", None),

@@ -21,6 +21,7 @@ from pipeline import codec
 from pipeline.auth import ANY_MODEL, issue_token
 from pipeline.checkpoints import LocalCheckpointStore, sha256_hex
 from pipeline.download import DownloadError, PushError, fetch_checkpoint, push_over_http
+from pipeline.http_ranges import ByteRange, RangeNotSatisfiable, parse_range
 from pipeline.records import (
     Backbone,
     Cut,
@@ -29,7 +30,7 @@ from pipeline.records import (
     ModelMetrics,
     ModelUpdate,
 )
-from pipeline.server import ByteRange, ModelServer, RangeNotSatisfiable, parse_range
+from pipeline.server import ModelServer
 
 SECRET = "unit-secret"
 FEATURES = "t.features"
