@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     if args.bench_job:
-        from trainer.worker import measure_job
+        from trainer.job import measure_job
 
         result = measure_job(
             samples=args.samples,

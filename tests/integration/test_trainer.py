@@ -36,7 +36,8 @@ from pipeline.records import (
 from pipeline.settings import Settings
 from pipeline.topics import Topics
 from trainer.dataset import Dataset, offset_ranges
-from trainer.worker import Outcome, Trainer, synthetic_dataset
+from trainer.job import Outcome, synthetic_dataset
+from trainer.worker import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "faces-1"

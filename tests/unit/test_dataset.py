@@ -13,8 +13,8 @@ from torch import nn
 from pipeline import codec
 from pipeline.records import Backbone, Cut, FeatureDType, FeaturePush, OffsetRange
 from trainer.dataset import Dataset, FeatureCache, OffsetSet, Outcome, offset_ranges
+from trainer.job import JobError, job_seed, synthetic_dataset, train_candidate
 from trainer.recipe import TrainConfig, split_train_val
-from trainer.worker import JobError, job_seed, synthetic_dataset, train_candidate
 
 MODEL = "faces-1"
 CLASSES = 10

@@ -1,0 +1,278 @@
+"""One training job, pure of Kafka: the candidate a trigger yields and how it is judged.
+
+:func:`train_candidate` warm-starts the head from the champion, evaluates the champion on
+the validation split, trains, evaluates the challenger and applies the recipe's
+champion/challenger rule. :class:`HeadCache` keeps built heads across jobs;
+:func:`measure_job` times a job on synthetic features (``python -m trainer --measure``).
+The trainer process (:mod:`trainer.worker`) is the I/O shell around this.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import ConfigError, FedexError
+from pipeline.records import Backbone, Cut, ModelMetrics, ModelUpdate
+from trainer.dataset import Dataset
+from trainer.recipe import (
+    EpochStats,
+    TrainConfig,
+    TrainResult,
+    Verdict,
+    champion_challenger,
+    evaluate,
+    resolve_device,
+    train_head,
+    warm_start,
+)
+
+
+class JobError(FedexError):
+    """A trigger cannot be trained (unknown model, no samples, no champion checkpoint).
+    The trigger is committed and skipped: the agents re-fire it if it still matters."""
+
+
+class Outcome(enum.StrEnum):
+    PUBLISHED = "published"
+    ALREADY_PUBLISHED = "already_published"
+    SKIPPED = "skipped"
+    ABANDONED = "abandoned"
+
+
+@dataclass(frozen=True, slots=True)
+class JobReport:
+    """What one trigger came to. Accuracies are on the job's validation split."""
+
+    trigger_id: str
+    model_id: str
+    version: str | None
+    outcome: Outcome
+    reason: str = ""
+    offset: int = -1
+    train_samples: int = 0
+    val_samples: int = 0
+    records_read: int = 0
+    champion_version: str | None = None
+    champion_accuracy: float | None = None
+    challenger_accuracy: float | None = None
+    is_best: bool | None = None
+    train_seconds: float = 0.0
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+    update: ModelUpdate | None = None
+
+    def summary(self) -> str:
+        head = f"job {self.trigger_id} -> {self.version or '?'}: {self.outcome}"
+        if self.outcome is not Outcome.PUBLISHED:
+            return f"{head} ({self.reason})" if self.reason else head
+        inline = self.update is not None and self.update.checkpoint is not None
+        return (
+            f"{head}; {self.train_samples} train / {self.val_samples} val samples "
+            f"({self.records_read} records read), val acc {_fmt(self.champion_accuracy)} "
+            f"({self.champion_version}) -> {_fmt(self.challenger_accuracy)} "
+            f"{'best' if self.is_best else 'not best'}; train {self.train_seconds:.2f} s, "
+            f"{self.samples_per_s:,.0f} samples/s, job {self.seconds:.2f} s; "
+            f"checkpoint {self.update.size if self.update else 0:,} B "
+            f"{'inline' if inline else 'by reference'}"
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+# --------------------------------------------------------------------------- the pure step
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A trained challenger next to its champion, judged on one validation split."""
+
+    state_dict: dict[str, Tensor]
+    champion_accuracy: float
+    challenger_accuracy: float
+    verdict: Verdict
+    result: TrainResult
+    train_samples: int
+    val_samples: int
+
+    def metrics(self) -> ModelMetrics:
+        # A NaN cannot travel (JSON): an empty validation split reads 0.0 with val_samples 0.
+        def number(value: float) -> float:
+            return 0.0 if math.isnan(value) else value
+
+        return ModelMetrics(
+            val_accuracy=number(self.challenger_accuracy),
+            champion_val_accuracy=None
+            if math.isnan(self.champion_accuracy)
+            else self.champion_accuracy,
+            train_samples=self.train_samples,
+            val_samples=self.val_samples,
+            train_seconds=self.result.seconds,
+            epochs=len(self.result.epochs),
+        )
+
+
+def train_candidate(
+    head: nn.Module,
+    champion: Mapping[str, Tensor] | None,
+    train: Dataset,
+    val: Dataset,
+    cfg: TrainConfig,
+    *,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> Candidate:
+    """Warm-start ``head`` from ``champion`` (None: train from the head as it is), evaluate
+    it, train it on ``train``, evaluate it again on the same ``val`` and judge. Pure apart
+    from ``head``, which ends trained."""
+    if len(train) == 0:
+        raise JobError("no training samples: every sample fell in the validation split")
+    if champion is not None:
+        warm_start(head, champion)
+    device = str(resolve_device(cfg.device))
+    judged = len(val) > 0
+    champion_acc = math.nan
+    if champion is not None and judged:
+        champion_acc = evaluate(head, val.features, val.labels, device=device)
+    result = train_head(head, train.features, train.labels, cfg, on_epoch=on_epoch)
+    challenger_acc = evaluate(head, val.features, val.labels, device=device) if judged else math.nan
+    if champion is not None and not judged:
+        # The recipe reads a NaN champion as "no champion"; with nothing to judge on, the
+        # champion stays.
+        verdict = Verdict(False, "empty validation split: champion kept")
+    else:
+        verdict = champion_challenger(
+            challenger_acc, None if champion is None else champion_acc, val_samples=len(val)
+        )
+    state = {key: value.detach().to("cpu", copy=True) for key, value in head.state_dict().items()}
+    return Candidate(
+        state_dict=state,
+        champion_accuracy=champion_acc,
+        challenger_accuracy=challenger_acc,
+        verdict=verdict,
+        result=result,
+        train_samples=len(train),
+        val_samples=len(val),
+    )
+
+
+def job_seed(trigger_id: str) -> int:
+    """Training seed of a trigger: a retrained trigger repeats its shuffles."""
+    return int.from_bytes(hashlib.blake2b(trigger_id.encode(), digest_size=4).digest(), "little")
+
+
+class HeadCache:
+    """Built heads per (backbone, cut, num_classes), least recently used evicted. Building
+    a backbone costs seconds; every job re-loads the champion's state into the head."""
+
+    def __init__(self, size: int = 2) -> None:
+        self._size = size
+        self._heads: OrderedDict[tuple[Backbone, Cut, int], nn.Module] = OrderedDict()
+
+    def get(self, backbone: Backbone, cut: Cut, num_classes: int) -> nn.Module:
+        from pipeline.zoo import build_backbone, split
+
+        key = (backbone, cut, num_classes)
+        head = self._heads.get(key)
+        if head is None:
+            model = build_backbone(backbone, num_classes=num_classes)
+            head = split(model, backbone, cut).head
+            self._heads[key] = head
+            while len(self._heads) > self._size:
+                self._heads.popitem(last=False)
+        self._heads.move_to_end(key)
+        return head
+
+
+def check_device(device: str) -> str:
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"device {device!r} is not a torch device: use auto, cpu, cuda or cuda:N"
+        ) from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA devices here"
+            )
+    elif resolved.type != "cpu":
+        raise ConfigError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return str(resolved)
+
+
+def synthetic_dataset(
+    samples: int, num_classes: int, *, dim: int = 512, seed: int = 0, spread: float = 1.0
+) -> Dataset:
+    """Separable float16 features (a centre per class plus noise) for tests and benches."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(seed + 1).normal(size=(num_classes, dim)) * spread
+    labels = rng.integers(0, num_classes, size=samples)
+    features = (centres[labels] + rng.normal(size=(samples, dim))).astype(np.float16)
+    return Dataset(
+        features=features,
+        labels=labels.astype(np.int64),
+        device_ids=tuple(f"dev-{i % 100:03d}" for i in range(samples)),
+        sample_ids=np.arange(samples, dtype=np.uint64),
+    )
+
+
+def measure_job(
+    *,
+    samples: int = 20_000,
+    num_classes: int = 1000,
+    epochs: int = 5,
+    batch_size: int = 256,
+    device: str = "auto",
+    backbone: Backbone = Backbone.INCEPTION_RESNET_V1,
+    val_fraction: float = 0.1,
+) -> dict[str, float | int | str]:
+    """Time one job's compute as the trainer runs it (split, warm start, champion eval,
+    training, challenger eval, checkpoint encoding) on synthetic freeze6 features. No
+    Kafka. Returns the numbers the summary line reports."""
+    from pipeline.checkpoints import encode_checkpoint
+    from pipeline.publishing import random_head_state
+
+    dev = check_device(device)
+    dataset = synthetic_dataset(samples, num_classes)
+    t0 = time.perf_counter()
+    train, val = dataset.split(val_fraction)
+    split_s = time.perf_counter() - t0
+    head = HeadCache().get(backbone, Cut.FREEZE6, num_classes)
+    champion = random_head_state(backbone, Cut.FREEZE6, num_classes, seed=1)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, device=dev, seed=0)
+    t0 = time.perf_counter()
+    candidate = train_candidate(head, champion, train, val, cfg)
+    job_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    blob = encode_checkpoint(candidate.state_dict, dtype="fp16")
+    encode_s = time.perf_counter() - t0
+    return {
+        "device": dev,
+        "samples": samples,
+        "train_samples": candidate.train_samples,
+        "val_samples": candidate.val_samples,
+        "num_classes": num_classes,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "split_seconds": split_s,
+        "train_seconds": candidate.result.seconds,
+        "train_samples_per_s": candidate.result.samples_per_s,
+        "job_seconds": job_s + split_s + encode_s,
+        "job_samples_per_s": candidate.train_samples * epochs / (job_s + split_s + encode_s),
+        "champion_accuracy": candidate.champion_accuracy,
+        "challenger_accuracy": candidate.challenger_accuracy,
+        "checkpoint_bytes": len(blob),
+    }
