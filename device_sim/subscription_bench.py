@@ -1,0 +1,389 @@
+"""Fan-out benchmark of the subscription side: a model update produced → the new head
+active on ``quantile`` of the devices of one fleet process.
+
+:func:`measure_fanout` runs on a real broker (its own uuid topics, deleted afterwards):
+one :class:`~device_sim.subscription.ModelSubscriber` with ``devices`` devices of one
+model, ``updates`` versions published one after the other (each waits for the previous
+to be active). Per update it records the time from the producer's ack (and from the
+record's CreateTime) to the moment ``quantile`` of the devices run the new head: the
+``on_version`` callback swaps the head of every device (one vectorised assignment) and
+stamps the time; with ``transfer_s`` (per-device simulated download seconds, e.g. from
+``device_sim.network``) each device activates that much later. It also reports the
+evaluation seconds per version and the event loop's lag while it ran.
+
+:func:`synthetic_bank` builds an in-memory feature bank with the layout of a built one
+(Gaussian identity prototypes plus a per-vendor shift), for timing fan-out when no bank is
+at hand and for tests; accuracy numbers on it mean nothing beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from device_sim.bank import FeatureBank, new_head
+from device_sim.evaluation import HeldOutSet
+from device_sim.subscription import (
+    ModelSubscriber,
+    RefusedVersion,
+    VersionEvent,
+    activation_times,
+    fanout_seconds,
+)
+from pipeline import codec
+from pipeline.auth import issue_token
+from pipeline.checkpoints import LocalCheckpointStore
+from pipeline.clients import make_admin
+from pipeline.publishing import build_update, make_update_producer, publish_update
+from pipeline.records import (
+    Backbone,
+    Cut,
+    ModelMetrics,
+    OffsetRange,
+    TrainingTrigger,
+    TriggerReason,
+)
+from pipeline.server import ModelServer
+from pipeline.settings import Settings
+from pipeline.topics import Topics, ensure_topics, topic_specs
+
+BENCH_SECRET = "fanout-bench-secret"
+
+
+def synthetic_bank(
+    *,
+    models: tuple[str, ...] = ("faces-1",),
+    identities: int = 32,
+    vendors: int = 4,
+    train_per_cell: int = 4,
+    held_out_per_cell: int = 2,
+    backbone: Backbone = Backbone.MOBILENET_V2,
+    cut: Cut = Cut.FREEZE6,
+    seed: int = 0,
+) -> FeatureBank:
+    """An in-memory :class:`FeatureBank` of freeze6-shaped (512) features: every identity
+    in the clean domain (pre-training) and through every vendor (devices), with
+    ``held_out_per_cell`` held-out rows per (identity, domain). Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    dim = 512
+    per_cell = train_per_cell + held_out_per_cell
+    domains = vendors + 1
+    rows = len(models) * identities * domains * per_cell
+    m, d, i, k = np.meshgrid(
+        np.arange(len(models)),
+        np.arange(domains),
+        np.arange(identities),
+        np.arange(per_cell),
+        indexing="ij",
+    )
+    prototypes = rng.standard_normal((len(models), identities, dim)).astype(np.float32)
+    shifts = 0.5 * rng.standard_normal((domains, dim)).astype(np.float32)
+    features = (
+        prototypes[m.ravel(), i.ravel()]
+        + shifts[d.ravel()]
+        + 0.7 * rng.standard_normal((rows, dim)).astype(np.float32)
+    )
+    everyone = list(range(identities))
+    meta: dict[str, object] = {
+        "spec": {"format": 1, "backbone": backbone.value, "cut": cut.value, "synthetic": True},
+        "key": f"synthetic-{seed}",
+        "models": list(models),
+        "identities": {mid: [f"{mid}/id{j:04d}" for j in everyone] for mid in models},
+        "pretrain_identities": {mid: everyone for mid in models},
+        "device_identities": {mid: everyone for mid in models},
+        "vendors": ["clean", *(f"vendor-{v}" for v in range(1, domains))],
+        "num_classes": identities,
+        "feature_shape": [dim],
+        "content_sha256": "",
+    }
+    return FeatureBank(
+        path=Path(f"synthetic-{seed}.safetensors"),
+        meta=meta,
+        features=features.astype(np.float16),
+        labels=i.ravel().astype(np.int32),
+        models=m.ravel().astype(np.int32),
+        domains=d.ravel().astype(np.uint8),
+        image_index=k.ravel().astype(np.int32),
+        holdout=(k.ravel() >= train_per_cell),
+        build_seconds=0.0,
+    )
+
+
+def random_devices(
+    bank: FeatureBank,
+    model_id: str,
+    devices: int,
+    *,
+    seed: int = 0,
+    per_device: tuple[int, int] = (3, 8),
+) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.int64]]]:
+    """Vendors and identity sets of ``devices`` devices, like ``World.device_profile``
+    (uniform vendor, a uniform subset of the device identities), vectorised."""
+    rng = np.random.default_rng(seed)
+    candidates = bank.device_identities(model_id)
+    vendors = rng.choice(np.asarray(bank.vendor_domains, dtype=np.int64), devices)
+    lo, hi = per_device
+    sizes = np.minimum(rng.integers(lo, hi + 1, devices), candidates.size)
+    order = np.argsort(rng.random((devices, candidates.size)), axis=1)[:, :hi]
+    identities = [np.sort(candidates[order[j, : sizes[j]]]) for j in range(devices)]
+    return vendors.astype(np.int64), identities
+
+
+class _LoopLag:
+    """Samples how late the event loop wakes a 10 ms timer."""
+
+    def __init__(self, period: float = 0.01) -> None:
+        self.period = period
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.period)
+            self.samples.append(max(0.0, loop.time() - before - self.period))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    array = np.asarray(values)
+    return {
+        "p50": float(np.quantile(array, 0.5)),
+        "p99": float(np.quantile(array, 0.99)),
+        "max": float(array.max()),
+    }
+
+
+async def measure_fanout(
+    *,
+    bootstrap: str,
+    bank: FeatureBank,
+    model_id: str | None = None,
+    devices: int = 10_000,
+    updates: int = 10,
+    quantile: float = 0.99,
+    prefer_http: bool = False,
+    real_pull_fraction: float = 0.0,
+    transfer_s: npt.ArrayLike | None = None,
+    seed: int = 0,
+    timeout: float = 60.0,
+    work_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Publish ``updates`` versions of one model to a subscriber with ``devices`` devices
+    and return fan-out latencies (seconds): ``fanout_from_ack`` (producer ack → the
+    ``quantile`` of devices active; the headline), ``fanout_from_create`` (record
+    CreateTime → the same), the evaluation seconds per version, the event-loop lag and the
+    subscriber's counters. ``prefer_http`` starts a model server in-process and downloads
+    every version from it; ``real_pull_fraction`` of the devices also pull every version
+    from it for real (200, then 304). A warm-up version ``v0`` is not counted."""
+    model_id = model_id or bank.model_ids[0]
+    with contextlib.ExitStack() as stack:
+        home = work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        settings = Settings(
+            kafka_bootstrap=bootstrap,
+            topic_prefix=f"bench-fanout-{uuid.uuid4().hex[:10]}",
+            home=home,
+            models_partitions=1,
+            triggers_partitions=1,
+            features_partitions=1,
+        )
+        topics = Topics(settings.topic_prefix)
+        await ensure_topics(bootstrap, topic_specs(settings))
+        try:
+            return await _run(
+                settings=settings,
+                topics=topics,
+                bank=bank,
+                model_id=model_id,
+                devices=devices,
+                updates=updates,
+                quantile=quantile,
+                prefer_http=prefer_http,
+                real_pull_fraction=real_pull_fraction,
+                transfer_s=transfer_s,
+                seed=seed,
+                timeout=timeout,
+            )
+        finally:
+            admin = make_admin(bootstrap=bootstrap)
+            await admin.start()
+            try:
+                names = [topics.features, topics.triggers, topics.models, topics.deadletter]
+                with contextlib.suppress(Exception):
+                    await admin.delete_topics(names)
+            finally:
+                await admin.close()
+    raise AssertionError("unreachable")
+
+
+async def _run(
+    *,
+    settings: Settings,
+    topics: Topics,
+    bank: FeatureBank,
+    model_id: str,
+    devices: int,
+    updates: int,
+    quantile: float,
+    prefer_http: bool,
+    real_pull_fraction: float,
+    transfer_s: npt.ArrayLike | None,
+    seed: int,
+    timeout: float,
+) -> dict[str, Any]:
+    import torch
+
+    store = LocalCheckpointStore(settings.checkpoint_dir)
+    started = time.perf_counter()
+    vendors, identities = random_devices(bank, model_id, devices, seed=seed)
+    held_out = HeldOutSet.for_devices(bank, model_id, vendors, identities)
+    held_out_seconds = time.perf_counter() - started
+    base = {
+        k: v.float()
+        for k, v in new_head(bank.backbone, bank.cut, bank.num_classes).state_dict().items()
+    }
+
+    active = np.full(devices, -1, dtype=np.int64)
+    activated_at: dict[str, float] = {}
+
+    def on_version(event: VersionEvent) -> None:
+        if event.activated:
+            active[:] = int(event.version[1:])  # every device of the process swaps its head
+            activated_at[event.version] = time.time()
+
+    def on_refused(refused: RefusedVersion) -> None:
+        raise RuntimeError(f"bench version refused: {refused}")
+
+    async with contextlib.AsyncExitStack() as stack:
+        server_url = settings.server_url
+        token = None
+        use_server = prefer_http or real_pull_fraction > 0
+        if use_server:
+            server = ModelServer.from_settings(settings, secret=BENCH_SECRET, port=0, store=store)
+            await stack.enter_async_context(server)
+            await server.wait_ready(timeout)
+            server_url = server.url
+            token = issue_token(BENCH_SECRET, "fanout-bench", [model_id], 3600, time.time())
+        subscriber = ModelSubscriber(
+            bootstrap=settings.bootstrap,
+            models_topic=topics.models,
+            triggers_topic=topics.triggers,
+            held_out={model_id: held_out},
+            on_version=on_version,
+            on_refused=on_refused,
+            server_url=server_url if use_server else None,
+            token=token,
+            prefer_http=prefer_http,
+            real_pull_fraction=real_pull_fraction,
+            client_id="fanout-bench",
+        )
+        await stack.enter_async_context(subscriber)
+        await subscriber.wait_caught_up(timeout)
+        producer = make_update_producer(settings, client_id="fanout-bench")
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        lag = _LoopLag()
+        lag.start()
+        stack.push_async_callback(lag.stop)
+
+        generator = torch.Generator().manual_seed(seed)
+        from_ack: list[float] = []
+        from_create: list[float] = []
+        evals: list[float] = []
+        size = 0
+        covered = 0
+        for n in range(updates + 1):
+            version = f"v{n}"
+            state = {
+                k: v + 0.01 * torch.randn(v.shape, generator=generator)
+                if v.is_floating_point()
+                else v
+                for k, v in base.items()
+            }
+            update = build_update(
+                store=store,
+                model_id=model_id,
+                version=version,
+                state_dict=state,
+                backbone=bank.backbone,
+                cut=bank.cut,
+                num_classes=bank.num_classes,
+                metrics=ModelMetrics(0.0, None, 0, 0, 0.0, 0),
+                is_best=True,
+                parent_version=f"v{n - 1}" if n else None,
+                trigger_id=f"{model_id}:{n}" if n else None,
+                server_url=server_url,
+                max_message_bytes=settings.max_message_bytes,
+            )
+            size = update.size
+            if n:  # as in the product: the trigger is on its topic before its version
+                trigger = TrainingTrigger(
+                    model_id,
+                    f"{model_id}:{n}",
+                    (OffsetRange(0, 100 * (n - 1), 100 * n),),
+                    100,
+                    TriggerReason.COUNT,
+                )
+                await producer.send_and_wait(
+                    topics.triggers, codec.encode_trigger(trigger), key=codec.encode_key(model_id)
+                )
+            await publish_update(producer, topics.models, update)
+            acked = time.time()
+            outcome = await subscriber.wait_version(model_id, version, timeout)
+            assert isinstance(outcome, VersionEvent)
+            if n == 0:
+                continue  # warm-up
+            covered += bool(outcome.covers)
+            times = activation_times(activated_at[version], transfer_s, devices)
+            from_ack.append(fanout_seconds(acked, times, quantile))
+            from_create.append(fanout_seconds(outcome.produced_at, times, quantile))
+            evals.append(outcome.eval_seconds)
+        await subscriber.wait_pulls()
+        stats = subscriber.stats
+        return {
+            "devices": devices,
+            "updates": updates,
+            "quantile": quantile,
+            "model_id": model_id,
+            "transfer": "off" if transfer_s is None else "on",
+            "source": "http" if prefer_http else "inline",
+            "checkpoint_bytes": size,
+            "held_out_rows": held_out.rows,
+            "held_out_cells": held_out.cells,
+            "held_out_build_s": held_out_seconds,
+            "fanout_from_ack_s": _quantiles(from_ack),
+            "fanout_from_create_s": _quantiles(from_create),
+            "eval_s": _quantiles(evals),
+            "loop_lag_s": _quantiles(lag.samples),
+            "all_devices_active": bool((active == updates).all()),
+            "versions_with_covers": covered,
+            "stats": {
+                "versions": stats.versions,
+                "refused": stats.refused,
+                "http_downloads": stats.http_downloads,
+                "bytes_downloaded": stats.bytes_downloaded,
+                "download_retries": stats.download_retries,
+                "pulls_200": stats.pulls_200,
+                "pulls_304": stats.pulls_304,
+                "pull_errors": stats.pull_errors,
+            },
+        }
