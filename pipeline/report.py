@@ -1,0 +1,243 @@
+"""``docs/benchmarks.md`` and its plots, rendered from ``bench/results/*.json`` alone.
+
+Pure rendering: JSON in, markdown and PNG out; no benchmark runs here and no app module
+is imported (``pipeline.bench_report`` runs the benchmarks, each as its own ``fedex bench``
+process). Every number in the document comes from a result file; a benchmark whose file is
+absent, unreadable or whose last run failed is listed as missing (or stale) with the
+reason, never filled in. The paper's columns are the published numbers (FedEx,
+HotMobile'20) the result files carry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+#: Benchmarks of the report, in document order: (name, command that reproduces it).
+BENCHES: Final[dict[str, str]] = {
+    "codec": "fedex bench codec",
+    "kafka": "fedex bench kafka",
+    "pipeline": "fedex bench pipeline",
+    "train": "fedex bench train --device cpu",
+    "push": "fedex bench push",
+    "datafraction": "fedex bench datafraction",
+    "fleet": "fedex bench fleet",
+    "fedavg": "fedex bench fedavg",
+}
+GPU_COMMAND: Final = "python -m trainer.bench --device cuda:0 --out bench/results/train-<gpu>.json"
+#: Written by ``fedex bench report`` beside the results: how each bench's last run went.
+RUNS_FILE: Final = "report-runs.json"
+IMG_DIR: Final = "img"
+
+
+@dataclass(frozen=True)
+class Result:
+    """One benchmark's result file, or why there is none."""
+
+    name: str
+    command: str
+    data: dict[str, Any] | None
+    missing: str | None = None
+    run: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.data is not None
+
+
+@dataclass
+class Report:
+    results: dict[str, Result]
+    gpu: list[Result] = field(default_factory=list)
+    generated_at: str = ""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    if not path.is_file():
+        return None, f"no {path.name}"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} is unreadable: {exc}"
+    if not isinstance(data, dict):
+        return None, f"{path.name} is not a JSON object"
+    return data, None
+
+
+def load_report(results_dir: Path) -> Report:
+    """Every benchmark's result (or the reason it has none) from ``results_dir``."""
+    runs, _ = _read(results_dir / RUNS_FILE)
+    run_of = (runs or {}).get("runs", {})
+    results: dict[str, Result] = {}
+    for name, command in BENCHES.items():
+        file = results_dir / ("train-cpu.json" if name == "train" else f"{name}.json")
+        data, missing = _read(file)
+        run = run_of.get(name)
+        if data is None and run and run.get("status") == "failed":
+            missing = f"the last run failed: {run.get('reason', 'no reason recorded')}"
+        elif data is None:
+            missing = f"{missing}: run `{command}`"
+        results[name] = Result(name, command, data, missing, run)
+    gpu = []
+    for file in sorted(results_dir.glob("train-*.json")):
+        data, _ = _read(file)
+        device = str(((data or {}).get("environment") or {}).get("device", ""))
+        if data is not None and device.startswith("cuda"):
+            gpu.append(Result(file.stem, GPU_COMMAND, data))
+    return Report(results, gpu, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def num(value: Any, digits: int = 3) -> str:
+    """A number for a table: thousands separators for big ones, ``digits`` significant
+    digits for small ones; ``—`` for None or NaN."""
+    if value is None or isinstance(value, bool):
+        return "—" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, list):
+        return ", ".join(num(v, digits) for v in value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "—"
+        if value.is_integer() and abs(value) < 1e15:
+            return f"{int(value):,}"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def seconds(value: Any) -> str:
+    """Seconds, switching to ms below 1 s."""
+    if not isinstance(value, (int, float)) or math.isnan(float(value)):
+        return "—"
+    if value < 1:
+        return f"{value * 1000:.3g} ms"
+    return f"{value:,.0f} s" if value >= 100 else f"{value:.3g} s"
+
+
+def percent(value: Any) -> str:
+    return f"{value:.0%}" if isinstance(value, (int, float)) and not math.isnan(value) else "—"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def dig(data: Any, *path: str | int) -> Any:
+    """``data[p0][p1]…`` or None where any step is absent."""
+    for key in path:
+        in_list = isinstance(data, list) and isinstance(key, int) and -len(data) <= key < len(data)
+        if not (in_list or (isinstance(data, Mapping) and key in data)):
+            return None
+        data = data[key]
+    return data
+
+
+def flatten(data: Any, prefix: str = "", limit: int = 80) -> list[tuple[str, Any]]:
+    """Scalar leaves as ``a.b.c`` → value (lists of scalars shown whole, short ones)."""
+    out: list[tuple[str, Any]] = []
+
+    def walk(value: Any, key: str) -> None:
+        if len(out) >= limit:
+            return
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            if all(not isinstance(v, (Mapping, list)) for v in value) and len(value) <= 8:
+                out.append((key, ", ".join(num(v) for v in value)))
+            else:
+                for i, v in enumerate(value[:4]):
+                    walk(v, f"{key}[{i}]")
+        else:
+            out.append((key, value))
+
+    walk(data, prefix)
+    return out
+
+
+def provenance(result: Result) -> tuple[str, str, str]:
+    """(measured at, machine, load) of a result file."""
+    data = result.data or {}
+    machine = data.get("machine") or {}
+    env = data.get("environment") or {}
+    when = data.get("measured_at") or data.get("created_at") or "—"
+    cores = machine.get("cpu_count") or env.get("cpu_count")
+    host = machine.get("host") or env.get("device_name") or ""
+    what = f"{cores} cores" if cores else "—"
+    if env.get("device", "").startswith("cuda"):
+        what = f"{env.get('device_name')} ({what})"
+    elif host:
+        what = f"{host}, {what}"
+    load = data.get("loadavg_start") or env.get("loadavg_start") or dig(result.run, "loadavg")
+    return str(when), what, ", ".join(num(v) for v in load) if load else "—"
+
+
+# --------------------------------------------------------------------------- the document
+
+
+def render(report: Report, docs_dir: Path) -> tuple[str, list[Path]]:
+    """The markdown of ``docs/benchmarks.md`` and the PNGs written under ``docs_dir/img``."""
+    img_dir = docs_dir / IMG_DIR
+    written: list[Path] = []
+
+    def plot(name: str, ok: bool) -> str | None:
+        if ok:
+            written.append(img_dir / name)
+            return f"{IMG_DIR}/{name}"
+        return None
+
+    from pipeline import report_sections as sec
+    from pipeline.report_plots import plot_datafraction, plot_fedavg, plot_push, plot_train
+
+    train_img = plot("train.png", plot_train(report, img_dir / "train.png"))
+    push_img = plot("push.png", plot_push(report, img_dir / "push.png"))
+    df = report.results["datafraction"].data
+    df_img = plot("datafraction.png", plot_datafraction(df, img_dir / "datafraction.png"))
+    fedavg = report.results["fedavg"].data
+    fedavg_img = plot("fedavg.png", plot_fedavg(fedavg, img_dir / "fedavg.png"))
+    parts = [
+        "# Benchmarks\n\n"
+        f"Generated by `fedex bench report` at {report.generated_at} from "
+        "`bench/results/*.json`; `fedex bench report --render-only` regenerates this page "
+        "and `docs/img/*.png` from those files without running anything. Every number comes "
+        "from a result file, measured by the command beside it; rows marked *modelled* are "
+        "computed from measured numbers by the stated model; a benchmark without results is "
+        "listed as missing with the reason. Paper = FedEx (HotMobile'20).",
+        sec.section_runs(report),
+        sec.section_train(report, train_img),
+        sec.section_push(report, push_img),
+        sec.section_datafraction(report, df_img),
+        sec.section_transport(report),
+        sec.section_pipeline(report),
+        sec.section_fleet(report),
+        sec.section_fedavg(report, fedavg_img),
+    ]
+    return "\n\n".join(parts) + "\n", written
+
+
+def render_report(results_dir: Path, docs_dir: Path) -> tuple[Path, list[Path]]:
+    """Writes ``docs_dir/benchmarks.md`` and its plots from ``results_dir``."""
+    markdown, images = render(load_report(results_dir), docs_dir)
+    path = docs_dir / "benchmarks.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(markdown)
+    tmp.replace(path)
+    return path, images

@@ -1,0 +1,132 @@
+"""The plots of ``docs/benchmarks.md`` (matplotlib, Agg backend, PNG): pure functions of
+the result files, like :mod:`pipeline.report`. Each returns False, writing nothing, when
+its data is absent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.report import Report, dig
+from pipeline.report_sections import tiers_of
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_train(report: Report, path: Path) -> bool:
+    cpu, gpu = report.results["train"], (report.gpu[-1] if report.gpu else None)
+    series: dict[str, dict[str, float]] = {"paper (Titan Xp)": {}}
+    for label, result in (("ours, CPU", cpu), ("ours, GPU", gpu)):
+        for row in dig(result.data if result else None, "levels") or []:
+            if row.get("paper_img_per_s"):
+                series["paper (Titan Xp)"][row["level"]] = row["paper_img_per_s"]
+            series.setdefault(label, {})[row["level"]] = row["samples_per_s"]
+    levels = list(series["paper (Titan Xp)"])
+    if not levels:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [j + i * width for j, lv in enumerate(levels) if lv in values]
+        ax.bar(xs, [values[lv] for lv in levels if lv in values], width, label=label)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(levels))], levels)
+    ax.set_yscale("log")
+    ax.set_ylabel("training samples/s (log)")
+    ax.set_title("Head training throughput per freeze level")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_push(report: Report, path: Path) -> bool:
+    data = report.results["push"].data
+    if not data or not data.get("levels"):
+        return False
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, rows, what in ((left, data["levels"], "push"), (right, data.get("pull", []), "pull")):
+        levels = [row["level"] for row in rows]
+        ax.plot(levels, [dig(r, "http_s", "p50") for r in rows], "o-", label="loopback (HTTP)")
+        for tier in tiers_of(data):
+            ax.plot(levels, [dig(r, "tiers_s", tier) for r in rows], ".--", label=tier)
+        paper = [(r["level"], r["paper_s"]) for r in rows if r.get("paper_s")]
+        if paper:
+            ax.plot(*zip(*paper, strict=True), "k*", markersize=12, label="paper")
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds (log)")
+        ax.set_title(f"{what} latency per level")
+    left.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_datafraction(data: Mapping[str, Any] | None, path: Path) -> bool:
+    """Accuracy vs fraction, one line with a ±std band per arm; v0 dashed."""
+    curves = (data or {}).get("curves") or {}
+    if not curves:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, rows in curves.items():
+        xs = [100 * r["fraction"] for r in rows]
+        mean = [r["device_accuracy"]["mean"] for r in rows]
+        std = [r["device_accuracy"]["std"] for r in rows]
+        ax.plot(xs, mean, "o-", label=f"retrained on {arm}")
+        ax.fill_between(
+            xs,
+            [m - s for m, s in zip(mean, std, strict=True)],
+            [m + s for m, s in zip(mean, std, strict=True)],
+            alpha=0.2,
+        )
+    first = next(iter(curves.values()))
+    ax.axhline(first[0]["device_accuracy"]["mean"], color="grey", ls=":", label="base v0")
+    ax.set_xscale("symlog", linthresh=2)
+    ax.set_xlim(-0.2, 130)
+    ax.set_xticks([100 * r["fraction"] for r in first], [f"{r['fraction']:.0%}" for r in first])
+    ax.set_xlabel("fraction of additional user data")
+    ax.set_ylabel("validation accuracy (device held-out)")
+    ax.set_title("Accuracy vs fraction of additional data")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    _pyplot().close(fig)
+    return True
+
+
+def plot_fedavg(data: Mapping[str, Any] | None, path: Path) -> bool:
+    """FedAvg's accuracy against the bytes each device has moved, round by round; FedEx
+    as one point (one push, one download); v0 dotted."""
+    curve = dig(data, "fedavg", "curve") or []
+    fedex = dig(data, "fedex") or {}
+    if not curve or "accuracy" not in fedex:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [p["bytes_per_device"] for p in curve]
+    ax.plot(xs, [p["accuracy"] for p in curve], ".-", label="FedAvg (per round)")
+    fedex_bytes = dig(fedex, "bytes_per_device", "mean")
+    if fedex_bytes:
+        ax.plot([fedex_bytes], [fedex["accuracy"]], "r*", markersize=14, label="FedEx")
+    base = dig(data, "task", "base_accuracy")
+    if base is not None:
+        ax.axhline(base, color="grey", ls=":", label="base v0")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per device (log)")
+    ax.set_ylabel("mean device accuracy")
+    ax.set_title("FedAvg vs FedEx: accuracy against communication")
+    ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,327 @@
+"""``docs/benchmarks.md`` from hand-made result files: the tables carry the numbers given,
+absent or failed benches are reported as missing with the reason, the GPU column appears
+only with a CUDA result, the PNGs are written, and ``--render-only`` runs nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pipeline.bench_report as bench_report
+from pipeline.bench_report import failure_reason, plan, record_runs, run_report
+from pipeline.report import BENCHES, load_report, render, render_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+def train_doc(device: str, rates: dict[str, float]) -> dict[str, Any]:
+    paper = {"freeze5": 28_078.46, "freeze6": 41_869.68}
+    return {
+        "benchmark": "train",
+        "created_at": "2026-01-02T03:04:05+0000",
+        "environment": {
+            "device": device,
+            "device_name": "NVIDIA H200" if device.startswith("cuda") else "Test CPU",
+            "cpu_count": 2,
+            "threads": 2,
+            "loadavg_start": [1.5, 1.0, 0.5],
+        },
+        "levels": [
+            {
+                "level": level,
+                "feature_shape": [1792] if level == "freeze5" else [512],
+                "samples_per_s": rate,
+                "paper_img_per_s": paper[level],
+                "vs_paper": rate / paper[level],
+                "utilisation": 0.5,
+            }
+            for level, rate in rates.items()
+        ],
+    }
+
+
+def timing(p50: float) -> dict[str, float]:
+    return {"p50": p50, "p90": p50, "min": p50, "max": p50, "mean": p50, "n": 3}
+
+
+PUSH = {
+    "benchmark": "push",
+    "measured_at": "2026-01-02T03:04:05Z",
+    "machine": {"host": "box", "cpu_count": 2},
+    "loadavg_start": [0.25, 0.5, 0.75],
+    "config": {"samples_per_push": 10, "dtype": "float16", "repeats": 3, "pull_repeats": 2},
+    "model": "loopback + simulated transfer",
+    "tiers": [{"name": "lte", "up_mbps": 8.0, "down_mbps": 20.0, "rtt_ms": 50.0, "loss": 0.005}],
+    "levels": [
+        {
+            "level": "freeze6",
+            "feature_shape": [512],
+            "push_bytes": 10_608,
+            "kafka_s": timing(0.000844),
+            "http_s": timing(0.00875),
+            "tiers_s": {"lte": 0.109},
+            "paper_s": 1.5,
+        }
+    ],
+    "pull": [
+        {
+            "level": "full",
+            "checkpoint_bytes": 55_000_123,
+            "http_s": timing(0.14),
+            "tiers_s": {"lte": 111.4},
+            "paper_s": 26.0,
+        }
+    ],
+    "fedavg_push": [
+        {"level": "full", "dtype": "float32", "bytes": 111_222_333, "tiers_s": {"lte": 222.5}}
+    ],
+}
+
+DATAFRACTION = {
+    "benchmark": "datafraction",
+    "measured_at": "2026-01-02T03:04:05Z",
+    "machine": {"host": "box", "cpu_count": 2},
+    "seeds": [0, 1],
+    "recipe": {"epochs": 30, "lr": 0.003},
+    "bank": {"file": "bank-x.safetensors", "backbone": "inception_resnet_v1", "cut": "freeze6"},
+    "curves": {
+        "user": [
+            {
+                "fraction": f,
+                "user_samples": n,
+                "device_accuracy": {"mean": acc, "std": 0.01, "min": acc, "max": acc, "n": 2},
+                "pretrain_accuracy": {"mean": 0.9, "std": 0.0, "min": 0.9, "max": 0.9, "n": 2},
+            }
+            for f, n, acc in ((0.0, 0, 0.4321), (0.5, 256, 0.6543), (1.0, 512, 0.8765))
+        ]
+    },
+}
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    out = tmp_path / "results"
+    write(out / "train-cpu.json", train_doc("cpu", {"freeze5": 1181.0, "freeze6": 2590.5}))
+    write(out / "push.json", PUSH)
+    write(out / "datafraction.json", DATAFRACTION)
+    write(
+        out / "pipeline.json",
+        {
+            "benchmark": "pipeline",
+            "agents": {
+                "samples_s": 33_338.3,
+                "raw_kafka_samples_s": 114_146.0,
+                "ratio_to_raw_kafka": 0.292,
+            },
+            "update": {"update_latency_s": {"p50": 0.7714, "p99": 1.2779}},
+        },
+    )
+    write(out / "fleet.json", {"benchmark": "fleet", "fanout_p99_s": 0.0421, "devices": 100_000})
+    return out
+
+
+def test_tables_carry_the_numbers_of_the_result_files(results: Path, tmp_path: Path) -> None:
+    markdown, images = render(load_report(results), tmp_path / "docs")
+    # Table 1: ours beside the paper
+    assert "| freeze6 | 512 | 41,870 | 2,590 | 0.0619 | 50% | — | — |" in markdown
+    assert "| freeze5 | 1792 | 28,078 | 1,181 |" in markdown
+    assert "no GPU lent" in markdown
+    # Table 2: bytes, measured loopback, modelled tier, paper
+    assert "| freeze6 | 512 | 10,608 | 0.844 ms | 8.75 ms | 109 ms | 1.5 s |" in markdown
+    assert "| full | 55,000,123 | 140 ms | 111 s | 26 s |" in markdown
+    assert "| full | float32 | 111,222,333 | 222 s | — |" in markdown
+    # Figure 4 table
+    assert "| 0% | 0 | 0.432 ± 0.01 | 0.9 |" in markdown
+    assert "| 100% | 512 | 0.876 ± 0.01 | 0.9 |" in markdown
+    # pipeline and fleet
+    assert "33,338 vs 114,146: **ratio 0.292**" in markdown
+    assert "771 ms / 1.28 s" in markdown
+    assert "fanout_p99_s = 0.0421" in markdown
+    assert "| `devices` | 100,000 |" in markdown
+    # provenance: timestamp, cores, load
+    assert "| push | ok | 2026-01-02T03:04:05Z | box, 2 cores | 0.25, 0.5, 0.75 |" in markdown
+    assert {p.name for p in images} == {"train.png", "push.png", "datafraction.png"}
+    for path in images:
+        assert path.read_bytes()[:8] == PNG
+
+
+def test_missing_and_failed_benches_are_reported_with_the_reason(
+    results: Path, tmp_path: Path
+) -> None:
+    (results / "push.json").unlink()
+    record_runs(
+        results,
+        [
+            bench_report.RunOutcome(
+                "push", "failed", 3.0, 1, "fedex bench push", "exit code 1: KafkaUnavailableError"
+            ),
+            bench_report.RunOutcome(
+                "datafraction", "failed", 9.0, 1, "fedex bench datafraction", "exit code 1: boom"
+            ),
+        ],
+    )
+    markdown, images = render(load_report(results), tmp_path / "docs")
+    assert "**Missing** — the last run failed: exit code 1: KafkaUnavailableError." in markdown
+    assert "**Missing** — no codec.json: run `fedex bench codec`." in markdown
+    assert "**Missing** — no fedavg.json: run `fedex bench fedavg`." in markdown
+    # A failed rerun does not hide the older result, and does not pass it off as fresh.
+    assert "The last run of `fedex bench datafraction` failed (exit code 1: boom)" in markdown
+    assert "| 100% | 512 | 0.876 ± 0.01 | 0.9 |" in markdown
+    assert "| freeze6 | 512 | 10,608 |" not in markdown
+    assert "push.png" not in {p.name for p in images}
+    assert "fleet density | **missing** — fleet.json has no fleet density field" in markdown
+
+
+def test_a_cuda_result_fills_the_gpu_columns(results: Path, tmp_path: Path) -> None:
+    write(results / "train-nvidia-h200.json", train_doc("cuda:0", {"freeze6": 4_186_968.0}))
+    markdown, _ = render(load_report(results), tmp_path / "docs")
+    assert "| freeze6 | 512 | 41,870 | 2,590 | 0.0619 | 50% | 4,186,968 | 100 |" in markdown
+    assert "GPU: NVIDIA H200" in markdown and "no GPU lent" not in markdown
+
+
+def test_render_only_runs_nothing_and_writes_the_document(
+    results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("render-only ran a bench")
+
+    monkeypatch.setattr(bench_report, "run_bench", must_not_run)
+    docs = tmp_path / "docs"
+    path, _, outcomes = run_report(
+        results_dir=results, docs_dir=docs, log_dir=tmp_path / "logs", render_only=True
+    )
+    assert outcomes == [] and path == docs / "benchmarks.md"
+    assert path.read_text().startswith("# Benchmarks")
+    assert (docs / "img" / "datafraction.png").read_bytes()[:8] == PNG
+    again, _ = render_report(results, docs)
+    assert again == path
+
+
+def test_plan_honours_only_and_skip_and_rejects_unknown_names() -> None:
+    assert plan() == list(BENCHES)
+    assert plan(only=["push", "codec"]) == ["codec", "push"]
+    assert plan(skip=["fleet", "fedavg", "train"]) == [
+        "codec",
+        "kafka",
+        "pipeline",
+        "push",
+        "datafraction",
+    ]
+    with pytest.raises(ValueError, match="nope"):
+        plan(only=["nope"])
+    with pytest.raises(ValueError, match="typo"):
+        plan(skip=["typo"])
+
+
+def test_failure_reason_names_what_happened_and_the_last_words() -> None:
+    assert failure_reason(2, "Traceback\n  ...\nValueError: bad\n\n", False) == (
+        "exit code 2: ValueError: bad"
+    )
+    assert failure_reason(None, "", True) == "timed out"
+    assert failure_reason(-9, "", False) == "killed by signal 9"
+
+
+def test_record_runs_merges_with_earlier_runs(tmp_path: Path) -> None:
+    first = bench_report.RunOutcome("codec", "ok", 1.0, 0, "fedex bench codec")
+    second = bench_report.RunOutcome("push", "failed", 2.0, 1, "fedex bench push", "x")
+    record_runs(tmp_path, [first])
+    path = record_runs(tmp_path, [second])
+    runs = json.loads(path.read_text())["runs"]
+    assert set(runs) == {"codec", "push"} and runs["push"]["reason"] == "x"
+
+
+def test_bench_argv_runs_each_bench_as_its_own_fedex_process(tmp_path: Path) -> None:
+    out = tmp_path / "train-cpu.json"
+    argv = bench_report.bench_argv("train", out=out, python="py")
+    assert argv == ["py", "-m", "pipeline", "bench", "train", "--device", "cpu", "--out", str(out)]
+    argv = bench_report.bench_argv("datafraction", out=None, docs_dir=tmp_path, python="py")
+    assert argv[-2:] == ["--plot", str(tmp_path / "img" / "datafraction.png")]
+
+
+FLEET = {
+    "benchmark": "fleet",
+    "one_process": {
+        "devices": 10_000,
+        "rss_peak_mb": 851.75,
+        "loop_lag_ms": {"p99": 7.94},
+        "sustained": {"pushes_s": 69.7, "samples_s": 2826.4},
+    },
+    "multi_process": {
+        "devices": 100_000,
+        "processes": 10,
+        "rss_total_mb": 8911.2,
+        "rss_max_mb": 898.6,
+        "loop_lag_p99_max_ms": 50.1,
+        "sustained": {"pushes_s": 1269.5, "samples_s": 51_015.2},
+    },
+    "fanout": {
+        "devices": 10_000,
+        "updates": 5,
+        "source": "inline",
+        "checkpoint_bytes": 33_024,
+        "fanout_from_ack_s": {"p50": 0.0038, "p99": 0.00774},
+        "fanout_from_create_s": {"p99": 0.0216},
+    },
+}
+
+FEDAVG = {
+    "benchmark": "fedavg",
+    "task": {"devices": 150, "samples_per_device": 32, "num_classes": 32, "base_accuracy": 0.4381},
+    "fedex": {
+        "accuracy": 0.91,
+        "rounds": 1,
+        "bytes_up_per_device": {"mean": 33_500.0},
+        "bytes_down_per_device": {"mean": 33_100.0},
+        "bytes_per_device": {"mean": 66_600.0},
+        "device_compute_seconds_per_device": 0.0,
+        "wall_seconds": 4.2,
+    },
+    "fedavg": {
+        "accuracy": 0.905,
+        "rounds": 40,
+        "reached": True,
+        "bytes_up_per_device": {"mean": 1_200_000.0},
+        "bytes_down_per_device": {"mean": 1_300_000.0},
+        "bytes_per_device": {"mean": 2_500_000.0},
+        "device_compute_seconds_per_device": {"mean": 0.25},
+        "wall_seconds": 61.0,
+        "curve": [
+            {"round": 1, "accuracy": 0.5, "bytes_per_device": 60_000.0},
+            {"round": 40, "accuracy": 0.905, "bytes_per_device": 2_500_000.0},
+        ],
+        "cost_to_reach": [
+            {"tolerance": 0.01, "accuracy_needed": 0.9, "round": 40, "ratio": 37.5},
+            {"tolerance": 0.0, "accuracy_needed": 0.91, "reached": False},
+        ],
+    },
+    "bytes_ratio_fedavg_over_fedex": 37.54,
+    "target_ratio": 20.0,
+    "meets_target": True,
+}
+
+
+def test_fleet_and_fedavg_tables_and_plot(results: Path, tmp_path: Path) -> None:
+    write(results / "fleet.json", FLEET)
+    write(results / "fedavg.json", FEDAVG)
+    markdown, images = render(load_report(results), tmp_path / "docs")
+    assert "| one process | 10,000 | 1 | 851.8 | 851.8 | 7.94 ms | 69.7 | 2,826 |" in markdown
+    assert (
+        "| many processes | 100,000 | 10 | 898.6 | 8,911 | 50.1 ms | 1,270 | 51,015 |" in markdown
+    )
+    assert "p50 3.8 ms, p99 7.74 ms from the broker's ack" in markdown
+    assert "10,000 devices in one process at 851.8 MB peak RSS (87.2 KB/device)" in markdown
+    assert "freshness | **missing** — fleet.json has no freshness field" in markdown
+    assert "| FedEx | 0.91 | 1 | 33,500 | 33,100 | 66,600 | 0 ms | 4.2 s |" in markdown
+    assert "| FedAvg | 0.905 | 40 | 1,200,000 | 1,300,000 | 2,500,000 | 250 ms | 61 s |" in markdown
+    assert "FedAvg / FedEx: **37.5** (target ≥ 20: met" in markdown
+    assert "| 0 | 0.91 | not reached |" in markdown
+    fedavg_png = tmp_path / "docs" / "img" / "fedavg.png"
+    assert fedavg_png in images and fedavg_png.read_bytes()[:8] == PNG
