@@ -1,0 +1,109 @@
+"""Preparing a fleet run: its feature bank, its models on the model topic, its devices.
+
+Pure preparation, shared by the runner (:mod:`device_sim.fleet`), the shard parent
+(:mod:`device_sim.shards`) and the benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from device_sim.devices import DeviceFleet
+from pipeline.errors import ConfigError
+from pipeline.records import ModelMetrics
+from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from device_sim.bank import FeatureBank
+    from device_sim.fleet import FleetConfig
+    from device_sim.world import World
+
+log = logging.getLogger(__name__)
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``5m``, ``1.5h`` → seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    value = text.strip().lower()
+    scale = units.get(value[-1:])
+    try:
+        seconds = float(value[:-1] if scale is not None else value) * (scale or 1.0)
+    except ValueError:
+        raise ConfigError(f"duration {text!r} is not like 90, 90s, 5m or 1.5h") from None
+    if seconds <= 0 or not math.isfinite(seconds):
+        raise ConfigError(f"duration {text!r} must be > 0")
+    return seconds
+
+
+def load_bank(settings: Settings, config: FleetConfig, *, progress: bool = False) -> FeatureBank:
+    """The feature bank of the run's world: from ``$FEDEX_HOME/banks``, built if missing."""
+    from device_sim.bank import build_bank
+    from device_sim.world import World
+
+    return build_bank(
+        World(config.world_config()),
+        backbone=config.backbone,
+        cut=config.cut,
+        out=settings.bank_dir,
+        progress=progress,
+    )
+
+
+async def ensure_models(settings: Settings, bank: FeatureBank, model_ids: list[str]) -> None:
+    """Every model exists on the model topic: its base head v0 (trained on the bank's
+    pre-training identities, clean domain) is registered unless it already is."""
+    from device_sim.bank import train_base_head
+    from pipeline.publishing import register_model
+    from pipeline.topics import ensure_topics, topic_specs
+
+    await ensure_topics(settings.bootstrap, topic_specs(settings))
+    for model_id in model_ids:
+        base = await asyncio.to_thread(train_base_head, bank, model_id)
+        metrics = ModelMetrics(
+            val_accuracy=base.pretrain_val_accuracy,
+            champion_val_accuracy=None,
+            train_samples=base.train_samples,
+            val_samples=0,
+            train_seconds=base.train_seconds,
+            epochs=30,
+        )
+        update = await register_model(
+            settings,
+            model_id,
+            bank.backbone,
+            bank.cut,
+            bank.num_classes,
+            head_state=base.state_dict,
+            metrics=metrics,
+            exist_ok=True,
+        )
+        log.info("model %s: %s registered (sha256 %s)", model_id, update.version, update.sha256)
+
+
+def build_fleet(world: World, config: FleetConfig, num_classes: int) -> DeviceFleet:
+    """This shard's devices, their profiles from the world (the same in any process)."""
+    model_ids = list(world.model_ids)
+    g = np.arange(config.shard_index, config.count, config.shard_count, dtype=np.int64)
+    model_of = g % len(model_ids)
+    vendors, identities = [], []
+    for gi, m in zip(g.tolist(), model_of.tolist(), strict=True):
+        model_id = model_ids[m]
+        profile = world.device_profile(model_id, f"{model_id}-dev{gi:06d}")
+        vendors.append(profile.vendor)
+        identities.append(profile.identities)
+    return DeviceFleet(
+        model_ids=model_ids,
+        model_of=model_of,
+        vendor=np.asarray(vendors, dtype=np.int64),
+        identities=identities,
+        num_classes=num_classes,
+        vendors=world.config.vendors,
+        global_index=g,
+        params=config.params,
+        seed=config.seed,
+    )
