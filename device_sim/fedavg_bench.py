@@ -1,0 +1,555 @@
+"""``fedex bench fedavg``: FedEx and the FedAvg baseline side by side on one broker.
+
+Same synthetic task for both arms: the feature bank of the default world, one model, its
+base head ``v0`` (:func:`device_sim.bank.train_base_head`), the same devices (vendors and
+identities from :meth:`World.device_profile`), the same ``samples`` train rows per device
+(:meth:`FeatureBank.draw_batch`), and the same evaluation: the mean over devices of each
+device's accuracy on its held-out rows.
+
+- **FedEx**: every device pushes its samples once (a float16 feature push); the real cloud
+  loop trains the head: ``fedex worker`` and ``fedex trainer`` run as supervised children
+  (as ``fedex up`` and the demo run them), the agents fire one trigger covering every
+  push, the trainer trains from ``v0`` with the project's recipe and publishes ``v1``.
+  Devices download the checkpoint blob. Devices never train.
+- **FedAvg**: ``python -m trainer.fedavg`` runs as a child process; the devices (this
+  process, :class:`device_sim.fedavg.FedAvgFleet`) train E local epochs per round when
+  selected. Rounds run until the mean device accuracy reaches the FedEx arm's (or a cap).
+
+Bytes are real encoded message sizes. Wall times start when the cloud side is ready (the
+children's consumer groups exist; the first broadcast arrived) and exclude the
+harness's own accuracy measurements. This module is the device side; it reaches the
+trainer's code only through child processes (apps never import each other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from rich.console import Console
+
+from device_sim.bank import FeatureBank, build_bank, new_head, train_base_head
+from device_sim.fedavg import DeviceData, FedAvgFleet
+from device_sim.fedavg_report import cost_to_reach, per_device
+from device_sim.world import World, WorldConfig
+from pipeline import codec
+from pipeline.checkpoints import CheckpointDType, encode_checkpoint
+from pipeline.errors import FedexError
+from pipeline.records import FeatureDType, FeaturePush, ModelUpdate, RoundBroadcast
+from pipeline.settings import Settings
+from pipeline.topics import Topics
+
+
+class BenchError(FedexError):
+    """The side-by-side run could not complete; the message says where."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    """What both arms share, and each arm's recipe."""
+
+    devices: int = 150
+    samples: int = 32
+    model_id: str | None = None  # default: the world's first model
+    world_seed: int = 0
+    seed: int = 0
+    # FedEx cloud recipe (the trainer's settings for this run)
+    fedex_epochs: int = 30
+    fedex_lr: float = 3e-3
+    fedex_batch_size: int = 64
+    # FedAvg
+    fraction: float = 0.1
+    local_epochs: int = 5
+    batch_size: int = 10
+    lr: float = 0.1
+    max_rounds: int = 300
+    deadline_s: float = 30.0
+    ready_timeout_s: float = 240.0
+    job_timeout_s: float = 300.0
+
+
+# --------------------------------------------------------------------------- the task
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    device_id: str
+    vendor: int
+    identities: npt.NDArray[np.int64]
+    train_rows: npt.NDArray[np.int64]
+    eval_rows: npt.NDArray[np.int64]
+
+
+def make_devices(
+    bank: FeatureBank, world: World, model_id: str, count: int, samples: int, seed: int
+) -> list[Device]:
+    """``count`` devices of ``model_id``, each with ``samples`` train rows drawn from its
+    vendor and identities, and its held-out rows for evaluation."""
+    ids = [f"{model_id}-dev-{i:05d}" for i in range(count)]
+    profiles = [world.device_profile(model_id, d) for d in ids]
+    rng = np.random.default_rng([seed, count, samples])
+    rows = bank.draw_batch(
+        model_id, [p.vendor for p in profiles], [p.identities for p in profiles], samples, rng
+    )
+    return [
+        Device(d, p.vendor, p.identities, rows[i], bank.held_out(model_id, p.vendor, p.identities))
+        for i, (d, p) in enumerate(zip(ids, profiles, strict=True))
+    ]
+
+
+class Evaluator:
+    """Mean over devices of each device's held-out accuracy, for any head state."""
+
+    def __init__(self, bank: FeatureBank, devices: Sequence[Device]) -> None:
+        kept = [d for d in devices if d.eval_rows.size]
+        rows = np.concatenate([d.eval_rows for d in kept])
+        self.owner = np.concatenate([np.full(d.eval_rows.size, i) for i, d in enumerate(kept)])
+        features, labels = bank.take(rows)
+        self.x = torch.as_tensor(features.astype(np.float32))
+        self.y = labels
+        self.devices = len(kept)
+        self.head = new_head(bank.backbone, bank.cut, bank.num_classes)
+        self.template = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+
+    @torch.no_grad()
+    def __call__(self, tensors: Mapping[str, Any]) -> float:
+        state = dict(self.template)
+        for name, value in tensors.items():
+            if isinstance(value, torch.Tensor):
+                state[name] = value.detach().to(torch.float32).clone()
+            else:
+                state[name] = torch.from_numpy(np.array(value, dtype=np.float32))
+        self.head.load_state_dict(state)
+        self.head.eval()
+        correct = (self.head(self.x).argmax(1).numpy() == self.y).astype(np.float64)
+        hits = np.bincount(self.owner, weights=correct, minlength=self.devices)
+        totals = np.bincount(self.owner, minlength=self.devices)
+        return float((hits / totals).mean())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def wait_for_groups(bootstrap: str, groups: Sequence[str], timeout: float) -> None:
+    """Until a consumer group of each name exists (its first member joined; a group appears
+    on the broker at its first JoinGroup). Whether its partitions are assigned yet is not
+    asked: aiokafka's DescribeGroups does not decode Kafka 4.0's answer, and the records
+    wait durably in any case, so at most a rebalance's time lands in the wall time."""
+    from aiokafka.errors import KafkaError
+
+    from pipeline.clients import make_admin
+
+    admin = make_admin(bootstrap=bootstrap, client_id="fedex-bench-fedavg")
+    await admin.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                present = {g[0] for g in await admin.list_consumer_groups()}
+            except KafkaError:  # e.g. no group coordinator yet on a fresh broker
+                present = set()
+            if present >= set(groups):
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"consumer groups {sorted(set(groups) - present)} absent {timeout:g} s "
+                    "after the children started; see their logs"
+                )
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+
+
+# --------------------------------------------------------------------------- FedEx arm
+
+
+async def run_fedex_arm(
+    settings: Settings,
+    bank: FeatureBank,
+    devices: Sequence[Device],
+    base_state: dict[str, torch.Tensor],
+    model_id: str,
+    cfg: BenchConfig,
+    evaluate: Evaluator,
+    console: Console,
+) -> dict[str, Any]:
+    from pipeline.checkpoints import LocalCheckpointStore, decode_checkpoint
+    from pipeline.clients import make_producer
+    from pipeline.kafka_local import free_port
+    from pipeline.publishing import register_model
+    from pipeline.registry import RegistryFollower
+    from pipeline.supervisor import Supervisor, child_env, cloud_children
+
+    topics = Topics(settings.topic_prefix)
+    store = LocalCheckpointStore(settings.checkpoint_dir)
+    await register_model(
+        settings, model_id, bank.backbone, bank.cut, bank.num_classes, base_state, store=store
+    )
+    arrived: asyncio.Future[ModelUpdate] = asyncio.get_running_loop().create_future()
+
+    async def on_update(update: ModelUpdate) -> None:
+        if update.model_id == model_id and update.parent_version and not arrived.done():
+            arrived.set_result(update)
+
+    total = cfg.samples * len(devices)
+    env = child_env(settings, settings.bootstrap)
+    env.update(
+        FEDEX_MIN_SAMPLES=str(total),
+        FEDEX_TRAIN_EPOCHS=str(cfg.fedex_epochs),
+        FEDEX_TRAIN_LR=str(cfg.fedex_lr),
+        FEDEX_TRAIN_BATCH_SIZE=str(cfg.fedex_batch_size),
+        FEDEX_WORKER_PORT=str(free_port()),
+    )
+    children = [c for c in cloud_children(trainers=["cpu"]) if c.name != "server"]
+    supervisor = Supervisor(
+        children,
+        log_dir=settings.log_dir,
+        env=env,
+        grace=10,
+        on_event=lambda m: console.print(f"[dim]fedex: {m}[/dim]", highlight=False),
+    )
+    follower = RegistryFollower(
+        bootstrap=settings.bootstrap, topic=topics.models, on_update=on_update
+    )
+    up: list[int] = []
+    async with supervisor, follower:
+        await wait_for_groups(
+            settings.bootstrap,
+            [f"{settings.topic_prefix}-agents", f"{settings.topic_prefix}-trainers"],
+            cfg.ready_timeout_s,
+        )
+        console.print("fedex: worker and trainer are consuming; devices push", highlight=False)
+        producer = make_producer(bootstrap=settings.bootstrap, client_id="fedex-bench-devices")
+        await producer.start()
+        try:
+            started = time.perf_counter()
+            now = int(time.time() * 1000)
+            sends = []
+            for device in devices:
+                features, labels = bank.take(device.train_rows)
+                value = codec.encode_push(
+                    FeaturePush(
+                        model_id=model_id,
+                        device_id=device.device_id,
+                        backbone=bank.backbone,
+                        cut=bank.cut,
+                        dtype=FeatureDType.FLOAT16,
+                        sample_ids=np.arange(len(labels), dtype=np.uint64),
+                        labels=labels,
+                        timestamps_ms=np.full(len(labels), now, dtype=np.int64),
+                        features=features,
+                    )
+                )
+                up.append(len(value))
+                sends.append(
+                    await producer.send(topics.features, value, key=codec.encode_key(model_id))
+                )
+            await asyncio.gather(*sends)
+            try:
+                update = await asyncio.wait_for(arrived, cfg.job_timeout_s)
+            except TimeoutError:
+                raise BenchError(
+                    f"no model version {cfg.job_timeout_s:g} s after the pushes; see "
+                    f"{settings.log_dir}/worker.log and trainer-0.log"
+                ) from None
+            wall = time.perf_counter() - started
+        finally:
+            await producer.stop()
+    blob = update.checkpoint if update.checkpoint is not None else store.get(update.checkpoint_uri)
+    state, _ = decode_checkpoint(blob, expected_sha256=update.sha256)
+    accuracy = evaluate(state)
+    down = [update.size] * len(devices)
+    console.print(
+        f"fedex: {update.version} accuracy {accuracy:.4f} in {wall:.1f} s "
+        f"(trained {update.metrics.train_seconds:.2f} s on {update.metrics.train_samples} samples)",
+        highlight=False,
+    )
+    return {
+        "accuracy": accuracy,
+        "version": update.version,
+        "is_best": update.is_best,
+        "val_accuracy": update.metrics.val_accuracy,
+        "train_samples": update.metrics.train_samples,
+        "cloud_train_seconds": update.metrics.train_seconds,
+        "checkpoint_encoding": update.encoding,
+        "rounds": 1,
+        "bytes_up_per_device": per_device(up),
+        "bytes_down_per_device": per_device(down),
+        "bytes_per_device": per_device([u + d for u, d in zip(up, down, strict=True)]),
+        "device_compute_seconds_per_device": 0.0,
+        "wall_seconds": wall,
+        "recipe": {
+            "epochs": cfg.fedex_epochs,
+            "lr": cfg.fedex_lr,
+            "batch_size": cfg.fedex_batch_size,
+            "optimizer": "AdamW (trainer.recipe)",
+            "val_fraction": settings.val_fraction,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- FedAvg arm
+
+
+async def run_fedavg_arm(
+    settings: Settings,
+    bank: FeatureBank,
+    devices: Sequence[Device],
+    base_state: dict[str, torch.Tensor],
+    model_id: str,
+    cfg: BenchConfig,
+    evaluate: Evaluator,
+    target: float,
+    console: Console,
+    *,
+    workdir: Path,
+) -> dict[str, Any]:
+    from pipeline.processes import die_with_parent
+    from pipeline.supervisor import child_env
+
+    topics = Topics(settings.topic_prefix)
+    init = workdir / "fedavg-init.safetensors"
+    init.write_bytes(encode_checkpoint(base_state, dtype=CheckpointDType.FP32))
+    ids_file = workdir / "fedavg-devices.txt"
+    ids_file.write_text("".join(f"{d.device_id}\n" for d in devices))
+    data = {}
+    for device in devices:
+        features, labels = bank.take(device.train_rows)
+        data[device.device_id] = DeviceData(features, labels)
+    fleet = FedAvgFleet(
+        bootstrap=settings.bootstrap, topics=topics, model_id=model_id, devices=data, seed=cfg.seed
+    )
+    curve: list[dict[str, float]] = []
+    state: dict[str, Any] = {"start": None, "eval_s": 0.0, "reached": None, "last": None}
+
+    def bytes_mean() -> float:
+        return float(
+            np.mean([ledger.bytes_up + ledger.bytes_down for ledger in fleet.ledgers.values()])
+        )
+
+    async def on_broadcast(broadcast: RoundBroadcast, size: int) -> bool:
+        now = time.perf_counter()
+        if state["start"] is None:
+            state["start"] = now
+        # wall time of the protocol: measuring accuracy is the harness's, not FedAvg's
+        elapsed = now - state["start"] - state["eval_s"]
+        accuracy = await asyncio.to_thread(evaluate, broadcast.tensors)
+        state["eval_s"] += time.perf_counter() - now
+        curve.append(
+            {
+                "round": broadcast.round,
+                "accuracy": accuracy,
+                "wall_seconds": elapsed,
+                "bytes_per_device": bytes_mean(),
+            }
+        )
+        state["last"] = (broadcast, accuracy, elapsed)
+        if broadcast.round % 10 == 0:
+            console.print(
+                f"fedavg: round {broadcast.round} accuracy {accuracy:.4f} "
+                f"({bytes_mean() / 1e3:,.0f} kB per device so far)",
+                highlight=False,
+            )
+        if accuracy >= target:
+            state["reached"] = broadcast.round
+            return True
+        return False
+
+    argv = [
+        sys.executable,
+        "-m",
+        "trainer.fedavg",
+        *("--model", model_id, "--backbone", bank.backbone.value, "--cut", bank.cut.value),
+        *("--num-classes", str(bank.num_classes), "--init", str(init)),
+        *("--devices-file", str(ids_file), "--rounds", str(cfg.max_rounds)),
+        *("--fraction", str(cfg.fraction), "--local-epochs", str(cfg.local_epochs)),
+        *("--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr)),
+        *("--deadline-s", str(cfg.deadline_s), "--seed", str(cfg.seed)),
+    ]
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.log_dir / "fedavg-server.log"
+    async with fleet:
+        with log_path.open("ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                env=child_env(settings, settings.bootstrap),
+                preexec_fn=die_with_parent(os.getpid()),
+            )
+        console.print(f"fedavg: server pid {process.pid} (log {log_path})", highlight=False)
+        devices_task = asyncio.create_task(
+            fleet.run(on_broadcast=on_broadcast, idle_timeout=cfg.ready_timeout_s)
+        )
+        server_task = asyncio.create_task(process.wait())
+        try:
+            await asyncio.wait({devices_task, server_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not devices_task.done():
+                # the server exited: its final broadcast may still be on the way to us
+                done, _ = await asyncio.wait({devices_task}, timeout=10)
+                if not done:
+                    raise BenchError(
+                        f"the FedAvg server exited with code {process.returncode} before "
+                        f"the run ended; see {log_path}"
+                    )
+            last = devices_task.result()
+        finally:
+            for task in (devices_task, server_task):
+                task.cancel()
+            await asyncio.gather(devices_task, server_task, return_exceptions=True)
+            if process.returncode is None:
+                process.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 15)
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    if last is None or state["last"] is None:
+        raise BenchError(f"the FedAvg server sent no round; see {log_path}")
+    final_broadcast, accuracy, wall = state["last"]
+    # Every device ends with the global head, shipped like FedEx's (fp16 safetensors).
+    final_blob = len(
+        encode_checkpoint(
+            {k: torch.from_numpy(np.array(v)) for k, v in final_broadcast.tensors.items()},
+            dtype=CheckpointDType.FP16,
+        )
+    )
+    ledgers = [fleet.ledgers[d.device_id] for d in devices]
+    up = [ledger.bytes_up for ledger in ledgers]
+    down = [ledger.bytes_down + final_blob for ledger in ledgers]
+    rounds = final_broadcast.round  # aggregations done when the reported head was broadcast
+    return {
+        "accuracy": accuracy,
+        "target": target,
+        "reached": state["reached"] is not None,
+        "rounds": rounds,
+        "bytes_up_per_device": per_device(up),
+        "bytes_down_per_device": per_device(down),
+        "bytes_per_device": per_device([u + d for u, d in zip(up, down, strict=True)]),
+        "device_compute_seconds_per_device": per_device([x.compute_seconds for x in ledgers]),
+        "device_compute_seconds_total": float(sum(x.compute_seconds for x in ledgers)),
+        "participations_per_device": per_device([x.rounds for x in ledgers]),
+        "wall_seconds": wall,
+        "final_download_bytes": final_blob,
+        "curve": curve,
+        "recipe": {
+            "fraction": cfg.fraction,
+            "local_epochs": cfg.local_epochs,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "optimizer": "SGD (device_sim.fedavg.local_update)",
+            "server_lr": 1.0,
+            "update_dtype": "float32",
+            "max_rounds": cfg.max_rounds,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- both
+
+
+async def run_side_by_side(
+    settings: Settings, cfg: BenchConfig, console: Console, *, world: World | None = None
+) -> dict[str, Any]:
+    """Both arms on the broker at ``settings.bootstrap`` (topics under a fresh prefix)."""
+    from pipeline.topics import ensure_topics, topic_specs
+
+    world = world or World(WorldConfig(seed=cfg.world_seed))
+    bank = build_bank(world, out=settings.bank_dir, progress=True)
+    model_id = cfg.model_id or bank.model_ids[0]
+    base = train_base_head(bank, model_id, seed=cfg.seed)
+    devices = make_devices(bank, world, model_id, cfg.devices, cfg.samples, cfg.seed)
+    evaluate = Evaluator(bank, devices)
+    base_accuracy = evaluate(base.state_dict)
+    console.print(
+        f"task: {model_id}, {len(devices)} devices x {cfg.samples} samples, "
+        f"{bank.num_classes} classes, {bank.backbone}/{bank.cut}; v0 accuracy {base_accuracy:.4f}",
+        highlight=False,
+    )
+    prefix = f"{settings.topic_prefix}-fedavg-bench-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="fedex-fedavg-bench-") as tmp:
+        live = settings.model_copy(update={"topic_prefix": prefix, "home": Path(tmp)})
+        # the bank stays in the real home; logs and checkpoints of this run in a temp one
+        await ensure_topics(live.bootstrap, topic_specs(live))
+        try:
+            fedex = await run_fedex_arm(
+                live, bank, devices, base.state_dict, model_id, cfg, evaluate, console
+            )
+            fedavg = await run_fedavg_arm(
+                live,
+                bank,
+                devices,
+                base.state_dict,
+                model_id,
+                cfg,
+                evaluate,
+                fedex["accuracy"],
+                console,
+                workdir=Path(tmp),
+            )
+        finally:
+            kept = settings.log_dir / "fedavg-bench"
+            kept.mkdir(parents=True, exist_ok=True)
+            for log in live.log_dir.glob("*.log"):
+                shutil.copyfile(log, kept / log.name)
+    fedex_bytes = fedex["bytes_per_device"]["mean"]
+    ratio = fedavg["bytes_per_device"]["mean"] / fedex_bytes
+    fedavg["cost_to_reach"] = cost_to_reach(
+        fedavg["curve"], fedex["accuracy"], fedavg["final_download_bytes"], fedex_bytes
+    )
+    return {
+        "task": {
+            "model_id": model_id,
+            "devices": len(devices),
+            "samples_per_device": cfg.samples,
+            "num_classes": bank.num_classes,
+            "backbone": bank.backbone.value,
+            "cut": bank.cut.value,
+            "bank": bank.path.name,
+            "world": asdict(world.config),
+            "head_parameters": int(sum(v.numel() for v in base.state_dict.values())),
+            "base_accuracy": base_accuracy,
+            "evaluation": "mean over devices of each device's held-out accuracy",
+        },
+        "config": asdict(cfg),
+        "fedex": fedex,
+        "fedavg": fedavg,
+        "bytes_ratio_fedavg_over_fedex": ratio,
+        "target_ratio": 20.0,
+        "meets_target": bool(fedavg["reached"] and ratio >= 20.0),
+        "logs": str(kept),
+    }
+
+
+def run_bench(settings: Settings, cfg: BenchConfig, out: Path | None = None) -> Path:
+    """The command: a broker (``kafka_for``), both arms, the table and the JSON."""
+    from device_sim.fedavg_report import print_report
+    from pipeline.benchio import write_result
+    from pipeline.stack import kafka_for
+
+    console = Console()
+
+    async def run() -> dict[str, Any]:
+        async with kafka_for(settings) as bootstrap:
+            live = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+            return await run_side_by_side(live, cfg, console)
+
+    result = asyncio.run(run())
+    print_report(result, console)
+    path = write_result("fedavg", result, out)
+    console.print(f"wrote {path}")
+    return path
