@@ -1,10 +1,11 @@
-"""What the agents do with a batch of records, without Faust: validate, count, decide.
+"""What the Faust agent does with its events, without Faust: count, decide.
 
-:class:`Aggregator` turns feature-log records, model updates and clock ticks into an
-:class:`Outcome` (triggers to emit, dead letters to write, per-model states to store). It
-reads states through a ``load`` callable and never writes them itself: the Faust shell in
-``agents.app`` publishes the outputs, waits until they are durable, and only then stores
-the states and lets the source offsets commit.
+:class:`Aggregator` turns batch summaries (the ingest stage's digest of validated feature
+pushes, see ``agents.summarizer``), model updates and clock ticks into an :class:`Outcome`
+(triggers to emit, dead letters to write, per-model states to store). It reads states
+through a ``load`` callable and never writes them itself: the Faust shell in ``agents.app``
+publishes the outputs, waits until they are durable, and only then stores the states and
+lets the source offsets commit.
 """
 
 from __future__ import annotations
@@ -12,19 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final
 
 from agents.policy import ModelState, TriggerPolicy
 from pipeline import codec
-from pipeline.codec import Reject
-from pipeline.records import DeadLetter, FeaturePush, TrainingTrigger
+from pipeline.records import DeadLetter, TrainingTrigger
 
 log = logging.getLogger(__name__)
-
-#: Dead-letter reason of a push for a model whose base update (v0) the agents have not seen.
-UNKNOWN_MODEL: Final = Reject.UNKNOWN_MODEL.value
-#: Dead-letter reason of a push whose record key, backbone or cut disagrees with its model.
-MODEL_MISMATCH: Final = Reject.MODEL_MISMATCH.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +31,20 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp: float
+
+
+def dead_letter(record: Record, reason: str, message: str, at: float) -> DeadLetter:
+    """The dead letter of ``record``: its bytes, origin and why it was rejected."""
+    return DeadLetter(
+        original=record.value or b"",
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        reason=reason,
+        message=message,
+        key=record.key,
+        at_ms=int(at * 1000),
+    )
 
 
 @dataclass(slots=True)
@@ -57,93 +65,63 @@ StateLoader = Callable[[str], ModelState | None]
 
 
 class Aggregator:
-    """Validation and the trigger policy over batches; pure apart from ``load``."""
+    """The trigger policy over batches of summaries, updates and ticks; pure apart from
+    ``load``."""
 
-    def __init__(self, policy: TriggerPolicy, *, max_push_samples: int, load: StateLoader) -> None:
+    def __init__(self, policy: TriggerPolicy, *, load: StateLoader) -> None:
         self.policy = policy
-        self.max_push_samples = max_push_samples
         self._load = load
 
-    def _state(self, cache: dict[str, ModelState | None], model_id: str) -> ModelState | None:
-        if model_id not in cache:
-            cache[model_id] = self._load(model_id)
-        return cache[model_id]
-
-    @staticmethod
-    def _dead(record: Record, reason: str, message: str, at: float) -> DeadLetter:
-        return DeadLetter(
-            original=record.value or b"",
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason,
-            message=message,
-            key=record.key,
-            at_ms=int(at * 1000),
-        )
-
-    def add_pushes(self, records: Iterable[Record], now: float) -> Outcome:
-        """Validates and counts feature pushes, then fires what became due."""
+    def add_summaries(self, records: Iterable[Record], now: float) -> Outcome:
+        """Counts the pushes of batch summaries, then fires what became due. A push whose
+        offset was already counted (a replayed summary) is skipped."""
         out = Outcome()
-        cache: dict[str, ModelState | None] = {}
+        cache: dict[str, ModelState] = {}
         for record in records:
-            key_model = codec.decode_key(record.key)
-            state = self._state(cache, key_model) if key_model else None
             try:
-                push = codec.decode_push(
-                    record.value if record.value is not None else b"",
-                    num_classes=state.num_classes if state is not None else None,
-                    max_samples=self.max_push_samples,
-                )
+                summary = codec.decode_summary(record.value if record.value is not None else b"")
             except codec.CodecError as exc:
-                out.dead_letters.append(self._dead(record, exc.reason.value, exc.message, now))
+                out.dead_letters.append(dead_letter(record, exc.reason.value, exc.message, now))
                 continue
-            problem = self._mismatch(record, key_model, push, state)
-            if problem is not None:
-                out.dead_letters.append(self._dead(record, *problem, now))
-                continue
-            assert state is not None
-            counted = self.policy.agg(
-                state,
-                partition=record.partition,
-                offset=record.offset,
-                samples=push.n,
-                device_id=push.device_id,
-                at=record.timestamp,
+            # One state per model of the summary, loaded once per batch. A model whose update
+            # this partition has not folded yet is counted all the same (the ingest stage
+            # found it on the model topic); it fires once known.
+            states = [self._state(cache, m) for m in summary.models]
+            devices = summary.devices
+            columns = zip(
+                summary.model_index.tolist(),
+                summary.offsets.tolist(),
+                summary.samples.tolist(),
+                summary.times_ms.tolist(),
+                summary.device_index.tolist(),
+                strict=True,
             )
-            if not counted:
-                out.replayed += 1
-                continue
-            out.counted_samples += push.n
-            out.states[state.model_id] = state
-            out.last_record[state.model_id] = record
-            # Checked after every record, not once per batch: a count trigger then
-            # covers the same records however a replay happens to be batched.
-            self._fire(out, state, now)
+            for model, offset, samples, at_ms, device in columns:
+                state = states[model]
+                counted = self.policy.agg(
+                    state,
+                    partition=summary.partition,
+                    offset=offset,
+                    samples=samples,
+                    device_id=devices[device],
+                    at=at_ms / 1000,
+                )
+                if not counted:
+                    out.replayed += 1
+                    continue
+                out.counted_samples += samples
+                out.states[state.model_id] = state
+                out.last_record[state.model_id] = record
+                # Checked after every push, not once per summary: a count trigger then
+                # covers the same pushes however the ingest stage happened to batch them.
+                self._fire(out, state, now)
         return out
 
-    def _mismatch(
-        self, record: Record, key_model: str | None, push: FeaturePush, state: ModelState | None
-    ) -> tuple[str, str] | None:
-        if key_model != push.model_id:
-            return (
-                MODEL_MISMATCH,
-                f"record key {key_model!r} is not the push's model_id {push.model_id!r}; "
-                "pushes must be keyed by their model id",
-            )
-        if state is None or not state.known:
-            return (
-                UNKNOWN_MODEL,
-                f"model {push.model_id!r} has no base update on the model topic yet; "
-                "publish its v0 before devices push",
-            )
-        if push.backbone.value != state.backbone or push.cut.value != state.cut:
-            return (
-                MODEL_MISMATCH,
-                f"push is {push.backbone}/{push.cut}, model {push.model_id!r} is "
-                f"{state.backbone}/{state.cut}",
-            )
-        return None
+    def _state(self, cache: dict[str, ModelState], model_id: str) -> ModelState:
+        state = cache.get(model_id)
+        if state is None:
+            state = cache[model_id] = self._load(model_id) or self.policy.initialize(model_id)
+        return state
 
     def add_update(self, record: Record, now: float) -> Outcome:
         """Folds one model update; a bad one becomes a dead letter."""
@@ -153,7 +131,7 @@ class Aggregator:
         try:
             update = codec.decode_update(record.value)
         except codec.CodecError as exc:
-            out.dead_letters.append(self._dead(record, exc.reason.value, exc.message, now))
+            out.dead_letters.append(dead_letter(record, exc.reason.value, exc.message, now))
             return out
         if codec.decode_key(record.key) != update.model_id:
             log.warning(

@@ -1,10 +1,16 @@
 """The Faust app of the aggregation agents: topics, the per-model table, agents and the timer.
 
-A thin I/O shell around :class:`agents.aggregator.Aggregator`:
+A thin I/O shell around :class:`agents.aggregator.Aggregator`. Pushes do not reach Faust one
+by one: the worker's ingest stage (``agents.ingest``) validates the feature log in large
+batches, dead-letters bad pushes, and sends one *batch summary* per feature-log partition
+(model, offset, sample count, log time and device of each good push) to the internal
+summaries topic, to the partition of the same number: one Faust event per partition and
+batch instead of one per push. The agents here are:
 
-- ``pushes`` consumes the feature log in batches (``take_events``), validates every push,
-  dead-letters bad ones and counts good ones into the per-model table; a count trigger
-  fires as soon as a model's pending samples reach ``min_samples``.
+- ``summaries`` consumes the summaries topic in batches (``take_events``) and counts each
+  summary's pushes into the per-model table; a count trigger fires as soon as a model's
+  pending samples reach ``min_samples`` (checked after every push, so replays trigger the
+  same ranges).
 - ``updates`` consumes the model topic: learns a model's classes, backbone and cut from
   its updates, and ends the job in flight when an update answers its trigger id.
 - ``ticks``: a timer on every worker sends, every ``agent_tick_s``, one tick to each
@@ -13,19 +19,21 @@ A thin I/O shell around :class:`agents.aggregator.Aggregator`:
   topic is what lets the timer's decisions change the table: Faust writes a table key
   only in the context of an event, whose partition is the changelog partition.
 
-Consumer group = app id ``<prefix>-agents``. The feature, model and ticks topics and the
-table's changelog have the same partition count, so Faust's assignor gives a worker the
-same partitions of all of them (co-partitioning): the worker that counts a model's pushes
+Consumer group = app id ``<prefix>-agents`` (the ingest stage has its own,
+``<prefix>-agents-ingest``). The summaries, model and ticks topics and the table's changelog
+have the feature log's partition count, so Faust's assignor gives a worker the same
+partitions of all of them (co-partitioning): the worker that counts a model's summaries
 also folds its updates and ticks it. More workers = the partitions spread over them.
 
-Durability (at-least-once, nothing lost): for every batch, triggers and dead letters are
+Durability (at-least-once, nothing lost): the ingest stage commits feature-log offsets only
+once their summaries are acknowledged. Here, for every batch, triggers and dead letters are
 sent with ``acks=all`` and awaited; only then is the new state written to the table, and
 its changelog records are awaited too; only then are the source events acked, and Faust
 commits an offset only once every event before it is acked (it also flushes its producer
 before committing). A batch that fails or is cancelled is never acked: its partition stops
 committing, and the agent's crash stops the worker, so a restart re-reads the batch.
-Replays are harmless: the table remembers the next offset it counted per partition, and a
-re-emitted trigger carries the same trigger id.
+Replays are harmless: the table remembers the next feature-log offset it counted per
+partition and skips every push below it, and a re-emitted trigger carries the same trigger id.
 """
 
 from __future__ import annotations
@@ -55,10 +63,10 @@ from pipeline.topics import Topics
 
 log = logging.getLogger(__name__)
 
-#: Pushes per batch at most, and how long a batch waits to fill (also the floor of the
-#: trigger latency).
-BATCH_MAX = 2000
-BATCH_WITHIN_S = 0.05
+#: Summaries per batch at most, and how long a batch waits to fill (part of the trigger
+#: latency).
+BATCH_MAX = 1000
+BATCH_WITHIN_S = 0.02
 TABLE_NAME = "models"
 
 
@@ -180,7 +188,6 @@ class AgentApp:
             autodiscover=False,
         )
         raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
-        self.features_topic = self.app.topic(self.topics.features, **raw)
         self.models_topic = self.app.topic(self.topics.models, allow_empty=True, **raw)
         self.triggers_topic = self.app.topic(self.topics.triggers, **raw)
         self.deadletter_topic = self.app.topic(self.topics.deadletter, **raw)
@@ -193,14 +200,22 @@ class AgentApp:
             deleting=True,
             **raw,
         )
+        # Kept as long as the feature log: a summary not yet counted is pending data.
+        self.summaries_retention_ms = settings.training_window_ms
+        self.summaries_topic = self.app.topic(
+            f"{self.app_id}-summaries",
+            internal=True,
+            partitions=partitions,
+            retention=timedelta(milliseconds=self.summaries_retention_ms),
+            deleting=True,
+            **raw,
+        )
         self.table = cast(
             DurableTable,
             self.app.Table(TABLE_NAME, partitions=partitions, key_type=bytes, value_type=bytes),
         )
         self.policy = TriggerPolicy.from_settings(settings)
-        self.aggregator = Aggregator(
-            self.policy, max_push_samples=settings.max_push_samples, load=self.load_state
-        )
+        self.aggregator = Aggregator(self.policy, load=self.load_state)
         self.counted_samples = 0
         self.triggers_sent = 0
         self.dead_letters_sent = 0
@@ -209,7 +224,7 @@ class AgentApp:
         # commit, so the worker must stop and a restart re-reads it.
         self._on_error = on_error
         for channel, name, fun in (
-            (self.features_topic, "pushes", self._pushes_agent),
+            (self.summaries_topic, "summaries", self._summaries_agent),
             (self.models_topic, "updates", self._updates_agent),
             (self.ticks_topic, "ticks", self._ticks_agent),
         ):
@@ -224,15 +239,21 @@ class AgentApp:
             return None
         return ModelState.from_fields(codec.decode_model_state(data))
 
-    def states(self) -> list[ModelState]:
-        """Every model state this worker holds (its active partitions)."""
-        return [ModelState.from_fields(codec.decode_model_state(v)) for v in self.table.values()]
+    def states(self, partition: int | None = None) -> list[ModelState]:
+        """Every model state this worker holds (its active partitions), or those of one
+        feature-log ``partition``."""
+        fields = (codec.decode_model_state(v) for v in self.table.values())
+        return [
+            ModelState.from_fields(f)
+            for f in fields
+            if partition is None or f.get("partition") == partition
+        ]
 
     # ------------------------------------------------------------------------ agents
 
-    async def _pushes_agent(self, stream: Any) -> AsyncIterator[None]:
+    async def _summaries_agent(self, stream: Any) -> AsyncIterator[None]:
         async for events in stream.take_events(self.batch_max, self.batch_within_s):
-            outcome = self.aggregator.add_pushes([_record(e) for e in events], self.clock())
+            outcome = self.aggregator.add_summaries([_record(e) for e in events], self.clock())
             await self._guarded(events, outcome)
             yield None
 
@@ -245,7 +266,7 @@ class AgentApp:
     async def _ticks_agent(self, stream: Any) -> AsyncIterator[None]:
         async for event in stream.events():
             partition = event.message.partition
-            due = [s for s in self.states() if s.partition == partition]
+            due = self.states(partition)
             outcome = self.aggregator.tick(due, self.clock())
             await self._guarded([event], outcome)
             yield None

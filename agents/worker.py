@@ -1,11 +1,16 @@
 """Running the agents: :class:`AgentWorker` (async, for tests and benches) and
 :func:`run_worker` (the blocking entry point of ``fedex worker``).
 
-Several workers share the work through the consumer group ``<prefix>-agents``: start more
-``fedex worker`` processes (each with its own ``FEDEX_HOME`` or state dir when they share a
-machine, since RocksDB locks its files) and Faust's assignor spreads the partitions of the
-feature log, with the matching model, ticks and changelog partitions, over them. When a
-worker leaves, its partitions move and their table state is rebuilt from the changelog.
+A worker is two stages in one process and event loop: the ingest stage
+(``agents.ingest``: feature log → validated batch summaries and dead letters) and the Faust
+app (``agents.app``: summaries, model updates and ticks → the per-model table and triggers).
+
+Several workers share the work through two consumer groups, ``<prefix>-agents-ingest``
+(the feature log) and ``<prefix>-agents`` (Faust: summaries, models, ticks, changelog):
+start more ``fedex worker`` processes (each with its own ``FEDEX_HOME`` or state dir when
+they share a machine, since RocksDB locks its files) and the partitions spread over them.
+When a worker leaves, its partitions move, its uncommitted batches are re-read, and its
+table state is rebuilt from the changelog.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.app import AgentApp, Emitted
+from agents.ingest import IngestStage
 from agents.policy import ModelState
 from pipeline.errors import FedexError
 from pipeline.lifecycle import Service
@@ -37,8 +43,9 @@ class AgentError(FedexError):
 class AgentWorker(Service):
     """One agents worker in the current event loop: ``start()``, ``stop()``, ``async with``.
 
-    ``wait_ready()`` returns once this worker has partitions and its table is recovered.
-    A crashed agent fails ``wait_stopped()`` and ``wait_ready()``.
+    ``wait_ready()`` returns once this worker has partitions of both groups and its table
+    is recovered. A crashed agent or ingest stage fails ``wait_stopped()`` and
+    ``wait_ready()``.
     """
 
     def __init__(
@@ -66,6 +73,19 @@ class AgentWorker(Service):
             **app_options,
         )
         self.app = self.agents.app
+        self.ingest = IngestStage(
+            bootstrap=settings.bootstrap,
+            features_topic=self.agents.topics.features,
+            models_topic=self.agents.topics.models,
+            summaries_topic=self.agents.summaries_topic.get_topic_name(),
+            deadletter_topic=self.agents.topics.deadletter,
+            group_id=f"{self.agents.app_id}-ingest",
+            max_push_samples=settings.max_push_samples,
+            batch_max=settings.ingest_batch_max,
+            linger_ms=settings.ingest_linger_ms,
+            clock=clock,
+            on_error=self._on_agent_error,
+        )
         self._failed: asyncio.Future[None] | None = None
         self._started = False
         self._stopped = False
@@ -82,17 +102,24 @@ class AgentWorker(Service):
         self._failed = asyncio.get_running_loop().create_future()
         if self._ensure:
             await ensure_topics(self.settings.bootstrap, topic_specs(self.settings))
-        # The ticks topic must exist before the group's first assignment: Faust declares it
-        # only after subscribing, and an assignor that found it missing never hands out its
-        # partitions, so age triggers and job timeouts would silently never be checked.
-        await _create_topic(
-            self.settings.bootstrap,
-            self.agents.ticks_topic.get_topic_name(),
-            self.settings.features_partitions,
-            self.settings.replication_factor,
-        )
+        # The internal topics must exist before the group's first assignment: Faust declares
+        # them only after subscribing, and an assignor that found one missing never hands out
+        # its partitions (no ticks: age triggers and job timeouts never checked; no
+        # summaries: nothing counted).
+        for topic, retention_ms in (
+            (self.agents.ticks_topic.get_topic_name(), 3_600_000),
+            (self.agents.summaries_topic.get_topic_name(), self.agents.summaries_retention_ms),
+        ):
+            await _create_topic(
+                self.settings.bootstrap,
+                topic,
+                self.settings.features_partitions,
+                self.settings.replication_factor,
+                retention_ms=retention_ms,
+            )
         self.agents.datadir.mkdir(parents=True, exist_ok=True)
         await self.app.start()
+        await self.ingest.start()
 
     def _check(self) -> None:
         if self._failed is not None and self._failed.done():
@@ -110,7 +137,15 @@ class AgentWorker(Service):
             and any(tp.topic == ticks for tp in actives)
             and not app.rebalancing
             and app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+            and bool(self.ingest.assignment)
         )
+
+    @property
+    def partitions(self) -> set[int]:
+        """The table partitions (= feature-log partitions) whose models this worker counts,
+        ages and triggers now."""
+        ticks = self.agents.ticks_topic.get_topic_name()
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == ticks}
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         """Returns once partitions are assigned and the table recovered."""
@@ -141,6 +176,8 @@ class AgentWorker(Service):
         if not self._started or self._stopped:
             return
         self._stopped = True
+        # Input first: the ingest stage finishes its batch in flight and leaves its group.
+        await self.ingest.stop()
         try:
             await asyncio.wait_for(self.app.stop(), timeout)
         except TimeoutError:
@@ -192,12 +229,15 @@ async def _serve(settings: Settings, max_runtime: float | None) -> None:
         await worker.stop()
         for sig in installed:
             loop.remove_signal_handler(sig)
-        agents = worker.agents
+        agents, ingest = worker.agents, worker.ingest
         log.info(
-            "agents worker stopped: %d samples counted, %d triggers, %d dead letters",
+            "agents worker stopped: %d pushes (%d samples) validated, %d samples counted, "
+            "%d triggers, %d dead letters",
+            ingest.pushes,
+            ingest.samples,
             agents.counted_samples,
             agents.triggers_sent,
-            agents.dead_letters_sent,
+            ingest.dead_letters_sent + agents.dead_letters_sent,
         )
 
 
@@ -209,7 +249,9 @@ def run_worker(settings: Settings, *, max_runtime: float | None = None) -> None:
     asyncio.run(_serve(settings, max_runtime))
 
 
-async def _create_topic(bootstrap: str, name: str, partitions: int, replication: int) -> None:
+async def _create_topic(
+    bootstrap: str, name: str, partitions: int, replication: int, *, retention_ms: int
+) -> None:
     """Creates ``name`` unless it exists (idempotent, safe with several workers)."""
     from aiokafka.admin import NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
@@ -223,10 +265,17 @@ async def _create_topic(bootstrap: str, name: str, partitions: int, replication:
             return
         with contextlib.suppress(TopicAlreadyExistsError):
             response = await admin.create_topics(
-                [NewTopic(name, partitions, replication, topic_configs={"retention.ms": "3600000"})]
+                [
+                    NewTopic(
+                        name,
+                        partitions,
+                        replication,
+                        topic_configs={"retention.ms": str(retention_ms)},
+                    )
+                ]
             )
             for _, code, *_ in getattr(response, "topic_errors", []):
                 if code not in (0, TopicAlreadyExistsError.errno):
-                    raise AgentError(f"could not create the ticks topic {name!r}: error {code}")
+                    raise AgentError(f"could not create the agents' topic {name!r}: error {code}")
     finally:
         await admin.close()

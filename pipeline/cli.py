@@ -268,11 +268,232 @@ def up(
 
 
 @app.command("demo")
-def demo() -> None:
-    """The main job on the embedded default stack (see the README)."""
-    from pipeline.demo import run_demo
+def demo(
+    devices: int = typer.Option(1000, help="simulated devices"),
+    models: int = typer.Option(2, help="models (faces-1..faces-M)"),
+    duration: str = typer.Option("3m", help="how long the fleet runs (90s, 3m, …)"),
+) -> None:
+    """The main job: local Kafka, worker, trainer, model server and a device fleet, then
+    the report (see the README)."""
+    from device_sim.demo import run_demo
+    from device_sim.fleet_setup import parse_duration
 
-    run_demo(Settings())
+    run_demo(Settings(), devices=devices, models=models, duration_s=parse_duration(duration))
+
+
+# --- bench push | datafraction | report (issue 5: the paper's tables and docs/benchmarks.md)
+
+
+@bench_app.command("push")
+def bench_push(
+    repeats: int = typer.Option(10, help="timed pushes per level and path"),
+    pull_repeats: int = typer.Option(5, help="timed pulls per checkpoint"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Table 2: push (Kafka acks=all, HTTP) and pull latency per freeze level on loopback,
+    plus modelled latency on the simulated mobile network tiers, and the FedAvg push."""
+    from device_sim.push_bench import run_push_bench
+    from pipeline.stack import kafka_for
+
+    async def run() -> None:
+        async with kafka_for(Settings()) as bootstrap:
+            await asyncio.to_thread(
+                run_push_bench,
+                bootstrap=bootstrap,
+                repeats=repeats,
+                pull_repeats=pull_repeats,
+                out=out,
+            )
+
+    asyncio.run(run())
+
+
+@bench_app.command("datafraction")
+def bench_datafraction(
+    config: str = typer.Option("default", help="world and bank: default (the demo's) or small"),
+    seeds: int = typer.Option(5, help="seeds per point (mean ± std)"),
+    epochs: int = typer.Option(30, help="epochs of every head (base and retrained)"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+    plot: Path | None = typer.Option(Path("docs/img/datafraction.png"), help="PNG of the curve"),
+) -> None:
+    """Figure 4: validation accuracy vs fraction of additional user data (0-100%)."""
+    from device_sim.datafraction_bench import run_datafraction_bench
+
+    try:
+        run_datafraction_bench(
+            bank_dir=Settings().bank_dir,
+            config=config,
+            seeds=seeds,
+            epochs=epochs,
+            out=out,
+            plot=plot,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@bench_app.command("report")
+def bench_report(
+    only: list[str] | None = typer.Option(None, help="run only this bench (repeatable)"),
+    skip: list[str] | None = typer.Option(None, help="do not run this bench (repeatable)"),
+    render_only: bool = typer.Option(
+        False, "--render-only", help="run nothing: re-render docs from bench/results/*.json"
+    ),
+    timeout: float = typer.Option(1800.0, help="seconds one bench may run"),
+    results: Path = typer.Option(Path("bench/results"), help="result JSON directory"),
+    docs: Path = typer.Option(Path("docs"), help="where benchmarks.md and img/ go"),
+) -> None:
+    """Run every benchmark (each its own process), then write docs/benchmarks.md and its
+    plots. A bench that fails or has no result is shown as missing with the reason."""
+    from pipeline.bench_report import run_report
+
+    try:
+        path, images, _ = run_report(
+            results_dir=results,
+            docs_dir=docs,
+            log_dir=Settings().log_dir / "bench-report",
+            only=only,
+            skip=skip or (),
+            render_only=render_only,
+            timeout=timeout,
+            echo=typer.echo,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(f"wrote {path} and {', '.join(str(i) for i in images) or 'no plots'}")
+
+
+# --- end bench push | datafraction | report
+
+
+# ------------------------------------------------------------- FedAvg baseline (issue 5)
+
+
+@bench_app.command("fedavg")
+def bench_fedavg(
+    devices: int = typer.Option(150, help="devices of one model of the default world"),
+    samples: int = typer.Option(32, help="samples per device (pushed once / trained on)"),
+    fraction: float = typer.Option(0.1, help="FedAvg: share of devices selected per round"),
+    local_epochs: int = typer.Option(5, help="FedAvg: local epochs E (0 = FedSGD gradients)"),
+    batch_size: int = typer.Option(10, help="FedAvg: local minibatch size B"),
+    lr: float = typer.Option(0.1, help="FedAvg: local SGD learning rate"),
+    max_rounds: int = typer.Option(300, help="FedAvg: give up after this many rounds"),
+    fedex_epochs: int = typer.Option(30, help="FedEx: trainer epochs for the one job"),
+    seed: int = typer.Option(0, help="seed of devices, data draws and selection"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """FedEx vs FedAvg on one broker and the same task: accuracy, rounds, bytes and compute
+    per device, wall time (docs/fedavg.md)."""
+    from device_sim.fedavg_bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        devices=devices,
+        samples=samples,
+        fraction=fraction,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_rounds=max_rounds,
+        fedex_epochs=fedex_epochs,
+        seed=seed,
+    )
+    run_bench(Settings(), config, out)
+
+
+# --- devices | bench fleet (issue 4: the device fleet)
+
+
+@app.command("devices")
+def devices(
+    count: int = typer.Option(1000, "--count", help="devices in the fleet"),
+    models: int = typer.Option(
+        2, "--models", help="models (faces-1..faces-M), devices round-robin"
+    ),
+    cut: str = typer.Option("freeze6", "--cut", help="freeze level the devices push at"),
+    backbone: str = typer.Option(
+        "inception_resnet_v1", "--backbone", help="inception_resnet_v1 or mobilenet_v2"
+    ),
+    duration: str | None = typer.Option(None, "--duration", help="e.g. 90s, 5m, 1h"),
+    max_pushes: int | None = typer.Option(None, "--max-pushes", help="stop after N acked pushes"),
+    processes: int = typer.Option(1, "--processes", help="worker processes (count/P devices each)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the world and the devices"),
+    features: str = typer.Option("bank", "--features", help="bank, or live (small fleets)"),
+    time_scale: float | None = typer.Option(
+        None, "--time-scale", help="simulated s per wall s (default FEDEX_FLEET_TIME_SCALE)"
+    ),
+    availability: str = typer.Option(
+        "rhythm", "--availability", help="rhythm (daily charging windows) or always"
+    ),
+    transfer_time: bool = typer.Option(
+        True, "--transfer-time/--no-transfer-time", help="simulate network transfer time"
+    ),
+    compression: str | None = typer.Option(None, "--compression", help="producer: gzip, lz4, …"),
+    per_device: bool = typer.Option(False, "--per-device", help="per-device columns in the JSON"),
+    out: Path | None = typer.Option(None, "--out", help="JSON report (default $FEDEX_HOME/fleet/)"),
+) -> None:
+    """Simulate a fleet of devices: inference, feedback, cached feature+label samples
+    pushed in charging windows, model versions pulled and applied. Live progress, a
+    summary table and a JSON report; Ctrl-C flushes and reports."""
+    from device_sim.console import run_devices
+    from device_sim.devices import Availability, DeviceParams
+    from device_sim.fleet import FleetConfig, parse_duration
+    from pipeline.errors import ConfigError
+    from pipeline.records import Backbone, Cut
+
+    settings = Settings()
+    try:
+        config = FleetConfig(
+            count=count,
+            models=models,
+            cut=Cut(cut),
+            backbone=Backbone(backbone),
+            duration_s=parse_duration(duration) if duration else None,
+            max_pushes=max_pushes,
+            seed=seed,
+            features=features,  # type: ignore[arg-type]  # validated by FleetConfig
+            time_scale=time_scale or settings.fleet_time_scale,
+            send_timeout_s=settings.fleet_send_timeout_s,
+            params=DeviceParams(
+                availability=Availability(availability), simulate_transfer=transfer_time
+            ),
+            compression=compression,
+            per_device=per_device,
+        )
+    except (ConfigError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if config.duration_s is None and config.max_pushes is None:
+        typer.echo("no --duration or --max-pushes: running until Ctrl-C", err=True)
+    run_devices(settings, config, processes=processes, out=out)
+
+
+@bench_app.command("fleet")
+def bench_fleet(
+    devices: int = typer.Option(10_000, help="devices in the one-process run"),
+    seconds: float = typer.Option(30.0, help="measured window of the one-process run"),
+    fanout_devices: int = typer.Option(10_000, help="devices of the fan-out measurement"),
+    fanout_versions: int = typer.Option(5, help="versions published for fan-out"),
+    big: int = typer.Option(100_000, help="devices of the multi-process run (0: skip)"),
+    processes: int = typer.Option(10, help="processes of the multi-process run"),
+    big_seconds: float = typer.Option(45.0, help="measured window of the multi-process run"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """10,000 devices in one process (RSS, loop lag, pushes/s), model fan-out to 10,000
+    devices, and 100,000 devices across processes."""
+    from device_sim.fleet_bench import FleetBenchConfig, run_fleet_bench
+
+    run_fleet_bench(
+        Settings(),
+        FleetBenchConfig(
+            devices=devices,
+            seconds=seconds,
+            fanout_devices=fanout_devices,
+            fanout_versions=fanout_versions,
+            big_devices=big,
+            big_processes=processes,
+            big_seconds=big_seconds,
+        ),
+        out,
+    )
 
 
 def main() -> None:

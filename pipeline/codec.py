@@ -29,6 +29,7 @@ from pipeline.errors import FedexError
 from pipeline.records import (
     FEATURE_SHAPES,
     Backbone,
+    BatchSummary,
     Cut,
     DeadLetter,
     FeatureDType,
@@ -36,8 +37,11 @@ from pipeline.records import (
     ModelMetrics,
     ModelUpdate,
     OffsetRange,
+    RoundBroadcast,
+    RoundUpdate,
     TrainingTrigger,
     TriggerReason,
+    UpdateKind,
 )
 
 MAGIC: Final = b"FDXS"
@@ -70,6 +74,11 @@ class Kind(enum.IntEnum):
     TRAINING_TRIGGER = 2
     MODEL_UPDATE = 3
     DEAD_LETTER = 4
+    #: Internal to the aggregation agents (ingest stage → Faust agent).
+    BATCH_SUMMARY = 5
+    #: FedAvg baseline (issue 5): server → devices, device → server.
+    ROUND_BROADCAST = 6
+    ROUND_UPDATE = 7
 
 
 class Reject(enum.StrEnum):
@@ -237,14 +246,16 @@ def _optional_id(meta: Mapping[str, Any], key: str) -> str | None:
 
 
 def _enum(meta: Mapping[str, Any], key: str, cls: type[enum.StrEnum], reason: Reject) -> Any:
-    value = _get(meta, key, str, f"one of {', '.join(m.value for m in cls)}")
-    try:
-        return cls(value)
-    except ValueError:
-        raise CodecError(
-            reason,
-            f"{key} {value!r:.40} is unknown; expected one of {', '.join(m.value for m in cls)}",
-        ) from None
+    value = meta.get(key)
+    if isinstance(value, str):
+        try:  # not contextlib.suppress: this is on every push's hot path
+            return cls(value)
+        except ValueError:
+            pass
+    # The list of choices is built only for the error (it cost half of decode_push).
+    choices = ", ".join(m.value for m in cls)
+    value = _get(meta, key, str, f"one of {choices}")
+    raise CodecError(reason, f"{key} {value!r:.40} is unknown; expected one of {choices}")
 
 
 def _nonneg_int(meta: Mapping[str, Any], key: str) -> int:
@@ -584,6 +595,183 @@ def decode_key(key: bytes | None) -> str | None:
         return None
 
 
+# ------------------------------------------------------------- FedAvg baseline (issue 5)
+#
+# Round broadcasts (server → devices) and round updates (device → server) carry a head's
+# named tensors: the metadata lists ``[name, shape]`` in body order, the body is each
+# tensor's raw little-endian bytes (row-major, ``dtype``), each padded to 8 bytes.
+
+#: Most tensors one record may carry (a head has at most a few hundred).
+MAX_TENSORS: Final = 4096
+#: Most devices one round may select (the list rides in the metadata).
+MAX_SELECTED: Final = 2048
+
+
+def _tensor_body(
+    tensors: Mapping[str, np.ndarray], dtype: FeatureDType
+) -> tuple[list[Any], list[bytes]]:
+    if not tensors:
+        raise CodecError(Reject.MISSING_FIELD, "a FedAvg record needs at least one tensor")
+    table: list[Any] = []
+    parts: list[bytes] = []
+    for name, array in tensors.items():
+        raw = np.ascontiguousarray(array, dtype=dtype.numpy).tobytes()
+        table.append([name, [int(d) for d in np.shape(array)]])
+        parts += [raw, b"\0" * (_align(len(raw)) - len(raw))]
+    return table, parts
+
+
+def _tensors_from(
+    meta: Mapping[str, Any], body: memoryview, dtype: FeatureDType
+) -> dict[str, np.ndarray]:
+    """Read-only views of the body's tensors, checked against the metadata's table."""
+    table = _get(meta, "tensors", list, "a list of [name, shape]")
+    if not table or len(table) > MAX_TENSORS:
+        raise CodecError(
+            Reject.BAD_FIELD, f"a record carries 1 to {MAX_TENSORS} tensors, got {len(table)}"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    at = 0
+    for item in table:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not 0 < len(item[0]) <= 256
+            or not isinstance(item[1], list)
+            or len(item[1]) > 8
+            or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in item[1])
+        ):
+            raise CodecError(
+                Reject.SHAPE_MISMATCH, f"tensor entry {item!r:.80} must be [name, [dims ≥ 0]]"
+            )
+        name, shape = item[0], tuple(item[1])
+        if name in tensors:
+            raise CodecError(Reject.BAD_FIELD, f"tensor {name!r} appears twice")
+        count = math.prod(shape)
+        size = count * dtype.numpy.itemsize
+        if at + size > len(body):
+            raise CodecError(
+                Reject.SIZE_MISMATCH,
+                f"body is {len(body)} bytes; tensor {name!r} {list(shape)} ends past it",
+            )
+        tensors[name] = np.frombuffer(body, dtype.numpy, count, at).reshape(shape)
+        at += _align(size)
+    if at != len(body):
+        raise CodecError(
+            Reject.SIZE_MISMATCH, f"body is {len(body)} bytes, the tensor table needs {at}"
+        )
+    bits, exponent = _EXPONENT_BITS[dtype]
+    for name, array in tensors.items():
+        if array.size and int((array.view(bits) & exponent).max()) == exponent:
+            raise CodecError(Reject.NON_FINITE, f"tensor {name!r} holds NaN or Inf")
+    return tensors
+
+
+def _positive_int(meta: Mapping[str, Any], key: str) -> int:
+    value = _nonneg_int(meta, key)
+    if value == 0:
+        raise CodecError(Reject.BAD_FIELD, f"{key!r} must be positive")
+    return value
+
+
+def encode_round_broadcast(broadcast: RoundBroadcast) -> bytes:
+    """Encodes a round's global head (tensors cast to ``broadcast.dtype``)."""
+    table, parts = _tensor_body(broadcast.tensors, broadcast.dtype)
+    meta = {
+        "model_id": broadcast.model_id,
+        "run_id": broadcast.run_id,
+        "round": broadcast.round,
+        "backbone": broadcast.backbone.value,
+        "cut": broadcast.cut.value,
+        "num_classes": broadcast.num_classes,
+        "selected": list(broadcast.selected),
+        "local_epochs": broadcast.local_epochs,
+        "batch_size": broadcast.batch_size,
+        "lr": broadcast.lr,
+        "deadline_ms": broadcast.deadline_ms,
+        "dtype": broadcast.dtype.value,
+        "tensors": table,
+        "created_at_ms": broadcast.created_at_ms,
+    }
+    return _envelope(Kind.ROUND_BROADCAST, meta, parts)
+
+
+def decode_round_broadcast(data: bytes | bytearray | memoryview) -> RoundBroadcast:
+    """Decodes and validates a broadcast; tensors are read-only views into ``data``."""
+    _, meta, body = _open(data, Kind.ROUND_BROADCAST)
+    raw_selected = _get(meta, "selected", list, "a list of device ids")
+    if len(raw_selected) > MAX_SELECTED:
+        raise CodecError(
+            Reject.BAD_FIELD, f"{len(raw_selected)} devices selected, the limit is {MAX_SELECTED}"
+        )
+    selected = tuple(_id({"device_id": d}, "device_id") for d in raw_selected)
+    if len(set(selected)) != len(selected):
+        raise CodecError(Reject.BAD_FIELD, "a device is selected twice")
+    lr = _get(meta, "lr", (int, float), "a number")
+    if not math.isfinite(lr) or lr < 0:
+        raise CodecError(Reject.BAD_FIELD, f"'lr' must be finite and ≥ 0, got {lr}")
+    dtype: FeatureDType = _enum(meta, "dtype", FeatureDType, Reject.UNKNOWN_DTYPE)
+    return RoundBroadcast(
+        model_id=_id(meta, "model_id"),
+        run_id=_id(meta, "run_id"),
+        round=_nonneg_int(meta, "round"),
+        backbone=_enum(meta, "backbone", Backbone, Reject.UNKNOWN_BACKBONE),
+        cut=_enum(meta, "cut", Cut, Reject.UNKNOWN_CUT),
+        num_classes=_positive_int(meta, "num_classes"),
+        selected=selected,
+        local_epochs=_nonneg_int(meta, "local_epochs"),
+        batch_size=_positive_int(meta, "batch_size"),
+        lr=float(lr),
+        deadline_ms=_nonneg_int(meta, "deadline_ms"),
+        dtype=dtype,
+        tensors=_tensors_from(meta, body, dtype),
+        created_at_ms=_nonneg_int(meta, "created_at_ms"),
+    )
+
+
+def encode_round_update(update: RoundUpdate) -> bytes:
+    """Encodes a device's round update (tensors cast to ``update.dtype``)."""
+    if update.loss is not None and not math.isfinite(update.loss):
+        raise CodecError(Reject.NON_FINITE, f"loss {update.loss} is not finite")
+    table, parts = _tensor_body(update.tensors, update.dtype)
+    meta = {
+        "model_id": update.model_id,
+        "run_id": update.run_id,
+        "round": update.round,
+        "device_id": update.device_id,
+        "sample_count": update.sample_count,
+        "kind": update.kind.value,
+        "dtype": update.dtype.value,
+        "loss": update.loss,
+        "tensors": table,
+        "created_at_ms": update.created_at_ms,
+    }
+    return _envelope(Kind.ROUND_UPDATE, meta, parts)
+
+
+def decode_round_update(data: bytes | bytearray | memoryview) -> RoundUpdate:
+    """Decodes and validates a round update; tensors are read-only views into ``data``.
+    Whether its tensors fit the round's head is the server's check."""
+    _, meta, body = _open(data, Kind.ROUND_UPDATE)
+    loss = _optional(meta, "loss", (int, float), "a number")
+    if loss is not None and not math.isfinite(loss):
+        raise CodecError(Reject.NON_FINITE, f"loss {loss} is not finite")
+    dtype: FeatureDType = _enum(meta, "dtype", FeatureDType, Reject.UNKNOWN_DTYPE)
+    return RoundUpdate(
+        model_id=_id(meta, "model_id"),
+        run_id=_id(meta, "run_id"),
+        round=_nonneg_int(meta, "round"),
+        device_id=_id(meta, "device_id"),
+        sample_count=_positive_int(meta, "sample_count"),
+        kind=_enum(meta, "kind", UpdateKind, Reject.BAD_FIELD),
+        dtype=dtype,
+        tensors=_tensors_from(meta, body, dtype),
+        loss=_float_or_none(loss),
+        created_at_ms=_nonneg_int(meta, "created_at_ms"),
+    )
+
+
 # ------------------------------------------------------------------ agent table value
 #
 # The aggregation agents keep one state per model in a changelog-backed table. Its value is
@@ -618,3 +806,113 @@ def decode_model_state(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     if not isinstance(fields.get("model_id"), str):
         raise CodecError(Reject.MISSING_ID, "model state has no 'model_id'")
     return fields
+
+
+# ---------------------------------------------------------------- agents' batch summary
+#
+# Internal to the aggregation agents: their ingest stage validates feature pushes and sends,
+# per feature-log partition, one summary of a batch's valid pushes to the agents' summaries
+# topic, which their Faust agent counts. Envelope kind 5; metadata names the partition, the
+# column length and how many model and device ids follow; the body is five little-endian
+# columns of ``n`` entries (offsets i64, log times i64 ms, samples i32, model index i32,
+# device index i32) followed by the model ids then the device ids, UTF-8, newline-separated
+# (an id never holds a newline).
+
+#: Pushes in one summary at most (an ingest batch is far smaller).
+MAX_SUMMARY_PUSHES: Final = 1 << 20
+_SUMMARY_ENTRY_BYTES: Final = 28
+
+
+def encode_summary(summary: BatchSummary) -> bytes:
+    """Encodes a batch summary. Raises CodecError if its columns disagree."""
+    n = summary.n
+    columns = (summary.times_ms, summary.samples, summary.model_index, summary.device_index)
+    if any(c.shape != (n,) for c in columns):
+        raise CodecError(
+            Reject.SIZE_MISMATCH,
+            f"summary columns disagree: {n} offsets, then "
+            f"{', '.join(str(c.shape[0]) for c in columns)} times, samples, models, devices",
+        )
+    names = "\n".join((*summary.models, *summary.devices)).encode("utf-8")
+    meta = {
+        "partition": summary.partition,
+        "n": n,
+        "models": len(summary.models),
+        "devices": len(summary.devices),
+    }
+    return _envelope(
+        Kind.BATCH_SUMMARY,
+        meta,
+        [
+            np.ascontiguousarray(summary.offsets, dtype=_I64).tobytes(),
+            np.ascontiguousarray(summary.times_ms, dtype=_I64).tobytes(),
+            np.ascontiguousarray(summary.samples, dtype=_I32).tobytes(),
+            np.ascontiguousarray(summary.model_index, dtype=_I32).tobytes(),
+            np.ascontiguousarray(summary.device_index, dtype=_I32).tobytes(),
+            names,
+        ],
+    )
+
+
+def decode_summary(data: bytes | bytearray | memoryview) -> BatchSummary:
+    """Decodes and checks a batch summary; columns are read-only views into ``data``."""
+    _, meta, body = _open(data, Kind.BATCH_SUMMARY)
+    partition = _nonneg_int(meta, "partition")
+    n = _nonneg_int(meta, "n")
+    if n == 0:
+        raise CodecError(Reject.EMPTY_BATCH, "the summary holds no pushes")
+    if n > MAX_SUMMARY_PUSHES:
+        raise CodecError(
+            Reject.OVERSIZED_BATCH,
+            f"the summary holds {n} pushes, the limit is {MAX_SUMMARY_PUSHES}",
+        )
+    model_count = _nonneg_int(meta, "models")
+    device_count = _nonneg_int(meta, "devices")
+    size = _SUMMARY_ENTRY_BYTES * n
+    if len(body) < size:
+        raise CodecError(
+            Reject.SIZE_MISMATCH, f"body is {len(body)} bytes; {n} pushes need at least {size}"
+        )
+    offsets = np.frombuffer(body, _I64, n, 0)
+    times_ms = np.frombuffer(body, _I64, n, 8 * n)
+    samples = np.frombuffer(body, _I32, n, 16 * n)
+    model_index = np.frombuffer(body, _I32, n, 20 * n)
+    device_index = np.frombuffer(body, _I32, n, 24 * n)
+    try:
+        text = bytes(body[size:]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CodecError(Reject.BAD_ID, "model and device ids are not valid UTF-8") from None
+    names = text.split("\n") if text else []
+    if len(names) != model_count + device_count:
+        raise CodecError(
+            Reject.SIZE_MISMATCH,
+            f"metadata says {model_count} models and {device_count} devices, "
+            f"the body holds {len(names)} ids",
+        )
+    for name in names:
+        if not _ID_PATTERN.fullmatch(name):
+            raise CodecError(Reject.BAD_ID, f"id {name!r:.80} is not a valid model or device id")
+    if int(offsets[0]) < 0 or (n > 1 and bool((np.diff(offsets) <= 0).any())):
+        raise CodecError(Reject.BAD_FIELD, "offsets must be non-negative and strictly increasing")
+    if int(samples.min()) < 1:
+        raise CodecError(Reject.BAD_FIELD, "every push in a summary holds at least one sample")
+    if int(times_ms.min()) < 0:
+        raise CodecError(Reject.BAD_FIELD, "log times must be non-negative")
+    for what, index, count in (
+        ("model", model_index, model_count),
+        ("device", device_index, device_count),
+    ):
+        if int(index.min()) < 0 or int(index.max()) >= count:
+            raise CodecError(
+                Reject.BAD_FIELD, f"{what} indexes must be in [0, {count}) for this summary"
+            )
+    return BatchSummary(
+        partition=partition,
+        models=tuple(names[:model_count]),
+        model_index=model_index,
+        offsets=offsets,
+        samples=samples,
+        times_ms=times_ms,
+        device_index=device_index,
+        devices=tuple(names[model_count:]),
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,3 +210,149 @@ class DeadLetter:
     message: str
     key: bytes | None = None
     at_ms: int = field(default_factory=now_ms)
+
+
+# ------------------------------------------------------------- FedAvg baseline (issue 5)
+#
+# The baseline FedEx is measured against: devices train the same thawed layers locally and
+# exchange tensors with a server every round. Not part of the product's flow.
+
+#: Named tensors of a head (its floating state entries), row-major, one dtype.
+TensorMap = Mapping[str, npt.NDArray[np.floating]]
+
+
+class UpdateKind(enum.StrEnum):
+    """What a device's tensors are. ``delta`` = local weights after E local epochs minus the
+    round's global weights (FedAvg); ``gradient`` = the loss gradient at the global weights
+    (FedSGD)."""
+
+    DELTA = "delta"
+    GRADIENT = "gradient"
+
+
+def _same_tensors(a: TensorMap, b: TensorMap) -> bool:
+    return list(a) == list(b) and all(
+        a[k].shape == b[k].shape and np.array_equal(a[k], b[k], equal_nan=True) for k in a
+    )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RoundBroadcast:
+    """The server's global head for round ``round`` of FedAvg run ``run_id``, and the
+    devices asked to train on it with which local recipe. An empty ``selected`` is the
+    final model of the run (nobody trains on it)."""
+
+    model_id: str
+    run_id: str
+    round: int
+    backbone: Backbone
+    cut: Cut
+    num_classes: int
+    selected: tuple[str, ...]
+    local_epochs: int
+    batch_size: int
+    lr: float
+    deadline_ms: int
+    dtype: FeatureDType
+    tensors: TensorMap
+    created_at_ms: int = field(default_factory=now_ms)
+
+    def same_as(self, other: RoundBroadcast) -> bool:
+        """Value equality, tensors included."""
+        return (
+            self.model_id == other.model_id
+            and self.run_id == other.run_id
+            and self.round == other.round
+            and self.backbone == other.backbone
+            and self.cut == other.cut
+            and self.num_classes == other.num_classes
+            and self.selected == other.selected
+            and self.local_epochs == other.local_epochs
+            and self.batch_size == other.batch_size
+            and self.lr == other.lr
+            and self.deadline_ms == other.deadline_ms
+            and self.dtype == other.dtype
+            and self.created_at_ms == other.created_at_ms
+            and _same_tensors(self.tensors, other.tensors)
+        )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RoundUpdate:
+    """One device's contribution to round ``round`` of run ``run_id``: its tensors (same
+    names and shapes as the broadcast's) computed on ``sample_count`` local samples."""
+
+    model_id: str
+    run_id: str
+    round: int
+    device_id: str
+    sample_count: int
+    kind: UpdateKind
+    dtype: FeatureDType
+    tensors: TensorMap
+    loss: float | None = None
+    created_at_ms: int = field(default_factory=now_ms)
+
+    def same_as(self, other: RoundUpdate) -> bool:
+        """Value equality, tensors included."""
+        return (
+            self.model_id == other.model_id
+            and self.run_id == other.run_id
+            and self.round == other.round
+            and self.device_id == other.device_id
+            and self.sample_count == other.sample_count
+            and self.kind == other.kind
+            and self.dtype == other.dtype
+            and self.loss == other.loss
+            and self.created_at_ms == other.created_at_ms
+            and _same_tensors(self.tensors, other.tensors)
+        )
+
+
+# ------------------------------------------------------------ agents: batch summary
+#
+# Internal to the aggregation agents (their ingest stage → their Faust agent); not a
+# record other actors consume.
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class BatchSummary:
+    """The valid pushes of one feature-log partition in one ingest batch, without their
+    features: what the aggregation agents count.
+
+    One entry per push, columnar and in log order: its feature-log ``offsets`` (strictly
+    increasing), its model (``model_index`` into ``models``), its ``samples``, its log time
+    (``times_ms``) and its device (``device_index`` into ``devices``). Per-push entries, not
+    one range per model, let the counting side skip exactly the pushes it already counted
+    when a summary is replayed with other batch boundaries.
+    """
+
+    partition: int
+    models: tuple[str, ...]
+    model_index: npt.NDArray[np.int32]
+    offsets: npt.NDArray[np.int64]
+    samples: npt.NDArray[np.int32]
+    times_ms: npt.NDArray[np.int64]
+    device_index: npt.NDArray[np.int32]
+    devices: tuple[str, ...]
+
+    @property
+    def n(self) -> int:
+        return int(self.offsets.shape[0])
+
+    @property
+    def sample_count(self) -> int:
+        return int(self.samples.sum())
+
+    def same_as(self, other: BatchSummary) -> bool:
+        """Value equality, arrays included."""
+        return (
+            self.partition == other.partition
+            and self.models == other.models
+            and self.devices == other.devices
+            and np.array_equal(self.model_index, other.model_index)
+            and np.array_equal(self.offsets, other.offsets)
+            and np.array_equal(self.samples, other.samples)
+            and np.array_equal(self.times_ms, other.times_ms)
+            and np.array_equal(self.device_index, other.device_index)
+        )

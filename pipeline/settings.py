@@ -82,6 +82,17 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="how often agents check age and timeouts."
     )
     worker_port: int = Field(default=6066, ge=1, le=65535, description="Faust worker web port.")
+    # Aggregation agents: the ingest stage that validates and summarizes the feature log.
+    ingest_batch_max: int = Field(
+        default=2000,
+        ge=1,
+        description="pushes the agents' ingest stage validates per batch, at most.",
+    )
+    ingest_linger_ms: int = Field(
+        default=5,
+        ge=0,
+        description="how long the ingest stage waits for more pushes once a batch has some.",
+    )
 
     # Trainer (fedex trainer).
     train_epochs: int = Field(default=5, ge=1, description="epochs per training job.")
@@ -104,6 +115,16 @@ class Settings(BaseSettings):
     )
     token_ttl_s: int = Field(
         default=7 * 24 * 3600, ge=60, description="lifetime of issued device tokens."
+    )
+
+    # Device fleet (fedex devices).
+    fleet_time_scale: float = Field(
+        default=480.0,
+        gt=0,
+        description="simulated seconds per wall second (480: a simulated day every 3 minutes).",
+    )
+    fleet_send_timeout_s: float = Field(
+        default=10.0, gt=0, description="a push not acknowledged within this is retried."
     )
 
     @property

@@ -28,6 +28,9 @@ class Role(enum.StrEnum):
     TRIGGERS = "triggers"
     MODELS = "models"
     DEADLETTER = "deadletter"
+    # FedAvg baseline (issue 5)
+    FEDAVG_ROUNDS = "fedavg-rounds"
+    FEDAVG_UPDATES = "fedavg-updates"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,15 @@ class Topics:
     @property
     def deadletter(self) -> str:
         return self.name(Role.DEADLETTER)
+
+    # FedAvg baseline (issue 5)
+    @property
+    def fedavg_rounds(self) -> str:
+        return self.name(Role.FEDAVG_ROUNDS)
+
+    @property
+    def fedavg_updates(self) -> str:
+        return self.name(Role.FEDAVG_UPDATES)
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -119,6 +131,35 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
                 "max.message.bytes": feature_max,
             },
             "records that failed validation, with their origin and reason",
+        ),
+        *_fedavg_specs(settings, topics),
+    ]
+
+
+# FedAvg baseline (issue 5): one partition each, so a run's records stay in order.
+def _fedavg_specs(settings: Settings, topics: Topics) -> list[TopicSpec]:
+    config = {
+        "cleanup.policy": "delete",
+        "retention.ms": str(settings.training_window_ms),
+        "max.message.bytes": str(settings.max_message_bytes),
+    }
+    rf = settings.replication_factor
+    return [
+        TopicSpec(
+            Role.FEDAVG_ROUNDS,
+            topics.fedavg_rounds,
+            1,
+            rf,
+            config,
+            "FedAvg baseline: the server's global head per round, and who trains on it",
+        ),
+        TopicSpec(
+            Role.FEDAVG_UPDATES,
+            topics.fedavg_updates,
+            1,
+            rf,
+            config,
+            "FedAvg baseline: devices' model deltas (or gradients) per round",
         ),
     ]
 

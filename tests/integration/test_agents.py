@@ -1,8 +1,10 @@
-"""The aggregation agents on the real broker: triggers, dead letters, restart from the changelog.
+"""The aggregation agents on the real broker: triggers, dead letters, restart from the
+changelog, and two workers sharing (then handing over) the work.
 
-Each test runs one in-process agents worker (memory store, so state can only come back from
-the changelog) on its own topic prefix, with 2 partitions to keep start-up and rebalances
-quick on small machines. Nothing sleeps for a fixed time: waits poll with deadlines.
+Each test runs in-process agents workers (memory store, so state can only come back from
+the changelog) on its own topic prefix, with 2 partitions (4 for the two-worker test) to
+keep start-up and rebalances quick on small machines. Nothing sleeps for a fixed time:
+waits poll with deadlines.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 
-from agents.aggregator import UNKNOWN_MODEL
 from agents.policy import ModelState
-from agents.worker import AgentWorker
+from agents.summarizer import UNKNOWN_MODEL
+from agents.worker import AgentError, AgentWorker
 from pipeline import clients, codec
 from pipeline.records import (
     Backbone,
@@ -133,6 +136,12 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = WAIT)
         await asyncio.sleep(0.02)
 
 
+def partition_of(model_id: str, partitions: int) -> int:
+    """The partition of a model's pushes, updates and table key (the default partitioner)."""
+    every = list(range(partitions))
+    return int(DefaultPartitioner()(codec.encode_key(model_id), every, every))
+
+
 class Harness:
     def __init__(self, settings: Settings, tmp: Path) -> None:
         self.settings = settings
@@ -146,29 +155,45 @@ class Harness:
             codec.decode_trigger,
         )
         self.dead = Tail(settings.bootstrap, self.topics.deadletter, 1, codec.decode_dead_letter)
-        self.worker: AgentWorker | None = None
+        self.workers: list[AgentWorker] = []
         self.clock_offset = 0.0
 
     def clock(self) -> float:
         return time.time() + self.clock_offset
 
-    async def start_worker(self) -> AgentWorker:
+    async def start_worker(self, name: str = "faust") -> AgentWorker:
         worker = AgentWorker(
-            self.settings, store="memory://", clock=self.clock, datadir=self.tmp / "faust"
+            self.settings, store="memory://", clock=self.clock, datadir=self.tmp / name
         )
+        self.workers.append(worker)
         await worker.start()
-        self.worker = worker
         await worker.wait_ready()
         return worker
 
-    async def stop_worker(self) -> None:
-        if self.worker is not None:
-            await self.worker.stop()
-            self.worker = None
+    async def stop_worker(self, worker: AgentWorker | None = None) -> None:
+        for w in [worker] if worker is not None else list(self.workers):
+            self.workers.remove(w)
+            await w.stop()
+
+    def owner(self, model_id: str) -> AgentWorker | None:
+        """The worker whose table partition holds the model now."""
+        partition = partition_of(model_id, self.settings.features_partitions)
+        return next((w for w in self.workers if partition in w.partitions), None)
 
     def state(self, model_id: str) -> ModelState | None:
-        assert self.worker is not None
-        return self.worker.state(model_id)
+        owner = self.owner(model_id)
+        return None if owner is None else owner.state(model_id)
+
+    def balanced(self) -> bool:
+        """Every worker is ready and the partitions of both groups are split between them."""
+        every = set(range(self.settings.features_partitions))
+        tables = [w.partitions for w in self.workers]
+        reads = [{tp.partition for tp in w.ingest.assignment} for w in self.workers]
+        return all(
+            w.ready and sum(len(p) for p in parts) == len(every) and set().union(*parts) == every
+            for w in self.workers
+            for parts in (tables, reads)
+        )
 
     async def publish_update(self, update: ModelUpdate) -> None:
         await self.producer.send_and_wait(
@@ -330,3 +355,116 @@ async def test_state_survives_a_restart_through_the_changelog(harness: Harness) 
     [r0], [r1] = first.ranges, second.ranges
     assert (r1.start, r1.end) == (r0.end, r0.end + 5)
     assert len(await harness.triggers.drained()) == 2  # none lost, none duplicated
+
+
+async def test_two_workers_share_the_work_and_the_survivor_takes_over(
+    settings: Settings, tmp_path: Path
+) -> None:
+    partitions = 4
+    h = Harness(
+        agent_settings(
+            settings,
+            features_partitions=partitions,
+            models_partitions=partitions,
+            triggers_partitions=partitions,
+        ),
+        tmp_path,
+    )
+    # Two models on every partition of the feature log.
+    models: list[str] = []
+    for i in range(200):
+        model = f"multi-{i}"
+        if sum(partition_of(m, partitions) == partition_of(model, partitions) for m in models) < 2:
+            models.append(model)
+    assert len(models) == 2 * partitions
+    await h.producer.start()
+    await h.triggers.start()
+    try:
+        a = await h.start_worker("a")
+        b = await h.start_worker("b")
+        await until(h.balanced, "both workers sharing the partitions", 60)
+        for model in models:
+            await h.publish_update(base_update(model))
+        await until(
+            lambda: all((s := h.state(m)) is not None and s.known for m in models), "models known"
+        )
+
+        # Every model reaches min_samples (50): each fires once, whichever worker owns it.
+        await h.push(*(make_push(m, device=i, first_id=i * 10) for m in models for i in range(5)))
+        first = {t.model_id: t for t in await h.triggers.wait_for(len(models))}
+        assert sorted(t.trigger_id for t in first.values()) == sorted(f"{m}:1" for m in models)
+        assert {t.sample_count for t in first.values()} == {50}
+        owners = {m: h.owner(m) for m in models}
+        assert set(owners.values()) == {a, b}  # the work is shared
+
+        # 30 samples more per model stay pending behind the jobs in flight.
+        await h.push(
+            *(make_push(m, device=7, first_id=100 + i * 10) for m in models for i in range(3))
+        )
+        for model in models:
+            await h.pending(model, 80)
+
+        # b leaves: a takes its partitions over and restores their state from the changelog.
+        await h.stop_worker(b)
+        await until(h.balanced, "the survivor owning every partition", 60)
+        assert a.partitions == set(range(partitions))
+        for model in models:
+            state = h.state(model)
+            assert state is not None and state.in_flight is not None, model
+            assert (state.in_flight.trigger_id, state.pending_samples) == (f"{model}:1", 30)
+            assert state.counted_samples == 80
+
+        # The survivor counts new pushes for b's models too, and the answers to the first
+        # jobs fire the second ones with exactly the samples since.
+        await h.push(
+            *(make_push(m, device=8, first_id=500 + i * 10) for m in models for i in range(2))
+        )
+        for model in models:
+            await h.pending(model, 100)
+        for trigger in first.values():
+            await h.publish_update(
+                base_update(trigger.model_id, version="v1", trigger_id=trigger.trigger_id)
+            )
+        second = (await h.triggers.wait_for(2 * len(models)))[len(models) :]
+        assert sorted(t.trigger_id for t in second) == sorted(f"{m}:2" for m in models)
+        for trigger in second:
+            [r0], [r1] = first[trigger.model_id].ranges, trigger.ranges
+            assert trigger.sample_count == 50
+            # Two models share each partition, so a model's ranges skip the other's records.
+            assert r1.partition == r0.partition and r1.start >= r0.end
+        # None lost, none duplicated.
+        assert len(await h.triggers.drained()) == 2 * len(models)
+    finally:
+        await h.stop_worker()
+        await h.triggers.stop()
+        await h.dead.stop()
+        await h.producer.stop()
+
+
+async def test_a_batch_not_committed_before_a_crash_is_re_read_and_counted_once(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = "faces-6"
+    await harness.add_model(model)
+    [worker] = harness.workers
+    consumer = worker.ingest._consumer  # the ingest stage's feature-log consumer
+
+    async def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("killed after the summary was sent, before the commit")
+
+    monkeypatch.setattr(consumer, "commit", crash)
+    await harness.push(*(make_push(model, device=i, first_id=i * 10) for i in range(3)))
+    with pytest.raises(AgentError, match="before the commit"):
+        await asyncio.wait_for(worker.wait_stopped(), WAIT)
+    await harness.pending(model, 30)  # its summary was durable: the table counted it
+
+    await harness.stop_worker()
+    await harness.start_worker()  # re-reads the uncommitted batch: already counted, skipped
+    await harness.push(*(make_push(model, device=5, first_id=100 + i * 10) for i in range(2)))
+    [trigger] = await harness.triggers.wait_for(1)
+    state = harness.state(model)
+    assert state is not None and (state.counted_samples, state.counted_pushes) == (50, 5)
+    assert trigger.sample_count == 50
+    [r] = trigger.ranges
+    assert (r.start, r.end) == (0, 5)
+    assert len(await harness.triggers.drained()) == 1

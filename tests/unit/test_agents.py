@@ -1,24 +1,29 @@
-"""The agents' batch logic (``Aggregator``) without Faust or a broker.
+"""The agents' batch logic without Faust or a broker: ``Summarizer`` (the ingest stage's
+validation and summaries) and ``Aggregator`` (the Faust agent's counting and triggers).
 
-The Faust shell around it (``agents.app``) is covered end to end by
+The Kafka shells around them (``agents.ingest``, ``agents.app``) are covered end to end by
 ``tests/integration/test_agents.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 import numpy as np
 
-from agents.aggregator import MODEL_MISMATCH, UNKNOWN_MODEL, Aggregator, Record
+from agents.aggregator import Aggregator, Record
 from agents.policy import ModelState, TriggerPolicy
+from agents.summarizer import MODEL_MISMATCH, UNKNOWN_MODEL, ModelSpec, Summarizer
 from pipeline import codec
-from pipeline.records import Cut, FeaturePush, TriggerReason
+from pipeline.records import BatchSummary, Cut, FeaturePush, TriggerReason
 from pipeline.transport_bench import synthetic_push
 from tests.unit.test_policy import T0, update
 
 POLICY = TriggerPolicy(min_samples=30, age_floor_samples=5, max_age_s=60.0, job_timeout_s=300.0)
 TOPIC = "p.features"
+SUMMARIES = "p-agents-summaries"
+SPEC = ModelSpec(num_classes=10, backbone="inception_resnet_v1", cut="freeze6")
 
 
 class Store:
@@ -34,16 +39,39 @@ class Store:
 
 
 def make(store: Store) -> Aggregator:
-    return Aggregator(POLICY, max_push_samples=64, load=store.load)
+    return Aggregator(POLICY, load=store.load)
 
 
-def push(model_id: str = "m", *, first_id: int = 0, n: int = 10) -> FeaturePush:
-    p = synthetic_push(n, first_id=first_id, seed=first_id)
+def summarizer(**specs: ModelSpec) -> Summarizer:
+    return Summarizer(max_push_samples=64, lookup=specs.get)
+
+
+def push(model_id: str = "m", *, first_id: int = 0, n: int = 10, device: int = 0) -> FeaturePush:
+    p = synthetic_push(n, first_id=first_id, seed=first_id, device=device)
     return replace(p, model_id=model_id, labels=(p.labels % 10).astype(np.int32))
 
 
-def rec(value: bytes, offset: int, *, key: str | None = "m", partition: int = 0) -> Record:
-    return Record(TOPIC, partition, offset, None if key is None else key.encode(), value, T0)
+def rec(
+    value: bytes, offset: int, *, key: str | None = "m", partition: int = 0, at: float = T0
+) -> Record:
+    return Record(TOPIC, partition, offset, None if key is None else key.encode(), value, at)
+
+
+def pushes(offsets: Iterable[int], n: int = 10, *, partition: int = 0) -> list[Record]:
+    return [
+        rec(codec.encode_push(push(first_id=o * 100, n=n, device=o % 3)), o, partition=partition)
+        for o in offsets
+    ]
+
+
+def summary_records(records: list[Record], offset: int = 0) -> list[Record]:
+    """What the ingest stage sends for ``records``, as the Faust agent reads it."""
+    out = summarizer(m=SPEC).summarize(records, T0)
+    assert not out.dead_letters
+    return [
+        Record(SUMMARIES, s.partition, offset + i, None, codec.encode_summary(s), T0)
+        for i, s in enumerate(out.summaries)
+    ]
 
 
 def with_model(store: Store, agg: Aggregator) -> None:
@@ -51,32 +79,35 @@ def with_model(store: Store, agg: Aggregator) -> None:
     store.states.update(out.states)
 
 
-def test_pushes_count_and_fire_at_the_record_that_crosses_the_threshold() -> None:
-    store = Store()
-    agg = make(store)
-    with_model(store, agg)
-    records = [rec(codec.encode_push(push(first_id=i * 10)), i) for i in range(5)]
-    out = agg.add_pushes(records, T0 + 1)
-    assert out.counted_samples == 50 and not out.dead_letters
-    [trigger] = out.triggers
-    assert trigger.reason is TriggerReason.COUNT
-    assert (trigger.sample_count, trigger.ranges[0].start, trigger.ranges[0].end) == (30, 0, 3)
-    state = out.states["m"]
-    assert state.pending_samples == 20 and state.pending_ranges == {0: (3, 5)}
-    assert out.last_record["m"].offset == 4
-    store.states.update(out.states)
-    # The same batch again (a redelivery after a crash): nothing new.
-    again = agg.add_pushes(records, T0 + 2)
-    assert (again.counted_samples, again.replayed, again.triggers) == (0, 5, [])
-    assert not again.states
+# -------------------------------------------------------------------------- summarizer
+
+
+def test_summary_per_partition_with_every_good_push() -> None:
+    records = [
+        rec(codec.encode_push(push(n=4, device=1)), 3, at=T0 + 0.5),
+        rec(codec.encode_push(push("k", n=2)), 4, key="k"),
+        rec(codec.encode_push(push(n=6, device=2, first_id=50)), 7, at=T0 + 0.25),
+        rec(codec.encode_push(push(n=1, device=1, first_id=90)), 2, partition=1),
+    ]
+    out = summarizer(m=SPEC, k=SPEC).summarize(records, T0 + 9)
+    assert not out.dead_letters
+    assert (out.pushes, out.samples) == (4, 13)
+    assert out.commit == {(TOPIC, 0): 8, (TOPIC, 1): 3}
+    p0, p1 = out.summaries
+    assert (p0.partition, p1.partition) == (0, 1)
+    assert [p0.models[i] for i in p0.model_index] == ["m", "k", "m"]
+    assert (p0.offsets.tolist(), p0.samples.tolist()) == ([3, 4, 7], [4, 2, 6])
+    assert p0.times_ms.tolist()[::2] == [round((T0 + 0.5) * 1000), round((T0 + 0.25) * 1000)]
+    assert [p0.devices[i] for i in p0.device_index] == ["dev-000001", "dev-000000", "dev-000002"]
+    assert (p1.models, p1.offsets.tolist(), p1.sample_count) == (("m",), [2], 1)
+    # What the summarizer builds is what the codec carries.
+    assert codec.decode_summary(codec.encode_summary(p0)).same_as(p0)
 
 
 def test_bad_pushes_become_dead_letters_with_their_origin() -> None:
-    store = Store()
-    agg = make(store)
-    with_model(store, agg)
     good = push()
     bad_label = replace(good, labels=np.full(10, 10, dtype=np.int32))  # model has 10 classes
+    freeze5 = synthetic_push(10, cut=Cut.FREEZE5)
     cases = {
         "bad_magic": rec(b"x" * 32, 1),
         "truncated": rec(b"FDXS", 2),
@@ -84,38 +115,156 @@ def test_bad_pushes_become_dead_letters_with_their_origin() -> None:
         "oversized_batch": rec(codec.encode_push(push(n=65)), 4),
         UNKNOWN_MODEL: rec(codec.encode_push(push("ghost")), 5, key="ghost"),
         MODEL_MISMATCH: rec(codec.encode_push(push("other")), 6, key="m"),
+        "model_mismatch_cut": rec(
+            codec.encode_push(replace(freeze5, model_id="m", labels=freeze5.labels % 10)), 7
+        ),
+        "model_mismatch_key": rec(codec.encode_push(push()), 8, key=None),
     }
-    freeze5 = synthetic_push(10, cut=Cut.FREEZE5)
-    cases["model_mismatch_cut"] = rec(
-        codec.encode_push(replace(freeze5, model_id="m", labels=freeze5.labels % 10)), 7
-    )
-    out = agg.add_pushes([rec(codec.encode_push(good), 0), *cases.values()], T0)
+    out = summarizer(m=SPEC).summarize([rec(codec.encode_push(good), 0), *cases.values()], T0)
     reasons = [d.reason for d in out.dead_letters]
-    assert reasons == [*list(cases)[:-1], MODEL_MISMATCH]
+    assert reasons == [*list(cases)[:-2], MODEL_MISMATCH, MODEL_MISMATCH]
     for letter, record in zip(out.dead_letters, cases.values(), strict=True):
         assert (letter.topic, letter.partition, letter.offset) == (TOPIC, 0, record.offset)
         assert (letter.original, letter.key) == (record.value, record.key)
-        assert letter.message
-    assert out.counted_samples == 10
-    assert list(out.states) == ["m"]
+        assert letter.message and letter.at_ms == int(T0 * 1000)
+    [summary] = out.summaries
+    assert (summary.offsets.tolist(), out.samples) == ([0], 10)
+    # Dead letters move the committed offset too: they are handled.
+    assert out.commit == {(TOPIC, 0): 9}
 
 
-def test_a_push_without_a_key_is_rejected() -> None:
+def test_a_batch_of_only_bad_pushes_has_no_summary() -> None:
+    out = summarizer().summarize([rec(codec.encode_push(push()), 4)], T0)
+    assert [d.reason for d in out.dead_letters] == [UNKNOWN_MODEL]
+    assert (out.summaries, out.commit) == ([], {(TOPIC, 0): 5})
+
+
+# -------------------------------------------------------------------------- aggregator
+
+
+def test_summaries_count_and_fire_at_the_push_that_crosses_the_threshold() -> None:
     store = Store()
     agg = make(store)
     with_model(store, agg)
-    out = agg.add_pushes([rec(codec.encode_push(push()), 0, key=None)], T0)
-    assert [d.reason for d in out.dead_letters] == [MODEL_MISMATCH]
+    records = summary_records(pushes(range(5)))
+    out = agg.add_summaries(records, T0 + 1)
+    assert out.counted_samples == 50 and not out.dead_letters
+    [trigger] = out.triggers
+    assert trigger.reason is TriggerReason.COUNT
+    assert (trigger.sample_count, trigger.ranges[0].start, trigger.ranges[0].end) == (30, 0, 3)
+    state = out.states["m"]
+    assert state.pending_samples == 20 and state.pending_ranges == {0: (3, 5)}
+    assert state.counted_pushes == 5 and state.distinct_devices == 2
+    assert out.last_record["m"] is records[-1]
+    store.states.update(out.states)
+    # The same summary again (the ingest stage died before its commit): nothing new.
+    again = agg.add_summaries(records, T0 + 2)
+    assert (again.counted_samples, again.replayed, again.triggers) == (0, 5, [])
+    assert not again.states
+
+
+def test_one_summary_counts_every_model_of_its_partition_into_its_own_state() -> None:
+    store = Store()
+    agg = make(store)
+    with_model(store, agg)
+    records = [
+        rec(codec.encode_push(push(key, first_id=o * 100)), o, key=key)
+        for o, key in enumerate(["m", "k", "m", "k", "m"])
+    ]
+    [summary] = summarizer(m=SPEC, k=SPEC).summarize(records, T0).summaries
+    record = Record(SUMMARIES, 0, 0, None, codec.encode_summary(summary), T0)
+    out = agg.add_summaries([record], T0)
+    assert out.counted_samples == 50
+    m, k = out.states["m"], out.states["k"]
+    [trigger] = out.triggers  # m reached 30; k (no update yet) is counted, not fired
+    assert (trigger.model_id, trigger.ranges[0].start, trigger.ranges[0].end) == ("m", 0, 5)
+    assert (k.pending_samples, k.pending_ranges, k.known) == (20, {0: (1, 4)}, False)
+    assert m.next_offsets == {0: 5} and k.next_offsets == {0: 4}
+    assert out.last_record == {"m": record, "k": record}
+
+
+def test_a_replay_batched_differently_counts_only_the_new_pushes() -> None:
+    store = Store()
+    agg = make(store)
+    with_model(store, agg)
+    out = agg.add_summaries(summary_records(pushes(range(2))), T0)
+    store.states.update(out.states)
+    # After a restart the stage re-reads from offset 0 and batches offsets 0..3 together.
+    out = agg.add_summaries(summary_records(pushes(range(4)), offset=1), T0)
+    assert (out.counted_samples, out.replayed) == (20, 2)
+    [trigger] = out.triggers
+    assert (trigger.sample_count, trigger.ranges[0].start, trigger.ranges[0].end) == (30, 0, 3)
+    assert out.states["m"].pending_ranges == {0: (3, 4)}
+
+
+def test_the_trigger_is_the_same_however_the_pushes_were_batched() -> None:
+    def run(batches: list[list[int]]) -> list[tuple[str, int, int]]:
+        store = Store()
+        agg = make(store)
+        with_model(store, agg)
+        fired = []
+        for i, offsets in enumerate(batches):
+            out = agg.add_summaries(summary_records(pushes(offsets), offset=i), T0)
+            store.states.update(out.states)
+            fired += [(t.trigger_id, t.ranges[0].end, t.sample_count) for t in out.triggers]
+        return fired
+
+    assert run([[0, 1, 2, 3, 4]]) == run([[0], [1, 2], [3, 4]]) == [("m:1", 3, 30)]
+
+
+def test_summaries_of_a_model_not_yet_known_count_and_fire_on_its_update() -> None:
+    store = Store()
+    agg = make(store)
+    out = agg.add_summaries(summary_records(pushes(range(4))), T0)
+    assert (out.counted_samples, out.triggers) == (40, [])
+    store.states.update(out.states)
+    out = agg.add_update(Record("p.models", 0, 0, b"m", codec.encode_update(update()), T0), T0)
+    [trigger] = out.triggers
+    assert (trigger.sample_count, trigger.reason) == (40, TriggerReason.COUNT)
+
+
+def test_a_bad_summary_is_dead_lettered_and_the_rest_still_counts() -> None:
+    store = Store()
+    agg = make(store)
+    with_model(store, agg)
+    [good] = summary_records(pushes([0]))
+    junk = Record(SUMMARIES, 0, 1, b"m", b"not a summary at all", T0)
+    out = agg.add_summaries([junk, replace(good, offset=2)], T0)
+    assert [d.reason for d in out.dead_letters] == ["bad_magic"]
+    assert (out.dead_letters[0].topic, out.dead_letters[0].offset) == (SUMMARIES, 1)
+    assert out.counted_samples == 10
+
+
+def test_summary_columns_carry_log_times_for_the_age_trigger() -> None:
+    store = Store()
+    agg = make(store)
+    with_model(store, agg)
+    summary = BatchSummary(
+        partition=0,
+        models=("m",),
+        model_index=np.array([0, 0], dtype=np.int32),
+        offsets=np.array([0, 1], dtype=np.int64),
+        samples=np.array([3, 3], dtype=np.int32),
+        times_ms=np.array([int((T0 + 5) * 1000), int(T0 * 1000)], dtype=np.int64),
+        device_index=np.array([0, 0], dtype=np.int32),
+        devices=("d",),
+    )
+    record = Record(SUMMARIES, 0, 0, b"m", codec.encode_summary(summary), T0)
+    out = agg.add_summaries([record], T0)
+    store.states.update(out.states)
+    assert out.states["m"].oldest_pending_at == T0
+    [trigger] = agg.tick(list(store.states.values()), T0 + 60).triggers
+    assert (trigger.reason, trigger.sample_count) == (TriggerReason.AGE, 6)
 
 
 def test_updates_end_the_job_and_let_the_next_trigger_fire() -> None:
     store = Store()
     agg = make(store)
     with_model(store, agg)
-    out = agg.add_pushes([rec(codec.encode_push(push(n=40)), 0)], T0)
+    out = agg.add_summaries(summary_records(pushes([0], n=40)), T0)
     [first] = out.triggers
     store.states.update(out.states)
-    out = agg.add_pushes([rec(codec.encode_push(push(n=40, first_id=50)), 1)], T0)
+    out = agg.add_summaries(summary_records(pushes([1], n=40), offset=1), T0)
     assert not out.triggers
     store.states.update(out.states)
     answer = codec.encode_update(update("v1", first.trigger_id))
@@ -138,7 +287,7 @@ def test_tick_fires_age_triggers_and_retries_and_returns_only_changed_states() -
     agg = make(store)
     with_model(store, agg)
     store.states["n"] = ModelState.from_fields({**store.states["m"].to_fields(), "model_id": "n"})
-    out = agg.add_pushes([rec(codec.encode_push(push(n=6)), 0)], T0)
+    out = agg.add_summaries(summary_records(pushes([0], n=6)), T0)
     store.states.update(out.states)
     assert not agg.tick(list(store.states.values()), T0 + 59).states
     out = agg.tick(list(store.states.values()), T0 + 60)

@@ -17,6 +17,7 @@ from pipeline.codec import CodecError, Kind, Reject
 from pipeline.records import (
     FEATURE_SHAPES,
     Backbone,
+    BatchSummary,
     Cut,
     DeadLetter,
     FeatureDType,
@@ -447,3 +448,274 @@ def test_hand_built_push_per_wire_format_doc_decodes() -> None:
     assert push.labels.tolist() == list(range(10))
     assert float(push.features[9, 511]) == 0.5
     assert codec.encode_push(push) == msg
+
+
+# ------------------------------------------------------------- agents' batch summary
+
+
+def make_summary(n: int = 4) -> BatchSummary:
+    return BatchSummary(
+        partition=3,
+        models=("faces-1", "faces-2")[: min(n, 2)],
+        model_index=np.array([0, 1, 0, 1][:n], dtype=np.int32) % min(n, 2),
+        offsets=np.array([5, 9, 10, 40][:n], dtype=np.int64),
+        samples=np.array([10, 1, 7, 1024][:n], dtype=np.int32),
+        times_ms=np.array([1_795_000_000_000 + i for i in range(n)], dtype=np.int64),
+        device_index=np.array([0, 1, 0, 2][:n], dtype=np.int32) % min(n, 3),
+        devices=("dev-a", "dev-b", "dev:c@x")[: min(n, 3)],
+    )
+
+
+def test_summary_round_trip() -> None:
+    summary = make_summary()
+    data = codec.encode_summary(summary)
+    assert codec.peek_kind(data) is Kind.BATCH_SUMMARY
+    back = codec.decode_summary(data)
+    assert back.same_as(summary)
+    assert (back.n, back.sample_count, back.models) == (4, 1042, ("faces-1", "faces-2"))
+    assert codec.encode_summary(back) == data
+    one = make_summary(1)
+    assert codec.decode_summary(codec.encode_summary(one)).same_as(one)
+
+
+def test_summary_encode_rejects_columns_that_disagree() -> None:
+    summary = make_summary()
+    with pytest.raises(CodecError) as info:
+        codec.encode_summary(replace(summary, samples=summary.samples[:3]))
+    assert info.value.reason is Reject.SIZE_MISMATCH
+
+
+def _summary_reason(summary: BatchSummary, **meta: Any) -> Reject:
+    data = codec.encode_summary(summary)
+    if meta:
+        data = rewrite_meta(data, **meta)
+    with pytest.raises(CodecError) as info:
+        codec.decode_summary(data)
+    return info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"offsets": np.array([5, 9, 9, 40], dtype=np.int64)}, Reject.BAD_FIELD),
+        ({"offsets": np.array([-1, 9, 10, 40], dtype=np.int64)}, Reject.BAD_FIELD),
+        ({"samples": np.array([10, 0, 7, 1], dtype=np.int32)}, Reject.BAD_FIELD),
+        ({"times_ms": np.array([-5, 0, 0, 0], dtype=np.int64)}, Reject.BAD_FIELD),
+        ({"device_index": np.array([0, 1, 0, 3], dtype=np.int32)}, Reject.BAD_FIELD),
+        ({"device_index": np.array([0, -1, 0, 0], dtype=np.int32)}, Reject.BAD_FIELD),
+        ({"model_index": np.array([0, 1, 2, 0], dtype=np.int32)}, Reject.BAD_FIELD),
+        ({"devices": ("dev-a", "bad id", "c")}, Reject.BAD_ID),
+        ({"models": ("faces-1", "")}, Reject.BAD_ID),
+    ],
+)
+def test_summary_decode_rejects_bad_columns(change: dict[str, Any], reason: Reject) -> None:
+    assert _summary_reason(replace(make_summary(), **change)) is reason
+
+
+@pytest.mark.parametrize(
+    ("meta", "reason"),
+    [
+        ({"n": 0}, Reject.EMPTY_BATCH),
+        ({"n": 5}, Reject.SIZE_MISMATCH),
+        ({"n": codec.MAX_SUMMARY_PUSHES + 1}, Reject.OVERSIZED_BATCH),
+        ({"n": "4"}, Reject.BAD_FIELD),
+        ({"devices": 2}, Reject.SIZE_MISMATCH),
+        # The split between model and device ids moves: index checks catch it.
+        ({"models": 3, "devices": 2}, Reject.BAD_FIELD),
+        ({"partition": -1}, Reject.BAD_FIELD),
+        ({"partition": None}, Reject.MISSING_FIELD),
+        ({"models": None}, Reject.MISSING_FIELD),
+    ],
+)
+def test_summary_decode_rejects_bad_metadata(meta: dict[str, Any], reason: Reject) -> None:
+    assert _summary_reason(make_summary(), **meta) is reason
+
+
+def test_summary_decode_rejects_other_kinds_and_non_utf8_ids() -> None:
+    with pytest.raises(CodecError) as info:
+        codec.decode_summary(codec.encode_push(make_push()))
+    assert info.value.reason is Reject.WRONG_KIND
+    data = bytearray(codec.encode_summary(make_summary(1)))
+    data[-1] = 0xFF  # the last byte of the device ids
+    with pytest.raises(CodecError) as info:
+        codec.decode_summary(bytes(data))
+    assert info.value.reason is Reject.BAD_ID
+
+
+def test_fuzz_mutated_summaries_raise_only_codec_errors() -> None:
+    rng = random.Random(5)
+    good = codec.encode_summary(make_summary())
+    for _ in range(3000):
+        data = bytearray(good)
+        for _ in range(rng.randrange(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(len(data))]
+        with contextlib.suppress(CodecError):
+            codec.decode_summary(bytes(data))
+
+
+# ------------------------------------------------------------- FedAvg baseline (issue 5)
+
+from pipeline.records import RoundBroadcast, RoundUpdate, UpdateKind  # noqa: E402
+
+
+def make_fedavg_tensors(dtype: FeatureDType, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "logits.weight": rng.standard_normal((7, 512)).astype(dtype.numpy),
+        "logits.bias": rng.standard_normal(7).astype(dtype.numpy),  # 7·e bytes: padded
+        "last_bn.num_batches_seen": np.zeros((0,), dtype=dtype.numpy),
+    }
+
+
+def make_round_update(dtype: FeatureDType = FeatureDType.FLOAT32) -> RoundUpdate:
+    return RoundUpdate(
+        model_id="faces-1",
+        run_id="run-1",
+        round=3,
+        device_id="dev-000042",
+        sample_count=32,
+        kind=UpdateKind.DELTA,
+        dtype=dtype,
+        tensors=make_fedavg_tensors(dtype),
+        loss=0.25,
+        created_at_ms=1_795_000_000_123,
+    )
+
+
+def make_broadcast(dtype: FeatureDType = FeatureDType.FLOAT32) -> RoundBroadcast:
+    return RoundBroadcast(
+        model_id="faces-1",
+        run_id="run-1",
+        round=3,
+        backbone=Backbone.INCEPTION_RESNET_V1,
+        cut=Cut.FREEZE6,
+        num_classes=7,
+        selected=("dev-1", "dev-2"),
+        local_epochs=5,
+        batch_size=10,
+        lr=0.05,
+        deadline_ms=1_795_000_030_000,
+        dtype=dtype,
+        tensors=make_fedavg_tensors(dtype, seed=1),
+        created_at_ms=1_795_000_000_000,
+    )
+
+
+@pytest.mark.parametrize("dtype", list(FeatureDType))
+def test_round_update_and_broadcast_round_trip(dtype: FeatureDType) -> None:
+    update = make_round_update(dtype)
+    data = codec.encode_round_update(update)
+    decoded = codec.decode_round_update(data)
+    assert decoded.same_as(update)
+    assert codec.peek_kind(data) is Kind.ROUND_UPDATE
+    assert not decoded.tensors["logits.weight"].flags.writeable  # views, no copy
+    broadcast = make_broadcast(dtype)
+    data = codec.encode_round_broadcast(broadcast)
+    assert codec.decode_round_broadcast(data).same_as(broadcast)
+    assert codec.peek_kind(data) is Kind.ROUND_BROADCAST
+    final = replace(broadcast, selected=())  # the run's final model
+    assert codec.decode_round_broadcast(codec.encode_round_broadcast(final)).same_as(final)
+
+
+def test_round_update_body_is_raw_little_endian_tensors_padded_to_8() -> None:
+    update = make_round_update(FeatureDType.FLOAT16)
+    data = codec.encode_round_update(update)
+    _, _, kind, _, meta_len, body_len = codec.HEADER.unpack_from(data, 0)
+    assert kind == Kind.ROUND_UPDATE == 7
+    meta = orjson.loads(data[16 : 16 + meta_len])
+    assert meta["tensors"] == [
+        ["logits.weight", [7, 512]],
+        ["logits.bias", [7]],
+        ["last_bn.num_batches_seen", [0]],
+    ]
+    body = data[len(data) - body_len :]
+    weight = update.tensors["logits.weight"].astype("<f2").tobytes()
+    bias = update.tensors["logits.bias"].astype("<f2").tobytes()
+    assert body == weight + bias + b"\0" * 2  # 14 bytes of bias padded to 16
+    # A float32 loss-free update converts float64 input to the record's dtype.
+    wide = replace(make_round_update(), loss=None, tensors={"w": np.ones((2, 3))})
+    decoded = codec.decode_round_update(codec.encode_round_update(wide))
+    assert decoded.loss is None and decoded.tensors["w"].dtype == np.dtype("<f4")
+
+
+def fedavg_reason(data: bytes, decode: Any = codec.decode_round_update) -> Reject:
+    with pytest.raises(CodecError) as info:
+        decode(data)
+    return info.value.reason
+
+
+def test_round_update_rejections() -> None:
+    good = codec.encode_round_update(make_round_update())
+    assert fedavg_reason(good[:-4]) is Reject.TRUNCATED
+    assert fedavg_reason(codec.encode_round_broadcast(make_broadcast())) is Reject.WRONG_KIND
+    assert fedavg_reason(rewrite_meta(good, device_id="bad id")) is Reject.BAD_ID
+    assert fedavg_reason(rewrite_meta(good, run_id="")) is Reject.MISSING_ID
+    assert fedavg_reason(rewrite_meta(good, round=-1)) is Reject.BAD_FIELD
+    assert fedavg_reason(rewrite_meta(good, sample_count=0)) is Reject.BAD_FIELD
+    assert fedavg_reason(rewrite_meta(good, kind="weights")) is Reject.BAD_FIELD
+    assert fedavg_reason(rewrite_meta(good, dtype="int8")) is Reject.UNKNOWN_DTYPE
+    assert fedavg_reason(rewrite_meta(good, tensors=None)) is Reject.MISSING_FIELD
+    assert fedavg_reason(rewrite_meta(good, tensors=[])) is Reject.BAD_FIELD
+    # the table must account for the body exactly
+    table = [["logits.weight", [7, 512]], ["logits.bias", [7]]]
+    assert fedavg_reason(rewrite_meta(good, tensors=table[:1])) is Reject.SIZE_MISMATCH
+    bigger = [["logits.weight", [8, 512]], ["logits.bias", [7]]]
+    assert fedavg_reason(rewrite_meta(good, tensors=bigger)) is Reject.SIZE_MISMATCH
+    twice = [["logits.weight", [7, 256]], ["logits.weight", [7, 256]], ["logits.bias", [7]]]
+    assert fedavg_reason(rewrite_meta(good, tensors=twice)) is Reject.BAD_FIELD
+    for entry in (["w", [-1]], ["", [1]], ["w", "7"], ["w", [True]], "w", ["w", [1] * 9]):
+        assert fedavg_reason(rewrite_meta(good, tensors=[entry])) is Reject.SHAPE_MISMATCH
+    assert fedavg_reason(rewrite_meta(good, loss="low")) is Reject.BAD_FIELD
+
+
+@pytest.mark.parametrize("dtype", list(FeatureDType))
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_round_records_reject_non_finite_tensors(dtype: FeatureDType, bad: float) -> None:
+    tensors = make_fedavg_tensors(dtype)
+    tensors["logits.bias"] = tensors["logits.bias"].copy()
+    tensors["logits.bias"][3] = bad
+    data = codec.encode_round_update(replace(make_round_update(dtype), tensors=tensors))
+    assert fedavg_reason(data) is Reject.NON_FINITE
+    data = codec.encode_round_broadcast(replace(make_broadcast(dtype), tensors=tensors))
+    assert fedavg_reason(data, codec.decode_round_broadcast) is Reject.NON_FINITE
+    with pytest.raises(CodecError) as info:
+        codec.encode_round_update(replace(make_round_update(dtype), loss=float("nan")))
+    assert info.value.reason is Reject.NON_FINITE
+
+
+def test_round_broadcast_rejections() -> None:
+    good = codec.encode_round_broadcast(make_broadcast())
+
+    def reason(**meta: Any) -> Reject:
+        return fedavg_reason(rewrite_meta(good, **meta), codec.decode_round_broadcast)
+
+    assert reason(selected=["dev-1", "dev-1"]) is Reject.BAD_FIELD
+    assert reason(selected=["dev 1"]) is Reject.BAD_ID
+    assert reason(selected="dev-1") is Reject.BAD_FIELD
+    assert reason(selected=[f"d{i}" for i in range(codec.MAX_SELECTED + 1)]) is Reject.BAD_FIELD
+    assert reason(lr=-0.1) is Reject.BAD_FIELD
+    assert reason(batch_size=0) is Reject.BAD_FIELD
+    assert reason(num_classes=0) is Reject.BAD_FIELD
+    assert reason(cut="freeze9") is Reject.UNKNOWN_CUT
+    assert reason(backbone="resnet") is Reject.UNKNOWN_BACKBONE
+    assert reason(local_epochs=None) is Reject.MISSING_FIELD
+    with pytest.raises(CodecError) as info:
+        codec.encode_round_broadcast(replace(make_broadcast(), tensors={}))
+    assert info.value.reason is Reject.MISSING_FIELD
+
+
+def test_fuzz_mutated_round_records_raise_only_codec_errors() -> None:
+    rng = random.Random(5)
+    samples = [
+        (codec.encode_round_update(make_round_update()), codec.decode_round_update),
+        (codec.encode_round_broadcast(make_broadcast()), codec.decode_round_broadcast),
+    ]
+    for data, decode in samples:
+        for _ in range(400):
+            mutated = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            with contextlib.suppress(CodecError):
+                decode(bytes(mutated))
