@@ -3,12 +3,12 @@ personalised head against the fraction of additional user data it was retrained 
 
 Per model of the world's feature bank and per seed:
 
-1. the base head ``v0`` is :func:`device_sim.bank.train_base_head` (clean images of the
+1. the base head ``v0`` is :func:`device_sim.heads.train_base_head` (clean images of the
    pre-training identities);
 2. the devices' training rows (every vendor's camera, train side) are shuffled once with
    the seed, and fraction ``f`` takes the first ``round(f·n)`` of them, so the sets are
    nested: 5% holds the 2%;
-3. the head is retrained from ``v0`` (:func:`device_sim.bank.fit_head`, the same recipe
+3. the head is retrained from ``v0`` (:func:`device_sim.heads.fit_head`, the same recipe
    for every fraction) in two arms: on the user data alone (what the trainer does:
    warm start on the feature log) and on the pre-training data plus the user data;
 4. accuracy is measured on the devices' held-out rows (never trained on), and on the
@@ -32,16 +32,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from device_sim.bank import (
-    DEFAULT_BACKBONE,
-    DEFAULT_CUT,
-    FeatureBank,
-    build_bank,
-    fit_head,
-    head_accuracy,
-    new_head,
-    train_base_head,
-)
+from device_sim.bank import DEFAULT_BACKBONE, DEFAULT_CUT, FeatureBank, build_bank
+from device_sim.heads import fit_head, head_accuracy, new_head, train_base_head
 from device_sim.images import CLEAN_DOMAIN
 from device_sim.world import World, WorldConfig
 from pipeline.records import Backbone, Cut

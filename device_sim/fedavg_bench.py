@@ -1,7 +1,7 @@
 """``fedex bench fedavg``: FedEx and the FedAvg baseline side by side on one broker.
 
 Same synthetic task for both arms: the feature bank of the default world, one model, its
-base head ``v0`` (:func:`device_sim.bank.train_base_head`), the same devices (vendors and
+base head ``v0`` (:func:`device_sim.heads.train_base_head`), the same devices (vendors and
 identities from :meth:`World.device_profile`), the same ``samples`` train rows per device
 (:meth:`FeatureBank.draw_batch`), and the same evaluation: the mean over devices of each
 device's accuracy on its held-out rows.
@@ -41,9 +41,10 @@ import numpy.typing as npt
 import torch
 from rich.console import Console
 
-from device_sim.bank import FeatureBank, build_bank, new_head, train_base_head
+from device_sim.bank import FeatureBank, build_bank
 from device_sim.fedavg import DeviceData, FedAvgFleet
 from device_sim.fedavg_report import cost_to_reach, per_device
+from device_sim.heads import new_head, train_base_head
 from device_sim.world import World, WorldConfig
 from pipeline import codec
 from pipeline.checkpoints import CheckpointDType, encode_checkpoint

@@ -57,7 +57,7 @@ def load_bank(settings: Settings, config: FleetConfig, *, progress: bool = False
 async def ensure_models(settings: Settings, bank: FeatureBank, model_ids: list[str]) -> None:
     """Every model exists on the model topic: its base head v0 (trained on the bank's
     pre-training identities, clean domain) is registered unless it already is."""
-    from device_sim.bank import train_base_head
+    from device_sim.heads import train_base_head
     from pipeline.publishing import register_model
     from pipeline.topics import ensure_topics, topic_specs
 

@@ -272,7 +272,7 @@ class ModelSubscriber(Service):
             await http.close()
 
     def _build_heads(self) -> dict[str, nn.Module]:
-        from device_sim.bank import new_head
+        from device_sim.heads import new_head
 
         return {
             m: new_head(h.backbone, h.cut, h.num_classes).eval()

@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from device_sim.bank import FeatureBank, new_head
+from device_sim.bank import FeatureBank
 from device_sim.evaluation import HeldOutSet
+from device_sim.heads import new_head
 from device_sim.subscription import (
     ModelSubscriber,
     RefusedVersion,

@@ -14,9 +14,10 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from device_sim.bank import FeatureBank, build_bank, train_base_head
+from device_sim.bank import FeatureBank, build_bank
 from device_sim.fedavg import DeviceData, FedAvgFleet
 from device_sim.fedavg_bench import Evaluator, make_devices
+from device_sim.heads import train_base_head
 from device_sim.world import World, WorldConfig
 from pipeline import codec
 from pipeline.clients import make_consumer

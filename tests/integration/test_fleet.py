@@ -207,7 +207,8 @@ async def test_the_fleet_applies_a_published_version(
 ) -> None:
     import torch
 
-    from device_sim.bank import FeatureBank, fit_head, new_head
+    from device_sim.bank import FeatureBank
+    from device_sim.heads import fit_head, new_head
     from pipeline.checkpoints import LocalCheckpointStore
     from pipeline.publishing import build_update, make_update_producer, publish_update
     from pipeline.zoo import head_state_dict

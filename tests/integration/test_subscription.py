@@ -15,8 +15,9 @@ import pytest
 import torch
 from aiokafka import AIOKafkaProducer
 
-from device_sim.bank import FeatureBank, fit_head, new_head
+from device_sim.bank import FeatureBank
 from device_sim.evaluation import HeldOutSet
+from device_sim.heads import fit_head, new_head
 from device_sim.subscription import (
     ModelSubscriber,
     RefusalReason,

@@ -20,12 +20,9 @@ from device_sim.bank import (
     build_bank,
     build_world_backbone,
     extract_features,
-    fit_head,
-    head_accuracy,
-    new_head,
     run_bank_build,
-    train_base_head,
 )
+from device_sim.heads import fit_head, head_accuracy, new_head, train_base_head
 from device_sim.images import CLEAN_DOMAIN, to_backbone_input
 from device_sim.world import World, WorldConfig
 from pipeline.records import Backbone, Cut

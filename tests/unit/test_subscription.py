@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from device_sim.bank import FeatureBank, head_accuracy, new_head
+from device_sim.bank import FeatureBank
 from device_sim.evaluation import (
     HeldOutSet,
     RefusalReason,
@@ -24,6 +24,7 @@ from device_sim.evaluation import (
     mean_accuracy,
     verify_blob,
 )
+from device_sim.heads import head_accuracy, new_head
 from device_sim.subscription_bench import random_devices, synthetic_bank
 from device_sim.world import World
 from pipeline.checkpoints import encode_checkpoint, sha256_hex

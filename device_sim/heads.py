@@ -1,0 +1,176 @@
+"""Heads on a feature bank: the base model ``v0`` of each model, and a small fit/eval kit.
+
+:func:`train_base_head` trains the thawed layers on the clean images of the pre-training
+identities only, so ``v0`` is good there and mediocre on the devices' (vendor-shifted,
+partly novel) data: personalization has something to gain. :func:`fit_head` and
+:func:`head_accuracy` are the plain AdamW loop and top-1 accuracy the benches share.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+
+from device_sim.bank import BankError, FeatureBank
+from device_sim.images import CLEAN_DOMAIN
+from pipeline.records import Backbone, Cut
+from pipeline.zoo import build_backbone, head_state_dict, split
+
+
+@dataclass(frozen=True)
+class BaseHead:
+    """The base model ``v0`` of one model id and how good it is where.
+
+    ``pretrain_val_accuracy``: clean held-out images of the pre-training identities.
+    ``device_accuracy``: held-out images of the device identities through every vendor's
+    camera (what devices will measure), split by vendor in ``vendor_accuracy`` and by
+    whether the identity was pre-trained (``seen_device_accuracy``) or not
+    (``novel_device_accuracy``, NaN when there are none).
+    """
+
+    model_id: str
+    backbone: Backbone
+    cut: Cut
+    num_classes: int
+    state_dict: dict[str, Tensor]
+    pretrain_val_accuracy: float
+    device_accuracy: float
+    seen_device_accuracy: float
+    novel_device_accuracy: float
+    vendor_accuracy: dict[int, float]
+    train_samples: int
+    train_seconds: float
+
+
+def new_head(
+    backbone: Backbone | str,
+    cut: Cut | str,
+    num_classes: int,
+    *,
+    weights: Path | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A fresh head (the thawed layers) for ``num_classes`` identities."""
+    model = build_backbone(backbone, num_classes=num_classes, weights=weights, seed=seed)
+    return split(model, backbone, cut).head
+
+
+def fit_head(
+    head: nn.Module,
+    features: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    epochs: int = 30,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> list[float]:
+    """Train ``head`` in place (AdamW, cross-entropy, shuffled minibatches from ``seed``);
+    returns the mean loss per epoch."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    n = int(x.shape[0])
+    if n < 2 or int(y.shape[0]) != n:
+        raise BankError(f"need ≥ 2 samples and one label each, got {n} and {y.shape[0]}")
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size]
+            if index.numel() < 2:  # BatchNorm in train mode needs two samples
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(head(x[index]), y[index])
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * index.numel()
+        losses.append(total / n)
+    head.eval()
+    return losses
+
+
+@torch.no_grad()
+def head_accuracy(head: nn.Module, features: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+    """Top-1 accuracy in eval mode; NaN on an empty set."""
+    y = np.asarray(labels)
+    if y.size == 0:
+        return math.nan
+    head.eval()
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    predicted = torch.cat([head(x[i : i + 1024]).argmax(1) for i in range(0, len(x), 1024)])
+    return float((predicted.numpy() == y).mean())
+
+
+def train_base_head(
+    bank: FeatureBank,
+    model_id: str,
+    *,
+    epochs: int = 30,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 128,
+    seed: int = 0,
+    weights: Path | None = None,
+) -> BaseHead:
+    """Train the base head of ``model_id`` on the clean train images of its pre-training
+    identities, and measure it on their clean held-out images and on the devices'
+    held-out vendor images. Deterministic in ``seed``."""
+    started = time.perf_counter()
+    head = new_head(bank.backbone, bank.cut, bank.num_classes, weights=weights, seed=seed)
+    pretrain = bank.pretrain_identities(model_id)
+    train_rows = bank.select(model_id, domains=[CLEAN_DOMAIN], identities=pretrain, holdout=False)
+    val_rows = bank.select(model_id, domains=[CLEAN_DOMAIN], identities=pretrain, holdout=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout in deeper heads
+        fit_head(
+            head,
+            *bank.take(train_rows),
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            seed=seed,
+        )
+    seconds = time.perf_counter() - started
+    device = bank.device_identities(model_id)
+    seen = np.intersect1d(device, pretrain)
+    novel = np.setdiff1d(device, pretrain)
+    vendors = list(bank.vendor_domains)
+
+    def acc(rows: npt.NDArray[np.int64]) -> float:
+        return head_accuracy(head, *bank.take(rows))
+
+    return BaseHead(
+        model_id=model_id,
+        backbone=bank.backbone,
+        cut=bank.cut,
+        num_classes=bank.num_classes,
+        state_dict=head_state_dict(head),
+        pretrain_val_accuracy=acc(val_rows),
+        device_accuracy=acc(bank.select(model_id, domains=vendors, holdout=True)),
+        seen_device_accuracy=acc(
+            bank.select(model_id, domains=vendors, identities=seen, holdout=True)
+        ),
+        novel_device_accuracy=acc(
+            bank.select(model_id, domains=vendors, identities=novel, holdout=True)
+        ),
+        vendor_accuracy={
+            v: acc(bank.select(model_id, domains=[v], identities=device, holdout=True))
+            for v in vendors
+        },
+        train_samples=int(train_rows.size),
+        train_seconds=seconds,
+    )
