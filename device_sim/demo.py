@@ -13,7 +13,7 @@
 5. The report: per model the versions shipped with their validation accuracy and the
    devices' mean accuracy before and after each; freshness; samples ingested; bytes and
    energy per device; the training jobs and their durations. Also written as JSON to
-   ``$FEDEX_HOME/demo/``.
+   ``bench/results/demo.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -312,8 +312,10 @@ def run_demo(
     devices: int = DEVICES,
     models: int = MODELS,
     duration_s: float = DURATION_S,
+    out: Path = Path("bench/results/demo.json"),
 ) -> MainJobReport:
-    """``fedex demo``: run the main job with Ctrl-C handling, print and save the report."""
+    """``fedex demo``: run the main job with Ctrl-C handling, print the report and save it
+    as JSON to ``out`` (where ``fedex bench report`` finds the main job's freshness)."""
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)  # a log file: keep the tables whole
@@ -333,7 +335,6 @@ def run_demo(
         )
 
     report = asyncio.run(main())
-    path = settings.home / "demo" / f"report-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    report.path = write_json(orjson.loads(orjson.dumps(report.as_dict())), path)
+    report.path = write_json(orjson.loads(orjson.dumps(report.as_dict())), out)
     print_report(report, console)
     return report

@@ -272,13 +272,20 @@ def demo(
     devices: int = typer.Option(1000, help="simulated devices"),
     models: int = typer.Option(2, help="models (faces-1..faces-M)"),
     duration: str = typer.Option("3m", help="how long the fleet runs (90s, 3m, …)"),
+    out: Path = typer.Option(Path("bench/results/demo.json"), help="JSON report path"),
 ) -> None:
     """The main job: local Kafka, worker, trainer, model server and a device fleet, then
     the report (see the README)."""
     from device_sim.demo import run_demo
     from device_sim.fleet_setup import parse_duration
 
-    run_demo(Settings(), devices=devices, models=models, duration_s=parse_duration(duration))
+    run_demo(
+        Settings(),
+        devices=devices,
+        models=models,
+        duration_s=parse_duration(duration),
+        out=out,
+    )
 
 
 # --- bench push | datafraction | report (issue 5: the paper's tables and docs/benchmarks.md)

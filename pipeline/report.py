@@ -55,9 +55,15 @@ class Report:
     results: dict[str, Result]
     gpu: list[Result] = field(default_factory=list)
     generated_at: str = ""
+    #: The last main job's report (``make demo`` writes ``bench/results/demo.json``): the
+    #: freshness of a real run with a cloud that trains, which no bench alone measures.
+    main_job: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- loading
+
+
+MAIN_JOB_FILE: Final = "demo.json"
 
 
 def _read(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -92,7 +98,9 @@ def load_report(results_dir: Path) -> Report:
         device = str(((data or {}).get("environment") or {}).get("device", ""))
         if data is not None and device.startswith("cuda"):
             gpu.append(Result(file.stem, GPU_COMMAND, data))
-    return Report(results, gpu, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    main_job, _ = _read(results_dir / MAIN_JOB_FILE)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return Report(results, gpu, stamp, main_job)
 
 
 # --------------------------------------------------------------------------- formatting

@@ -339,7 +339,7 @@ def section_pipeline(report: Report) -> str:
             if isinstance(fan, Mapping) and "fanout_from_ack_s" in fan
             else None
         ),
-        "freshness": None,
+        "freshness": main_job_freshness(report.main_job),
         "fleet density": fleet_density(fleet.data) if fleet.ok else None,
     }
     for label, words in (
@@ -356,7 +356,8 @@ def section_pipeline(report: Report) -> str:
             value = f"**missing** — fleet.json has no {label} field"
         else:
             value = missing_note(fleet)
-        rows.append([label, value, f"`{fleet.command}`"])
+        command = "make demo" if label == "freshness" and specific[label] else fleet.command
+        rows.append([label, value, f"`{command}`"])
     return out + table(["metric", "measured", "reproduce"], rows)
 
 
@@ -369,6 +370,20 @@ def section_generic(report: Report, name: str, title: str) -> str:
     body = {k: v for k, v in (r.data or {}).items() if k not in skip}
     rows = [[f"`{k}`", num(v)] for k, v in flatten(body)]
     return out + table(["field", "value"], rows) + f"\n\nReproduce: `{r.command}`."
+
+
+def main_job_freshness(data: Mapping[str, Any] | None) -> str | None:
+    """Freshness of the last main job: label → the model that includes it is active on the
+    device that pushed it, in simulated time (devices push only while charging or idle)."""
+    fresh = dig(dig(data, "fleet") or {}, "freshness", "sim_s")
+    if not isinstance(fresh, Mapping) or not fresh.get("n"):
+        return None
+    return (
+        f"label → model with it active on the device: p50 {fresh['p50'] / 3600:.1f} h, "
+        f"p99 {fresh['p99'] / 3600:.1f} h of simulated time over {num(fresh['n'])} pushes "
+        f"(main job: {num(data.get('devices') if data else None)} devices; devices push "
+        "only in their charging/idle windows)"
+    )
 
 
 def fleet_density(data: Mapping[str, Any] | None) -> str | None:
