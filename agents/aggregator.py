@@ -133,10 +133,12 @@ class Aggregator:
         except codec.CodecError as exc:
             out.dead_letters.append(dead_letter(record, exc.reason.value, exc.message, now))
             return out
-        if codec.decode_key(record.key) != update.model_id:
+        # Keyed <model_id>/<version>, or by the model id alone on topics written before.
+        key = codec.decode_update_key(record.key)
+        if key is None or key[0] != update.model_id or key[1] not in (None, update.version):
             log.warning(
-                "model update %s/%s is keyed %r, not by its model id: its state may live in "
-                "another partition than its pushes",
+                "model update %s/%s is keyed %r, not by its model id and version: its state "
+                "may live in another partition than its pushes",
                 update.model_id,
                 update.version,
                 record.key,

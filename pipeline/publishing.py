@@ -8,9 +8,10 @@ with headroom for the record framing, else by reference to the model server
 checkpoint store first, so the model server can serve it and a trainer can warm-start
 from it, and the update's ``sha256`` / ``size`` describe exactly that blob.
 
-Updates are keyed by model id (docs/architecture.md), so a model's updates stay in order
-on the partition that also carries its pushes and triggers (Kafka's default murmur2
-partitioner; :func:`model_partition` computes it).
+Updates are keyed ``<model_id>/<version>`` (docs/architecture.md), so compaction of the
+model topic keeps every version, and sent explicitly to the model's partition, the one
+that also carries its pushes and triggers (Kafka's default murmur2 partitioner on the model
+id; :func:`model_partition` computes it), so a model's updates stay in order there.
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ def checkpoint_url(server_url: str, model_id: str, version: str) -> str:
 
 
 def update_key(model_id: str, version: str) -> bytes:
-    """Kafka key of a model update: the model id, like pushes and triggers. (On the
-    compacted model topic this lets compaction drop all but a model's latest update; see
-    the report to the lead on keying by ``<model_id>/<version>`` instead.)"""
-    return codec.encode_key(model_id)
+    """Kafka key of a model update: ``<model_id>/<version>``. The model topic is compacted,
+    and a key per model would let compaction drop every version but the latest, the best
+    one included, so a late-joining registry could no longer find it. The key no longer
+    picks the partition: :func:`publish_update` sends to :func:`model_partition`. Readers
+    also accept the older key, the model id alone (``codec.decode_update_key``)."""
+    return codec.encode_update_key(model_id, version)
 
 
 def model_partition(model_id: str, partitions: int) -> int:
@@ -243,6 +246,7 @@ async def publish_update(
     partitions = await producer.partitions_for(topic)
     if not partitions:
         raise PublishError(f"model topic {topic!r} has no partitions: run `fedex topics ensure`")
+    # Explicit partition: the key (model id and version) would hash elsewhere.
     return await producer.send_and_wait(
         topic,
         codec.encode_update(update),

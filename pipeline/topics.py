@@ -111,9 +111,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             settings.models_partitions,
             rf,
             {
-                # Keyed by model id (co-partitioned with the feature log for the agents).
-                # Compaction keeps at least the latest update per model; only closed
-                # segments are compacted, so recent history stays readable.
+                # Keyed <model_id>/<version>, sent to the model's partition (co-partitioned
+                # with the feature log for the agents). Compaction keeps every version (the
+                # best included); only closed segments are compacted.
                 "cleanup.policy": "compact",
                 "max.message.bytes": str(settings.max_message_bytes),
                 "min.compaction.lag.ms": "60000",

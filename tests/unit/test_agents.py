@@ -7,10 +7,12 @@ The Kafka shells around them (``agents.ingest``, ``agents.app``) are covered end
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from agents.aggregator import Aggregator, Record
 from agents.policy import ModelState, TriggerPolicy
@@ -280,6 +282,30 @@ def test_bad_updates_are_dead_lettered_and_tombstones_ignored() -> None:
     assert not out.states
     out = agg.add_update(Record("p.models", 0, 4, b"m", None, T0), T0)
     assert not out.dead_letters and not out.states
+
+
+@pytest.mark.parametrize("key", [b"m/v0", b"m"])
+def test_updates_keyed_by_model_and_version_or_by_model_alone_are_accepted(
+    key: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store()
+    agg = make(store)
+    with caplog.at_level(logging.WARNING, logger="agents.aggregator"):
+        out = agg.add_update(Record("p.models", 0, 0, key, codec.encode_update(update()), T0), T0)
+    assert not caplog.records
+    assert not out.dead_letters
+    assert out.states["m"].known
+
+
+@pytest.mark.parametrize("key", [b"n/v0", b"n", b"m/v9", None, b"\xff"])
+def test_an_update_keyed_for_another_model_or_version_is_flagged(
+    key: bytes | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    agg = make(Store())
+    with caplog.at_level(logging.WARNING, logger="agents.aggregator"):
+        agg.add_update(Record("p.models", 0, 0, key, codec.encode_update(update()), T0), T0)
+    [warning] = caplog.records
+    assert "not by its model id and version" in warning.getMessage()
 
 
 def test_tick_fires_age_triggers_and_retries_and_returns_only_changed_states() -> None:

@@ -187,6 +187,22 @@ def test_keys_round_trip() -> None:
     assert codec.decode_key(b"\xff") is None
 
 
+def test_update_keys_round_trip_and_read_the_older_form() -> None:
+    key = codec.encode_update_key("faces-1", "v3")
+    assert key == b"faces-1/v3"
+    assert codec.decode_update_key(key) == ("faces-1", "v3")
+    assert codec.decode_update_key(codec.encode_key("faces-1")) == ("faces-1", None)
+    assert codec.decode_update_key(None) is None
+    assert codec.decode_update_key(b"\xff") is None
+
+
+@pytest.mark.parametrize(("model_id", "version"), [("a/b", "v1"), ("m", "v/1"), ("", "v1")])
+def test_update_keys_refuse_parts_outside_the_id_alphabet(model_id: str, version: str) -> None:
+    with pytest.raises(CodecError) as info:
+        codec.encode_update_key(model_id, version)
+    assert info.value.reason is Reject.BAD_ID
+
+
 # ------------------------------------------------------------------------ rejections
 
 

@@ -94,7 +94,8 @@ def test_keys_urls_and_partitions() -> None:
     assert checkpoint_url(SERVER, "faces-1", "v3") == (
         "http://models.example:8080/v1/models/faces-1/checkpoints/v3"
     )
-    assert update_key("faces-1", "v3") == codec.encode_key("faces-1")
+    assert update_key("faces-1", "v3") == b"faces-1/v3"
+    assert codec.decode_update_key(update_key("faces-1", "v3")) == ("faces-1", "v3")
     for model in ("faces-1", "cats-2", "a", "model.with.dots"):
         key = codec.encode_key(model)
         # The partition Kafka's default partitioner gives the model id: pushes and triggers
@@ -230,7 +231,8 @@ async def test_publish_sends_to_the_models_partition_and_awaits_the_ack(tmp_path
     producer = FakeProducer(6)
     assert await publish_update(producer, "p.models", update) == "ack"  # type: ignore[arg-type]
     (sent,) = producer.sent
-    assert sent["topic"] == "p.models" and sent["key"] == b"faces-1"
+    assert sent["topic"] == "p.models" and sent["key"] == b"faces-1/" + update.version.encode()
+    # Keyed by version, yet on the model's partition (where its pushes and triggers are).
     assert sent["partition"] == model_partition("faces-1", 6)
     assert codec.decode_update(sent["value"]) == dataclasses.replace(update)
     with pytest.raises(PublishError, match="no partitions"):
