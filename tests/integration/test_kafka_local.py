@@ -23,6 +23,8 @@ from pipeline.clients import wait_for_kafka
 from pipeline.errors import KafkaUnavailableError
 from pipeline.kafka_local import LocalKafka, find_broker_processes, free_port
 from pipeline.processes import process_gone, terminate_pid
+from pipeline.settings import Settings
+from pipeline.topics import topic_specs
 from tests.integration.conftest import EXTERNAL_BOOTSTRAP, JAR_CACHE, TEST_HEAP
 
 pytestmark = [
@@ -181,12 +183,13 @@ def test_cli_daemon_start_status_describe_stop(tmp_path: Path) -> None:
 
         ensure = _fedex(env, "topics", "ensure")
         assert ensure.returncode == 0, ensure.stderr
-        assert "4 created, 0 updated, 0 unchanged" in ensure.stdout
+        specs = topic_specs(Settings(topic_prefix=prefix))
+        assert f"{len(specs)} created, 0 updated, 0 unchanged" in ensure.stdout
 
         describe = _fedex(env, "topics", "describe")
         assert describe.returncode == 0, describe.stderr
-        for role in ("features", "triggers", "models", "deadletter"):
-            assert f"{prefix}.{role}" in describe.stdout
+        for spec in specs:
+            assert spec.name in describe.stdout
         assert "compact" in describe.stdout
 
         logs = _fedex(env, "kafka", "logs", "-n", "5")
