@@ -27,7 +27,7 @@ from torch import nn
 
 from device_sim.images import rng_for, stable_key
 from pipeline import codec
-from pipeline.errors import ConfigError, FedexError
+from pipeline.errors import FedexError
 from pipeline.lifecycle import Service
 from pipeline.records import FeatureDType, RoundBroadcast, RoundUpdate, UpdateKind
 from pipeline.topics import Topics
@@ -187,28 +187,16 @@ class FedAvgFleet(Service):
     async def start(self) -> None:
         if self._producer is not None:
             return
-        from aiokafka import TopicPartition
 
-        from pipeline.clients import make_consumer, make_producer
+        from pipeline.clients import make_producer, start_reader_at_end
 
-        consumer = make_consumer(
-            bootstrap=self.bootstrap, group_id=None, client_id="fedex-fedavg-devices"
+        consumer = await start_reader_at_end(
+            bootstrap=self.bootstrap,
+            topic=self.topics.fedavg_rounds,
+            client_id="fedex-fedavg-devices",
         )
         producer = make_producer(bootstrap=self.bootstrap, client_id="fedex-fedavg-devices")
-        await consumer.start()
         try:
-            # Metadata of every topic: asking for one could auto-create it.
-            cluster = await consumer._client.fetch_all_metadata()
-            parts = cluster.partitions_for_topic(self.topics.fedavg_rounds)
-            if not parts:
-                raise ConfigError(
-                    f"topic {self.topics.fedavg_rounds!r} does not exist: run `fedex topics ensure`"
-                )
-            tps = [TopicPartition(self.topics.fedavg_rounds, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
-            for tp in tps:
-                await consumer.position(tp)
             await producer.start()
         except BaseException:
             await consumer.stop()

@@ -59,10 +59,20 @@ async def ensure_models(settings: Settings, bank: FeatureBank, model_ids: list[s
     pre-training identities, clean domain) is registered unless it already is."""
     from device_sim.heads import train_base_head
     from pipeline.publishing import register_model
-    from pipeline.topics import ensure_topics, topic_specs
+    from pipeline.registry import RegistryFollower
+    from pipeline.topics import Topics, ensure_topics, topic_specs
 
     await ensure_topics(settings.bootstrap, topic_specs(settings))
-    for model_id in model_ids:
+    async with RegistryFollower(
+        bootstrap=settings.bootstrap,
+        topic=Topics(settings.topic_prefix).models,
+        client_id="fedex-fleet-setup",
+    ) as follower:
+        await follower.wait_caught_up()
+        missing = [m for m in model_ids if m not in follower.registry]
+    for model_id in sorted(set(model_ids) - set(missing)):
+        log.info("model %s exists: its versions are left as they are", model_id)
+    for model_id in missing:  # only these need a base head trained
         base = await asyncio.to_thread(train_base_head, bank, model_id)
         metrics = ModelMetrics(
             val_accuracy=base.pretrain_val_accuracy,

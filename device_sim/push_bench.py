@@ -479,49 +479,35 @@ def run_push_bench(
     }
     path = write_result("push", result, out)
     names = list(tiers)
-    print_table(
-        f"push of {SAMPLES} float16 features per freeze level: loopback measured, "
-        "tiers modelled (s)",
-        ["level", "bytes", "kafka p50", "http p50", *names, "paper"],
-        [
+    for title, key, lead in (
+        (
+            f"push of {SAMPLES} float16 features per freeze level: loopback measured, "
+            "tiers modelled (s)",
+            "levels",
+            {"level": "level", "bytes": "push_bytes", "kafka p50": "kafka_s", "http p50": "http_s"},
+        ),
+        (
+            "pull of the level's checkpoint (fp16 safetensors) from the model server (s)",
+            "pull",
+            {"level": "level", "bytes": "checkpoint_bytes", "http p50": "http_s"},
+        ),
+        (
+            "FedAvg push: one device's gradient record of the thawed layers (transfer only, s)",
+            "fedavg_push",
+            {"level": "level", "dtype": "dtype", "bytes": "bytes"},
+        ),
+    ):
+        print_table(
+            title,
+            [*lead, *names, "paper"],
             [
-                r["level"],
-                r["push_bytes"],
-                r["kafka_s"]["p50"],
-                r["http_s"]["p50"],
-                *(r["tiers_s"][n] for n in names),
-                r["paper_s"] if r["paper_s"] is not None else "—",
-            ]
-            for r in priced["levels"]
-        ],
-    )
-    print_table(
-        "pull of the level's checkpoint (fp16 safetensors) from the model server (s)",
-        ["level", "bytes", "http p50", *names, "paper"],
-        [
-            [
-                r["level"],
-                r["checkpoint_bytes"],
-                r["http_s"]["p50"],
-                *(r["tiers_s"][n] for n in names),
-                r["paper_s"] if r["paper_s"] is not None else "—",
-            ]
-            for r in priced["pull"]
-        ],
-    )
-    print_table(
-        "FedAvg push: one device's gradient record of the thawed layers (transfer only, s)",
-        ["level", "dtype", "bytes", *names, "paper"],
-        [
-            [
-                r["level"],
-                r["dtype"],
-                r["bytes"],
-                *(r["tiers_s"][n] for n in names),
-                r["paper_s"] if r["paper_s"] is not None else "—",
-            ]
-            for r in priced["fedavg_push"]
-        ],
-    )
+                [
+                    *(r[f]["p50"] if f.endswith("_s") else r[f] for f in lead.values()),
+                    *(r["tiers_s"][n] for n in names),
+                    r["paper_s"] if r["paper_s"] is not None else "—",
+                ]
+                for r in priced[key]
+            ],
+        )
     print(f"wrote {path}")
     return result

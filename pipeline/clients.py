@@ -13,11 +13,11 @@ import contextlib
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from pipeline.errors import KafkaUnavailableError
+from pipeline.errors import ConfigError, KafkaUnavailableError
 from pipeline.kafka_local import port_accepts
 
 MIB = 1024 * 1024
@@ -84,6 +84,40 @@ def make_consumer(
         isolation_level=isolation_level,
         **options,
     )
+
+
+async def assign_all_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of ``topic`` to a started group-less ``consumer`` and return
+    them in order; the caller seeks. A missing topic is a :class:`ConfigError` that says how
+    to create it.
+
+    A consumer without subscriptions has no topic metadata yet, and aiokafka has no public
+    call for the partitions of a topic it is not subscribed to: this fetches every topic's
+    metadata (asking for the one topic could auto-create it).
+    """
+    cluster = await consumer._client.fetch_all_metadata()
+    partitions = cluster.partitions_for_topic(topic)
+    if not partitions:
+        raise ConfigError(f"topic {topic!r} does not exist: run `fedex topics ensure`")
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    return tps
+
+
+async def start_reader_at_end(*, bootstrap: str, topic: str, client_id: str) -> AIOKafkaConsumer:
+    """A started group-less consumer on every partition of ``topic``, positioned at its
+    end now: it reads exactly the records produced after this call returns."""
+    consumer = make_consumer(bootstrap=bootstrap, group_id=None, client_id=client_id)
+    await consumer.start()
+    try:
+        tps = await assign_all_partitions(consumer, topic)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve the lazy seek now, not at the first fetch
+            await consumer.position(tp)
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
 
 
 def make_admin(

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    pass
 from pipeline import codec
+from pipeline.errors import FedexError
 from pipeline.lifecycle import Service
 from pipeline.records import Backbone, Cut, ModelUpdate
+from pipeline.tail import TopicTail, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -107,68 +109,24 @@ class RegistryFollower(Service):
         client_id: str = "fedex-registry",
     ) -> None:
         self.registry = registry or Registry()
-        self._bootstrap = bootstrap
         self._topic = topic
         self._on_update = on_update
-        self._client_id = client_id
+        self._tail = TopicTail(bootstrap=bootstrap, topic=topic, client_id=client_id)
         self._task: asyncio.Task[None] | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-        self._start_ends: dict[TopicPartition, int] = {}
-        self._folded: dict[TopicPartition, int] = {}
-        self._progress = asyncio.Event()
         self.skipped = 0
 
     async def start(self) -> None:
-        from aiokafka import TopicPartition
-
-        from pipeline import clients
-        from pipeline.errors import ConfigError
-
         if self._task is not None:
             return
-        consumer = clients.make_consumer(
-            bootstrap=self._bootstrap,
-            group_id=None,
-            client_id=self._client_id,
-            auto_offset_reset="earliest",
-        )
-        await consumer.start()
-        try:
-            # A consumer without subscriptions has no topic metadata yet. Fetch every
-            # topic's (asking for the one topic could auto-create it); aiokafka has no
-            # public call for the partitions of a topic it is not subscribed to.
-            cluster = await consumer._client.fetch_all_metadata()
-            partitions = cluster.partitions_for_topic(self._topic)
-            if not partitions:
-                raise ConfigError(
-                    f"model topic {self._topic!r} does not exist: run `fedex topics ensure`"
-                )
-            tps = [TopicPartition(self._topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            self._start_ends = await consumer.end_offsets(tps)
-        except BaseException:
-            await asyncio.sleep(0)  # aiokafka: stop() right after start() needs one turn
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await consumer.stop()
-            raise
-        self._consumer = consumer
-        self._folded = dict.fromkeys(tps, 0)
-        self._task = asyncio.create_task(self._run(consumer), name="registry-follower")
+        await self._tail.open()
+        self._task = asyncio.create_task(self._run(), name="registry-follower")
 
-    async def _run(self, consumer: AIOKafkaConsumer) -> None:
+    async def _run(self) -> None:
         while True:
-            batches = await consumer.getmany(timeout_ms=500)
-            for tp, records in batches.items():
+            for records in (await self._tail.fetch()).values():
                 for record in records:
                     await self._fold(record.value)
-                    self._folded[tp] = record.offset + 1
-            # Everything fetched is folded, so the fetch position is folded too (this also
-            # steps over compaction gaps and reaches the end of empty partitions).
-            for tp in self._folded:
-                self._folded[tp] = max(self._folded[tp], await consumer.position(tp))
-            self._progress.set()
-            self._progress = asyncio.Event()
+            await self._tail.advance()
 
     async def _fold(self, value: bytes | None) -> None:
         if value is None:  # a compaction tombstone
@@ -184,40 +142,22 @@ class RegistryFollower(Service):
             if result is not None:
                 await result
 
-    async def _wait_folded(self, ends: dict[TopicPartition, int], timeout: float) -> None:
-        task = self._task
-        if task is None:
-            from pipeline.errors import FedexError
-
-            raise FedexError("the registry follower is not started")
-        deadline = asyncio.get_running_loop().time() + timeout
-        while any(self._folded.get(tp, 0) < end for tp, end in ends.items()):
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"registry did not catch up with {self._topic!r} in {timeout:g} s"
-                )
-            progress = asyncio.ensure_future(self._progress.wait())
-            done, _ = await asyncio.wait(
-                [progress, task], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            progress.cancel()
-            if task in done:
-                task.result()  # a crashed follower fails whoever waits on it
-                raise RuntimeError("registry follower stopped")
-
     async def wait_caught_up(self, timeout: float = 30.0) -> None:
         """Return once every update that was on the topic at start-up is folded."""
-        await self._wait_folded(self._start_ends, timeout)
+        tail, task = self._tail, self._task
+        if task is None:
+            raise FedexError("the registry follower is not started")
+        await wait_until(
+            lambda: tail.caught_up_with(tail.start_ends),
+            lambda: tail.progress,
+            task,
+            timeout,
+            f"registry caught up with {self._topic!r}",
+        )
 
     async def sync(self, timeout: float = 30.0) -> None:
         """Return once every update on the topic at call time is folded."""
-        consumer = self._consumer
-        if consumer is None:
-            await self._wait_folded({}, timeout)  # raises: not started
-            return
-        ends = await consumer.end_offsets(list(self._folded))
-        await self._wait_folded(ends, timeout)
+        await self._tail.sync(self._task, timeout)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -225,6 +165,4 @@ class RegistryFollower(Service):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
+        await self._tail.close()

@@ -35,10 +35,8 @@ class TopicTail:
         self.progress = asyncio.Event()
 
     async def open(self) -> AIOKafkaConsumer:
-        from aiokafka import TopicPartition
 
         from pipeline import clients
-        from pipeline.errors import ConfigError
 
         consumer = clients.make_consumer(
             bootstrap=self._bootstrap,
@@ -49,14 +47,7 @@ class TopicTail:
         )
         await consumer.start()
         try:
-            # Metadata of every topic: asking for one could auto-create it (as the
-            # registry follower does).
-            cluster = await consumer._client.fetch_all_metadata()
-            partitions = cluster.partitions_for_topic(self.topic)
-            if not partitions:
-                raise ConfigError(f"topic {self.topic!r} does not exist: run `fedex topics ensure`")
-            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
+            tps = await clients.assign_all_partitions(consumer, self.topic)
             await consumer.seek_to_beginning(*tps)
             self.start_ends = await consumer.end_offsets(tps)
         except BaseException:

@@ -301,28 +301,17 @@ class FedAvgServer(Service):
     async def start(self) -> None:
         if self._producer is not None:
             return
-        from aiokafka import TopicPartition
 
-        from pipeline.clients import make_consumer, make_producer
+        from pipeline.clients import make_producer, start_reader_at_end
 
-        consumer = make_consumer(
-            bootstrap=self.bootstrap, group_id=None, client_id="fedex-fedavg-server"
+        # Positioned at the end before the first broadcast: updates sent after it are ours.
+        consumer = await start_reader_at_end(
+            bootstrap=self.bootstrap,
+            topic=self.topics.fedavg_updates,
+            client_id="fedex-fedavg-server",
         )
         producer = make_producer(bootstrap=self.bootstrap, client_id="fedex-fedavg-server")
-        await consumer.start()
         try:
-            # Metadata of every topic: asking for one could auto-create it.
-            cluster = await consumer._client.fetch_all_metadata()
-            parts = cluster.partitions_for_topic(self.topics.fedavg_updates)
-            if not parts:
-                raise ConfigError(
-                    f"topic {self.topics.fedavg_updates!r} is missing: run `fedex topics ensure`"
-                )
-            tps = [TopicPartition(self.topics.fedavg_updates, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
-            for tp in tps:  # resolve now: updates sent after the first broadcast are ours
-                await consumer.position(tp)
             await producer.start()
         except BaseException:
             await consumer.stop()
