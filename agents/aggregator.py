@@ -165,6 +165,25 @@ class Aggregator:
                 _log_trigger(trigger)
         return out
 
+    def take_over(self, states: Iterable[ModelState], now: float) -> Outcome:
+        """What a worker does first with the states of a partition it was newly assigned:
+        re-fires every job in flight whose trigger is not known to be on the topic (the
+        previous owner died between writing the state and the send's acknowledgement),
+        then ticks."""
+        out = Outcome()
+        for state in states:
+            flight = state.in_flight
+            trigger = None
+            if flight is not None and not flight.announced:
+                trigger = self.policy.refire(state, now)
+            if trigger is None:
+                trigger = self.policy.result(state, now)
+            if trigger is not None:
+                out.triggers.append(trigger)
+                out.states[state.model_id] = state
+                _log_trigger(trigger)
+        return out
+
     def _fire(self, out: Outcome, state: ModelState, now: float) -> None:
         trigger = self.policy.result(state, now)
         if trigger is not None:

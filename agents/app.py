@@ -25,15 +25,23 @@ have the feature log's partition count, so Faust's assignor gives a worker the s
 partitions of all of them (co-partitioning): the worker that counts a model's summaries
 also folds its updates and ticks it. More workers = the partitions spread over them.
 
-Durability (at-least-once, nothing lost): the ingest stage commits feature-log offsets only
-once their summaries are acknowledged. Here, for every batch, triggers and dead letters are
-sent with ``acks=all`` and awaited; only then is the new state written to the table, and
-its changelog records are awaited too; only then are the source events acked, and Faust
-commits an offset only once every event before it is acked (it also flushes its producer
-before committing). A batch that fails or is cancelled is never acked: its partition stops
-committing, and the agent's crash stops the worker, so a restart re-reads the batch.
-Replays are harmless: the table remembers the next feature-log offset it counted per
-partition and skips every push below it, and a re-emitted trigger carries the same trigger id.
+One writer per model state: the three agents run in their own tasks, and each batch's
+load → decide → write (and the awaits on its outputs) holds the worker's one transition
+lock, so no handler ever decides from a state that another handler is about to replace
+(the lost update that dropped counted pushes; see ``docs/invariants.md``).
+
+Durability (at-least-once, nothing lost), for every batch under that lock: the new state
+is written to the table and its changelog records are awaited first (write-ahead: a
+trigger's id, ranges and sample count are fixed by the durable state before the trigger
+exists anywhere); then triggers and dead letters are sent with ``acks=all`` and awaited;
+only then are the source events acked, and Faust commits an offset only once every event
+before it is acked (it also flushes its producer before committing). A batch that fails or
+is cancelled is never acked: its partition stops committing, and the agent's crash stops
+the worker, so a restart re-reads the batch. Replays are harmless: the table remembers the
+next feature-log offset it counted per partition and skips every push below it. A state
+whose trigger may not have reached the topic (a crash between the two writes) is re-fired
+when its partition is taken over: the first tick of a partition newly assigned to a worker
+says so, and every job in flight there is re-sent with the same id, ranges and count.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -68,6 +76,8 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 1000
 BATCH_WITHIN_S = 0.02
 TABLE_NAME = "models"
+#: The value of a partition's first tick on a worker that was newly assigned it.
+TAKEOVER_TICK = b"takeover"
 
 
 class DurableTable(faust.Table):
@@ -218,6 +228,10 @@ class AgentApp:
         self.aggregator = Aggregator(self.policy, load=self.load_state)
         self.counted_samples = 0
         self.triggers_sent = 0
+        #: Held by every handler from loading a model state to its changelog write and
+        #: the outputs being durable: one writer per state at a time.
+        self.transition = asyncio.Lock()
+        self._ticked: set[int] = set()
         self.dead_letters_sent = 0
 
         # A failed agent is not restarted in-process: its batch was withheld from the
@@ -230,6 +244,7 @@ class AgentApp:
         ):
             self.app.agent(channel, name=name, supervisor_strategy=CrashingSupervisor)(fun)
         self.app.timer(settings.agent_tick_s)(self._send_ticks)
+        self.app.on_partitions_revoked.connect(self._on_partitions_revoked)
 
     # ------------------------------------------------------------------ table access
 
@@ -253,29 +268,44 @@ class AgentApp:
 
     async def _summaries_agent(self, stream: Any) -> AsyncIterator[None]:
         async for events in stream.take_events(self.batch_max, self.batch_within_s):
-            outcome = self.aggregator.add_summaries([_record(e) for e in events], self.clock())
-            await self._guarded(events, outcome)
+            async with self.transition:
+                outcome = self.aggregator.add_summaries([_record(e) for e in events], self.clock())
+                await self._guarded(events, outcome)
             yield None
 
     async def _updates_agent(self, stream: Any) -> AsyncIterator[None]:
         async for event in stream.events():
-            outcome = self.aggregator.add_update(_record(event), self.clock())
-            await self._guarded([event], outcome)
+            async with self.transition:
+                outcome = self.aggregator.add_update(_record(event), self.clock())
+                await self._guarded([event], outcome)
             yield None
 
     async def _ticks_agent(self, stream: Any) -> AsyncIterator[None]:
         async for event in stream.events():
             partition = event.message.partition
-            due = self.states(partition)
-            outcome = self.aggregator.tick(due, self.clock())
-            await self._guarded([event], outcome)
+            async with self.transition:
+                due = self.states(partition)
+                if event.message.value == TAKEOVER_TICK:
+                    outcome = self.aggregator.take_over(due, self.clock())
+                else:
+                    outcome = self.aggregator.tick(due, self.clock())
+                await self._guarded([event], outcome)
             yield None
 
     async def _send_ticks(self) -> None:
         ticks = self.ticks_topic.get_topic_name()
-        for tp in sorted(self.app.assignor.assigned_actives()):
-            if tp.topic == ticks:
-                await self.ticks_topic.send(key=None, value=b"", partition=tp.partition)
+        owned = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == ticks}
+        for partition in sorted(owned):
+            value = b"" if partition in self._ticked else TAKEOVER_TICK
+            await self.ticks_topic.send(key=None, value=value, partition=partition)
+        self._ticked = owned
+
+    async def _on_partitions_revoked(
+        self, sender: Any, /, *args: Any, signal: Any, **kwargs: Any
+    ) -> None:
+        # A partition that comes back is a takeover again, even between two ticks.
+        revoked = args[0] if args else kwargs.get("revoked", ())
+        self._ticked -= {tp.partition for tp in revoked}
 
     # ---------------------------------------------------------------------- outputs
 
@@ -289,9 +319,8 @@ class AgentApp:
             raise
 
     async def _commit(self, out: Outcome, events: Sequence[Any]) -> None:
-        """Outputs durable, then state durable; the caller acks the events afterwards.
-        A model's state is written in the context of its last record's event (a tick's
-        states in the tick's), so it lands in that partition of the changelog."""
+        """State durable, then outputs durable; the caller acks the events afterwards."""
+        await self._store(out, events, out.states)
         sends = [
             await self.triggers_topic.send(
                 key=codec.encode_key(t.model_id), value=codec.encode_trigger(t)
@@ -304,13 +333,13 @@ class AgentApp:
         ]
         if sends:
             await asyncio.gather(*sends)
-        by_offset = {(e.message.partition, e.message.offset): e for e in events}
-        for model_id, state in out.states.items():
-            record = out.last_record.get(model_id)
-            event = by_offset[(record.partition, record.offset)] if record else events[-1]
-            with _event_context(event):
-                self.table[codec.encode_key(model_id)] = codec.encode_model_state(state.to_fields())
-        await self.table.flush_changelog()
+        if out.triggers:
+            # The triggers are on the topic: a takeover need not re-fire them.
+            for trigger in out.triggers:
+                flight = out.states[trigger.model_id].in_flight
+                assert flight is not None
+                flight.announced = True
+            await self._store(out, events, {t.model_id for t in out.triggers})
         self.counted_samples += out.counted_samples
         self.triggers_sent += len(out.triggers)
         self.dead_letters_sent += len(out.dead_letters)
@@ -318,3 +347,16 @@ class AgentApp:
             result = self.on_emit(Emitted(len(out.triggers), len(out.dead_letters)))
             if result is not None:
                 await result
+
+    async def _store(self, out: Outcome, events: Sequence[Any], model_ids: Iterable[str]) -> None:
+        """Writes the states of ``model_ids`` and awaits their changelog records. A model's
+        state is written in the context of its last record's event (a tick's states in the
+        tick's), so it lands in that partition of the changelog."""
+        by_offset = {(e.message.partition, e.message.offset): e for e in events}
+        for model_id in model_ids:
+            state = out.states[model_id]
+            record = out.last_record.get(model_id)
+            event = by_offset[(record.partition, record.offset)] if record else events[-1]
+            with _event_context(event):
+                self.table[codec.encode_key(model_id)] = codec.encode_model_state(state.to_fields())
+        await self.table.flush_changelog()

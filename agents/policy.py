@@ -35,6 +35,10 @@ class InFlight:
     base_version: str | None
     emitted_at: float  # seconds, of the latest emission (re-fires move it)
     attempt: int = 1
+    #: Its latest emission is known to be on the trigger topic. The state is written
+    #: before the trigger is sent (write-ahead) and marked once the send is acknowledged;
+    #: a new owner of the partition re-fires a job that is not.
+    announced: bool = False
 
 
 @dataclass(slots=True)
@@ -106,6 +110,7 @@ class ModelState:
                 "base_version": flight.base_version,
                 "emitted_at": flight.emitted_at,
                 "attempt": flight.attempt,
+                "announced": flight.announced,
             },
             "partition": self.partition,
             "counted_samples": self.counted_samples,
@@ -126,6 +131,7 @@ class ModelState:
                 base_version=raw["base_version"],
                 emitted_at=float(raw["emitted_at"]),
                 attempt=int(raw["attempt"]),
+                announced=bool(raw.get("announced", True)),
             )
         )
         return cls(
@@ -215,6 +221,27 @@ class TriggerPolicy:
             return True
         return False
 
+    def refire(self, state: ModelState, now: float) -> TrainingTrigger | None:
+        """The job in flight emitted again, or None when there is none: same trigger id,
+        ranges, sample count and base version as its first emission (only the attempt and
+        the emission time move), so a trainer that sees it twice trains it once."""
+        flight = state.in_flight
+        if flight is None:
+            return None
+        flight.attempt += 1
+        flight.emitted_at = now
+        flight.announced = False
+        return TrainingTrigger(
+            model_id=state.model_id,
+            trigger_id=flight.trigger_id,
+            ranges=flight.ranges,
+            sample_count=flight.sample_count,
+            reason=TriggerReason.RETRY,
+            base_version=flight.base_version,
+            attempt=flight.attempt,
+            created_at_ms=int(now * 1000),
+        )
+
     def due(self, state: ModelState, now: float) -> TriggerReason | None:
         """The reason a trigger is due now, or None."""
         if not state.known:
@@ -240,20 +267,7 @@ class TriggerPolicy:
         if reason is None:
             return None
         if reason is TriggerReason.RETRY:
-            flight = state.in_flight
-            assert flight is not None
-            flight.attempt += 1
-            flight.emitted_at = now
-            return TrainingTrigger(
-                model_id=state.model_id,
-                trigger_id=flight.trigger_id,
-                ranges=flight.ranges,
-                sample_count=flight.sample_count,
-                reason=TriggerReason.RETRY,
-                base_version=flight.base_version,
-                attempt=flight.attempt,
-                created_at_ms=int(now * 1000),
-            )
+            return self.refire(state, now)
         state.seq += 1
         flight = InFlight(
             trigger_id=f"{state.model_id}:{state.seq}",

@@ -10,6 +10,7 @@ waits poll with deadlines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -468,3 +469,89 @@ async def test_a_batch_not_committed_before_a_crash_is_re_read_and_counted_once(
     [r] = trigger.ranges
     assert (r.start, r.end) == (0, 5)
     assert len(await harness.triggers.drained()) == 1
+
+
+async def test_handlers_of_one_model_never_interleave(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lost update an audit found: the updates agent fires a trigger and, while its send
+    is in flight, the summaries agent counts new pushes of the same model from the state the
+    updates agent is about to replace; the later write wins and the pushes are never
+    trained. Here the send is held until the summaries agent has counted (or 3 s, which is
+    what a serialised worker waits, the summaries agent queued behind the lock)."""
+    model = "faces-7"
+    await harness.add_model(model)
+    [worker] = harness.workers
+    app = worker.agents
+    await harness.push(*(make_push(model, device=i, first_id=i * 10) for i in range(5)))
+    [first] = await harness.triggers.wait_for(1)
+    await harness.push(*(make_push(model, device=i, first_id=100 + i * 10) for i in range(6)))
+    await harness.pending(model, 110)  # 60 pending behind the job in flight
+
+    send = app.triggers_topic.send
+    holding = asyncio.Event()
+
+    async def held_send(*args: Any, **kwargs: Any) -> Any:
+        counted = app.counted_samples
+        holding.set()
+        with contextlib.suppress(TimeoutError):
+            await until(lambda: app.counted_samples > counted, "the summaries agent", 3.0)
+        return await send(*args, **kwargs)
+
+    monkeypatch.setattr(app.triggers_topic, "send", held_send)
+    # The answer to job 1 fires job 2 (60 pending ≥ 50) from the updates agent...
+    await harness.publish_update(base_update(model, version="v1", trigger_id=first.trigger_id))
+    await asyncio.wait_for(holding.wait(), WAIT)
+    # ...and 10 samples arrive while its trigger is being sent.
+    await harness.push(make_push(model, device=9, first_id=900))
+    second = (await harness.triggers.wait_for(2))[1]
+    monkeypatch.setattr(app.triggers_topic, "send", send)
+    assert (second.trigger_id, second.sample_count) == (f"{model}:2", 60)
+    await harness.pending(model, 120)
+    state = harness.state(model)
+    assert state is not None
+    assert (state.counted_samples, state.counted_pushes) == (120, 12)
+    assert state.pending_samples == 10
+    [r2] = second.ranges
+    assert state.pending_ranges == {r2.partition: (r2.end, r2.end + 1)}
+    # The 10 samples go into job 3: nothing counted was dropped.
+    await harness.push(*(make_push(model, device=i, first_id=2000 + i * 10) for i in range(4)))
+    await harness.publish_update(base_update(model, version="v2", trigger_id=second.trigger_id))
+    third = (await harness.triggers.wait_for(3))[2]
+    assert (third.trigger_id, third.sample_count) == (f"{model}:3", 50)
+    [r3] = third.ranges
+    assert (r3.start, r3.end) == (r2.end, r2.end + 5)
+
+
+async def test_a_trigger_lost_between_state_and_send_is_re_fired_by_the_next_owner(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state (which fixes the trigger's id and ranges) is durable before the trigger is
+    sent. A worker that dies in between leaves a job in flight that no trigger announced:
+    the worker that takes the partition over re-fires it, same id, ranges and count."""
+    model = "faces-8"
+    await harness.add_model(model)
+    [worker] = harness.workers
+
+    async def broken_send(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("killed after the state was written, before the trigger")
+
+    monkeypatch.setattr(worker.agents.triggers_topic, "send", broken_send)
+    await harness.push(*(make_push(model, device=i, first_id=i * 10) for i in range(5)))
+    with pytest.raises(AgentError, match="before the trigger"):
+        await asyncio.wait_for(worker.wait_stopped(), WAIT)
+    await harness.stop_worker()
+    assert await harness.triggers.drained() == []
+
+    await harness.start_worker()  # memory store: the state comes from the changelog
+    [trigger] = await harness.triggers.wait_for(1)
+    assert (trigger.trigger_id, trigger.reason, trigger.sample_count) == (
+        f"{model}:1",
+        TriggerReason.RETRY,
+        50,
+    )
+    [r] = trigger.ranges
+    assert (r.start, r.end) == (0, 5)
+    state = harness.state(model)
+    assert state is not None and state.in_flight is not None
+    assert (state.in_flight.trigger_id, state.pending_samples) == (f"{model}:1", 0)

@@ -323,3 +323,29 @@ def test_tick_fires_age_triggers_and_retries_and_returns_only_changed_states() -
     out = agg.tick(list(store.states.values()), T0 + 360)
     [retry] = out.triggers
     assert (retry.trigger_id, retry.attempt, retry.reason) == ("m:1", 2, TriggerReason.RETRY)
+
+
+def test_a_takeover_re_fires_only_jobs_whose_trigger_is_not_known_sent() -> None:
+    store = Store()
+    agg = make(store)
+    with_model(store, agg)
+    out = agg.add_summaries(summary_records(pushes(range(3))), T0)
+    [first] = out.triggers
+    store.states.update(out.states)
+    # Written ahead of the send, not yet marked announced: the new owner re-fires it.
+    out = agg.take_over(list(store.states.values()), T0 + 1)
+    [again] = out.triggers
+    assert (again.trigger_id, again.ranges, again.sample_count) == (
+        first.trigger_id,
+        first.ranges,
+        first.sample_count,
+    )
+    assert (again.reason, again.attempt) == (TriggerReason.RETRY, 2)
+    # Once the send was acknowledged (the shell marks it), a takeover leaves it alone.
+    state = out.states["m"]
+    assert state.in_flight is not None and not state.in_flight.announced
+    state.in_flight.announced = True
+    store.states.update(out.states)
+    assert not agg.take_over(list(store.states.values()), T0 + 2).triggers
+    # The flag survives the table's bytes.
+    assert store.load("m").in_flight.announced  # type: ignore[union-attr]

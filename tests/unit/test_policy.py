@@ -211,3 +211,22 @@ def test_state_codec_rejects_what_it_did_not_write(data: bytes, reason: codec.Re
     with pytest.raises(codec.CodecError) as info:
         codec.decode_model_state(data)
     assert info.value.reason is reason
+
+
+def test_a_re_fired_job_keeps_its_id_ranges_count_and_base() -> None:
+    state = known()
+    for offset in range(12):
+        add(state, offset)
+    first = POLICY.result(state, T0)
+    assert first is not None
+    add(state, 12)  # new data while the job runs must not leak into a re-fire
+    for at in (T0 + 1, T0 + 2):
+        again = POLICY.refire(state, at)
+        assert again is not None
+        assert (again.trigger_id, again.ranges, again.sample_count, again.base_version) == (
+            first.trigger_id,
+            first.ranges,
+            first.sample_count,
+            first.base_version,
+        )
+    assert POLICY.refire(POLICY.initialize("x"), T0) is None
