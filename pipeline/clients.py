@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -118,6 +119,13 @@ async def start_reader_at_end(*, bootstrap: str, topic: str, client_id: str) -> 
         await consumer.stop()
         raise
     return consumer
+
+
+def metadata_probe(client: AIOKafkaProducer | AIOKafkaConsumer) -> Callable[[], Awaitable[object]]:
+    """A probe for :class:`~pipeline.broker_health.BrokerHealth`: one metadata request over
+    a started client's connections (raises when no broker answers)."""
+    inner = client.client if isinstance(client, AIOKafkaProducer) else client._client
+    return inner.fetch_all_metadata
 
 
 def make_admin(

@@ -196,6 +196,9 @@ class ModelUpdate:
     is_best: bool
     created_at_ms: int = field(default_factory=now_ms)
     checkpoint: bytes | None = None
+    #: The feature-log ranges of the trigger this version trained (empty for a base
+    #: version): a trigger id has one set of ranges forever, and this is where it is kept.
+    trigger_ranges: tuple[OffsetRange, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

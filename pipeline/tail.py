@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import FedexError
@@ -95,6 +95,36 @@ class TopicTail:
         consumer, self.consumer = self.consumer, None
         if consumer is not None:
             await consumer.stop()
+
+
+async def iter_topic(
+    bootstrap: str, topic: str, *, client_id: str = "fedex-reader"
+) -> AsyncIterator[tuple[int, list[ConsumerRecord[Any, Any]]]]:
+    """Every record on ``topic`` now (up to each partition's end at the call), as
+    ``(partition, records)`` batches in offset order per partition; records produced
+    meanwhile are left out. A missing topic is a ConfigError."""
+    tail = TopicTail(bootstrap=bootstrap, topic=topic, client_id=client_id)
+    await tail.open()
+    try:
+        ends = dict(tail.start_ends)
+        while not tail.caught_up_with(ends):
+            for tp, records in (await tail.fetch()).items():
+                kept = [r for r in records if r.offset < ends[tp]]
+                if kept:
+                    yield tp.partition, kept
+            await tail.advance()
+    finally:
+        await tail.close()
+
+
+async def read_topic(
+    bootstrap: str, topic: str, *, client_id: str = "fedex-reader"
+) -> list[ConsumerRecord[Any, Any]]:
+    """:func:`iter_topic` collected into one list (small topics: triggers, dead letters)."""
+    out: list[ConsumerRecord[Any, Any]] = []
+    async for _, records in iter_topic(bootstrap, topic, client_id=client_id):
+        out.extend(records)
+    return out
 
 
 async def wait_until(

@@ -6,16 +6,20 @@ model, which decodes the model's pushes into columnar arrays (features, labels, 
 keys) and remembers which offsets of each partition it already holds, so the next job of
 that model only reads what it has not seen (:meth:`FeatureCache.missing`).
 
-Rules, all deterministic so that any trainer assembles the same dataset for a trigger:
+Rules, all deterministic so that any trainer assembles the same dataset for a trigger
+(they are :mod:`pipeline.samples`', which ``fedex audit`` applies too):
 
 * Records of other models (pushes share partitions, keyed by model id) are skipped, as
   are pushes that do not decode or do not fit the model (backbone, cut, label range): the
   agents dead-letter those, the trainer only counts them.
-* A sample is identified by ``(device_id, sample_id)``; when it occurs more than once, the
-  copy at the lowest ``(partition, offset)`` wins, whatever order the records were read in.
-* A job's dataset is every sample with an occurrence inside the job's ranges
-  (:meth:`FeatureCache.select`), split into train and validation by a stable hash of the key
-  (:meth:`Dataset.split`, the recipe's :func:`~trainer.recipe.split_train_val`).
+* A sample is identified by ``(device_id, sample_id)``; when it occurs more than once (a
+  device re-sent a push it got no acknowledgement for), the copy at the lowest
+  ``(partition, offset)`` is the sample, whatever order the records were read in.
+* A job's dataset is every sample whose first occurrence lies inside the job's ranges
+  (:meth:`FeatureCache.select`): a copy inside later ranges was trained by the earlier
+  job, so every sample is trained exactly once. The trainer therefore reads a model's
+  partitions from the start of the log (once; the cache keeps what it read). The dataset
+  is split into train and validation by a stable hash of the key (:meth:`Dataset.split`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy.typing as npt
 
 from pipeline import codec
 from pipeline.records import FEATURE_SHAPES, Backbone, Cut, FeaturePush, OffsetRange
-from trainer.recipe import split_train_val
+from pipeline.samples import OTHER_MODEL, ModelFit, accept_push, split_train_val
 
 # --------------------------------------------------------------------------- offsets
 
@@ -200,7 +204,7 @@ class FeatureCache:
         self.feature_shape = FEATURE_SHAPES[self.backbone][self.cut]
         self.held = OffsetSet()
         self.stats = CacheStats()
-        self._key_bytes = codec.encode_key(model_id)
+        self.fit = ModelFit(model_id, self.backbone, self.cut, num_classes, max_push_samples)
         self._n = 0
         self._features: npt.NDArray[np.floating] = np.empty((0, *self.feature_shape), np.float16)
         self._labels = np.empty(0, np.int64)
@@ -209,8 +213,6 @@ class FeatureCache:
         self._offsets = np.empty(0, np.int64)
         self._device_ids: list[str] = []
         self._rows: dict[tuple[str, int], int] = {}
-        #: Further occurrences of held samples: (partition, offset, row).
-        self._aliases: list[tuple[int, int, int]] = []
 
     def __len__(self) -> int:
         return self._n
@@ -240,25 +242,14 @@ class FeatureCache:
             return Outcome.ALREADY_HELD
         self.held.add(partition, offset, offset + 1)
         self.stats.records += 1
-        if key is not None and key != self._key_bytes:
+        accepted = accept_push(key, value, self.fit)
+        if accepted == OTHER_MODEL:
             self.stats.other_models += 1
             return Outcome.OTHER_MODEL
-        if value is None:
-            self.stats.rejected["tombstone"] += 1
+        if isinstance(accepted, str):
+            self.stats.rejected[accepted] += 1
             return Outcome.REJECTED
-        try:
-            push = codec.decode_push(
-                value, num_classes=self.num_classes, max_samples=self.max_push_samples
-            )
-        except codec.CodecError as exc:
-            self.stats.rejected[exc.reason.value] += 1
-            return Outcome.REJECTED
-        if push.model_id != self.model_id:
-            self.stats.other_models += 1
-            return Outcome.OTHER_MODEL
-        if push.backbone is not self.backbone or push.cut is not self.cut:
-            self.stats.rejected["wrong_backbone_or_cut"] += 1
-            return Outcome.REJECTED
+        push = accepted
         added = self.add_push(push, partition, offset)
         return Outcome.ADDED if added else Outcome.DUPLICATE
 
@@ -284,13 +275,10 @@ class FeatureCache:
             if row >= self._n:  # repeated within this push (decoded pushes never do)
                 continue
             held_at = (int(self._partitions[row]), int(self._offsets[row]))
-            if position < held_at:  # read out of order: the earlier copy wins
-                self._aliases.append((*held_at, row))
+            if position < held_at:  # read out of order: the earlier copy is the sample
                 self._features[row] = push.features[i]
                 self._labels[row] = push.labels[i]
                 self._partitions[row], self._offsets[row] = position
-            else:
-                self._aliases.append((partition, offset, row))
         if fresh:
             self._append(push, np.asarray(fresh, dtype=np.intp), partition, offset)
         self.stats.samples_added += len(fresh)
@@ -342,17 +330,15 @@ class FeatureCache:
         return mask
 
     def select(self, ranges: Sequence[OffsetRange] | None = None) -> Dataset:
-        """The samples with an occurrence inside ``ranges`` (every sample when None), in
-        row order. Views, not copies, when that is every sample held."""
+        """The samples whose first occurrence is inside ``ranges`` (every sample when None),
+        in row order. Views, not copies, when that is every sample held. Exact only if the
+        cache holds the ranges' partitions from the log's start (an earlier copy it did not
+        read would otherwise go unseen)."""
         n = self._n
         if ranges is None:
             rows = np.arange(n)
         else:
             mask = self._in_ranges(self._partitions[:n], self._offsets[:n], ranges)
-            if self._aliases:
-                alias = np.asarray(self._aliases, dtype=np.int64)
-                hit = self._in_ranges(alias[:, 0], alias[:, 1], ranges)
-                mask[alias[hit, 2]] = True
             rows = np.flatnonzero(mask)
         if rows.shape[0] == n:
             return Dataset(
@@ -382,8 +368,6 @@ class FeatureCache:
         if not dropped:
             return 0
         keep = np.flatnonzero(~drop)
-        renumber = np.full(n, -1, dtype=np.int64)
-        renumber[keep] = np.arange(keep.shape[0])
         self._features = self._features[keep]
         self._labels = self._labels[keep]
         self._sample_ids = self._sample_ids[keep]
@@ -392,12 +376,6 @@ class FeatureCache:
         self._device_ids = [self._device_ids[i] for i in keep.tolist()]
         self._n = int(keep.shape[0])
         self._rows = {(self._device_ids[i], int(self._sample_ids[i])): i for i in range(self._n)}
-        aliases = []
-        for partition, offset, row in self._aliases:
-            new_row = int(renumber[row])
-            if new_row >= 0 and offset >= low_water.get(partition, -1):
-                aliases.append((partition, offset, new_row))
-        self._aliases = aliases
         return dropped
 
 

@@ -47,6 +47,8 @@ class Outcome(enum.StrEnum):
     ALREADY_PUBLISHED = "already_published"
     SKIPPED = "skipped"
     ABANDONED = "abandoned"
+    #: Dead-lettered, never trained: undecodable, or an id seen with other ranges.
+    REFUSED = "refused"
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,17 +4,17 @@ No Kafka, no Faust, no settings object: the trainer process assembles a dataset 
 feature log and calls these; the benchmark calls the very same step. The recipe trains the
 thawed layers with AdamW on shuffled minibatches of cross-entropy, warm-started from the
 champion's head by the caller (:func:`warm_start`), and validates champion and challenger on
-one deterministic split (:func:`split_train_val`, :func:`champion_challenger`).
+one deterministic split (:func:`pipeline.samples.split_train_val`,
+:func:`champion_challenger`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -250,33 +250,6 @@ def warm_start(head: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def stable_unit_hash(device_id: str, sample_id: int, *, salt: str = "") -> float:
-    """A key's position in [0, 1), identical in every process and Python version
-    (``hash()`` is salted per process)."""
-    digest = hashlib.blake2b(
-        f"{salt}\x00{device_id}\x00{sample_id}".encode(), digest_size=8
-    ).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
-
-
-def split_train_val(
-    sample_keys: Sequence[tuple[str, int]], val_fraction: float, *, salt: str = ""
-) -> npt.NDArray[np.bool_]:
-    """Validation mask (True = validation) over ``(device_id, sample_id)`` keys.
-
-    A sample's side depends on its key alone, so it never moves between train and
-    validation as the dataset grows: champion and challenger are judged on held-out data
-    neither has trained on.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    return np.fromiter(
-        (stable_unit_hash(d, int(s), salt=salt) < val_fraction for d, s in sample_keys),
-        dtype=np.bool_,
-        count=len(sample_keys),
-    )
 
 
 @dataclass(frozen=True, slots=True)

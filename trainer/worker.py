@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -37,9 +38,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CollectorRegistry, Counter
 from torch import Tensor
 
 from pipeline import codec
+from pipeline.broker_health import BrokerHealth, backoff_delays, is_transient
 from pipeline.checkpoints import (
     CheckpointError,
     CheckpointStore,
@@ -55,7 +58,7 @@ from pipeline.publishing import (
     publish_update,
     version_for_trigger,
 )
-from pipeline.records import ModelUpdate, OffsetRange, TrainingTrigger
+from pipeline.records import DeadLetter, ModelUpdate, OffsetRange, TrainingTrigger, now_ms
 from pipeline.registry import ModelEntry, Registry, RegistryFollower
 from pipeline.topics import Topics
 from trainer.dataset import Dataset, FeatureCache
@@ -89,6 +92,15 @@ class TrainerError(FedexError):
 
 class _Abandoned(Exception):
     """The job stops without publishing or committing (partition lost, trainer stopping)."""
+
+
+class _Refused(Exception):
+    """The trigger is dead-lettered and committed, never trained: ``reason`` says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 # --------------------------------------------------------------------------- the process
@@ -171,9 +183,31 @@ class Trainer(Service):
         self._heads = HeadCache()
         #: The best version's blob per model, as it came inline on the model topic.
         self._blobs: dict[str, tuple[str, bytes]] = {}
+        #: The ranges of every trigger id seen (on the trigger topic, or in the
+        #: ``trigger_ranges`` of a published version): one id, one set of ranges.
+        self._trigger_ranges: dict[str, tuple[OffsetRange, ...]] = {}
+        #: The last trained candidate, kept so that a job retried after a broker outage
+        #: publishes what it trained instead of training again.
+        self._trained: tuple[str, Candidate] | None = None
+        self.metrics_registry = CollectorRegistry(auto_describe=True)
+        self.health = BrokerHealth(f"trainer {client_id}", registry=self.metrics_registry)
+        self._jobs_metric = Counter(
+            "fedex_trainer_jobs",
+            "Triggers handled, by outcome.",
+            ["outcome"],
+            registry=self.metrics_registry,
+        )
+        self._refused_metric = Counter(
+            "fedex_trainer_triggers_refused",
+            "Triggers dead-lettered instead of trained, by reason "
+            "(trigger_conflict: an id seen with other ranges; or the codec's reason).",
+            ["reason"],
+            registry=self.metrics_registry,
+        )
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._stop_requested = asyncio.Event()
         self._started = False
 
     @property
@@ -201,6 +235,8 @@ class Trainer(Service):
             await self._follower.wait_caught_up(self._registry_timeout)
             self._producer = make_update_producer(self.settings, client_id=self._client_id)
             await self._producer.start()
+            self.health.probe = clients.metadata_probe(self._producer)
+            await self.health.start()
             self._reader = clients.make_consumer(
                 bootstrap=self.settings.bootstrap,
                 group_id=None,
@@ -249,6 +285,7 @@ class Trainer(Service):
         """Stop taking triggers, let a running job finish its epoch (it is then abandoned,
         uncommitted), close every client. Idempotent."""
         self._stopping = True
+        self._stop_requested.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         for name in ("_consumer", "_reader", "_producer"):
@@ -262,18 +299,21 @@ class Trainer(Service):
         follower, self._follower = self._follower, None
         if follower is not None:
             await follower.stop()
+        await self.health.stop()
 
     # ----------------------------------------------------------------- the loop
 
     async def run(self, max_jobs: int | None = None, idle_timeout: float | None = None) -> int:
         """Handle triggers one at a time until ``max_jobs`` are handled, no trigger came for
-        ``idle_timeout`` seconds, or :meth:`stop`. Returns the number handled."""
+        ``idle_timeout`` seconds, or :meth:`stop`. Returns the number handled. A broker
+        outage is waited out (with backoff), never a reason to exit."""
         from aiokafka.errors import ConsumerStoppedError
 
         if self._consumer is None:
             raise TrainerError("start the trainer before running it")
         handled = 0
         idle_since = time.monotonic()
+        delays = backoff_delays()
         while not self._stopping and (max_jobs is None or handled < max_jobs):
             consumer = self._consumer
             if consumer is None:
@@ -282,6 +322,13 @@ class Trainer(Service):
                 batch = await consumer.getmany(timeout_ms=200, max_records=1)
             except ConsumerStoppedError:
                 break
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.health.failed(exc)
+                await self._pause(next(delays))
+                continue
+            delays = backoff_delays()
             records = [record for records in batch.values() for record in records]
             if not records:
                 if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
@@ -294,44 +341,95 @@ class Trainer(Service):
             finally:
                 self._idle.set()
             self.jobs.append(report)
+            self._jobs_metric.labels(report.outcome.value).inc()
             handled += 1
             idle_since = time.monotonic()
         return handled
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when the trainer is told to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+
     async def _handle(
         self, consumer: AIOKafkaConsumer, record: ConsumerRecord[Any, Any]
     ) -> JobReport:
+        """One trigger record to its end: trained and published (or found published),
+        refused with a dead letter, or skipped; committed in every case except an abandoned
+        job. Broker errors on the way are waited out and the job retried (it trains once:
+        the trained candidate is kept)."""
         from aiokafka.structs import TopicPartition
 
         tp = TopicPartition(record.topic, record.partition)
+        delays = backoff_delays()
+        while True:
+            try:
+                report = await self._outcome(tp, record)
+                if report.outcome is not Outcome.ABANDONED:
+                    await self._commit(consumer, tp, record.offset)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.health.failed(exc)
+                await self._pause(next(delays))
+                if self._stopping:
+                    return self._report(record, None, Outcome.ABANDONED, "the trainer is stopping")
+                continue
+            self.health.ok()
+            return report
+
+    async def _outcome(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> JobReport:
         try:
             trigger = codec.decode_trigger(record.value)
         except codec.CodecError as exc:
-            log.error("skipping a bad trigger at %s:%d: %s", tp.topic, record.offset, exc)
-            await self._commit(consumer, tp, record.offset)
-            return JobReport("?", "?", None, Outcome.SKIPPED, str(exc), record.offset)
+            await self._refuse(record, exc.reason.value, exc.message)
+            return self._report(record, None, Outcome.REFUSED, str(exc))
         try:
             report = await self._job(trigger, tp, record.offset)
         except JobError as exc:
-            report = JobReport(
-                trigger.trigger_id, trigger.model_id, None, Outcome.SKIPPED, str(exc), record.offset
-            )
+            report = self._report(record, trigger, Outcome.SKIPPED, str(exc))
             log.error("%s", report.summary())
+        except _Refused as exc:
+            await self._refuse(record, exc.reason, exc.message)
+            report = self._report(record, trigger, Outcome.REFUSED, exc.message)
         except _Abandoned as exc:
-            report = JobReport(
-                trigger.trigger_id,
-                trigger.model_id,
-                None,
-                Outcome.ABANDONED,
-                str(exc),
-                record.offset,
-            )
+            report = self._report(record, trigger, Outcome.ABANDONED, str(exc))
             log.warning("%s", report.summary())
-            return report
         else:
             log.info("%s", report.summary())
-        await self._commit(consumer, tp, record.offset)
         return report
+
+    @staticmethod
+    def _report(
+        record: ConsumerRecord[Any, Any],
+        trigger: TrainingTrigger | None,
+        outcome: Outcome,
+        reason: str,
+    ) -> JobReport:
+        trigger_id, model_id = (trigger.trigger_id, trigger.model_id) if trigger else ("?", "?")
+        return JobReport(trigger_id, model_id, None, outcome, reason, record.offset)
+
+    async def _refuse(self, record: ConsumerRecord[Any, Any], reason: str, message: str) -> None:
+        """Dead-letter a trigger record that must not be trained, and count it."""
+        log.error(
+            "refusing the trigger at %s[%d]@%d: %s: %s",
+            record.topic, record.partition, record.offset, reason, message,
+        )  # fmt: skip
+        letter = DeadLetter(
+            original=bytes(record.value or b""),
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+            message=message,
+            key=record.key,
+            at_ms=now_ms(),
+        )
+        assert self._producer is not None
+        await self._producer.send_and_wait(
+            self.topics.deadletter, codec.encode_dead_letter(letter), key=record.key
+        )
+        self._refused_metric.labels(reason).inc()
 
     async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
         from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -345,6 +443,18 @@ class Trainer(Service):
                 "commit of %s offset %d failed (%s); the next owner redoes it", tp, offset, exc
             )
 
+    def _check_ranges(self, trigger: TrainingTrigger) -> None:
+        """One trigger id, one set of ranges: a trigger whose id was seen with others is
+        refused (training it would train another sample set under the same version)."""
+        seen = self._trigger_ranges.setdefault(trigger.trigger_id, trigger.ranges)
+        if seen != trigger.ranges:
+            raise _Refused(
+                codec.Reject.TRIGGER_CONFLICT.value,
+                f"trigger {trigger.trigger_id} (attempt {trigger.attempt}) names "
+                f"{_ranges(trigger.ranges)}, but this id was seen with {_ranges(seen)}: "
+                "a trigger id has one set of ranges; the agents' bookkeeping is wrong",
+            )
+
     # ----------------------------------------------------------------- one job
 
     async def _job(self, trigger: TrainingTrigger, tp: TopicPartition, offset: int) -> JobReport:
@@ -354,6 +464,7 @@ class Trainer(Service):
         except FedexError as exc:
             raise JobError(str(exc)) from None
         await self._sync_registry()
+        self._check_ranges(trigger)
         entry = self.registry.get(trigger.model_id)
         if entry is None:
             raise JobError(
@@ -391,9 +502,14 @@ class Trainer(Service):
             device=self.device,
             threads=self._threads,
         )
-        candidate = await asyncio.to_thread(
-            self._train, entry, trigger, champion_state, train, val, cfg
-        )
+        kept = self._trained
+        if kept is not None and kept[0] == trigger.trigger_id:
+            candidate = kept[1]  # trained before a broker error interrupted the job
+        else:
+            candidate = await asyncio.to_thread(
+                self._train, entry, trigger, champion_state, train, val, cfg
+            )
+            self._trained = (trigger.trigger_id, candidate)
 
         if not await self._ownership.owns(tp, self._session_timeout_ms / 1000 * 3):
             raise _Abandoned(f"partition {tp.partition} of {tp.topic} moved to another trainer")
@@ -420,8 +536,10 @@ class Trainer(Service):
             max_message_bytes=self.settings.max_message_bytes,
             dtype=self.settings.checkpoint_dtype,
         )
+        update = dataclasses.replace(update, trigger_ranges=trigger.ranges)
         assert self._producer is not None
         await publish_update(self._producer, self.topics.models, update)
+        self._trained = None
         # Fold our own update now: a redelivered trigger must find it even before the
         # follower reads it back (the follower then skips it as seen).
         if self.registry.apply(update) and update.checkpoint is not None:
@@ -483,6 +601,8 @@ class Trainer(Service):
     def _on_update(self, update: ModelUpdate) -> None:
         # Synchronous on purpose: the follower folds a fetched batch without yielding to the
         # event loop, so once its position passes an offset the fold is complete.
+        if update.trigger_id is not None and update.trigger_ranges:
+            self._trigger_ranges.setdefault(update.trigger_id, update.trigger_ranges)
         if update.checkpoint is not None:
             self._keep_blob(update, update.checkpoint)
 
@@ -495,10 +615,8 @@ class Trainer(Service):
         """Fold the model topic up to its current end, so a version published by another
         trainer a moment ago is known."""
         assert self._follower is not None
-        try:
-            await self._follower.sync(self._registry_timeout)
-        except TimeoutError as exc:
-            raise TrainerError(f"{exc}; is the broker healthy?") from exc
+        # A TimeoutError here is a broker outage: the job waits it out and retries.
+        await self._follower.sync(self._registry_timeout)
 
     async def _champion_state(self, entry: ModelEntry) -> dict[str, Tensor]:
         best = entry.best
@@ -545,13 +663,14 @@ class Trainer(Service):
     # ----------------------------------------------------------------- the feature log
 
     async def _read(self, cache: FeatureCache, ranges: tuple[OffsetRange, ...]) -> int:
-        """Read the parts of ``ranges`` the cache lacks into it; returns records read."""
+        """Read into the cache what it lacks of the ranges' partitions from the start of the
+        log to each range's end (a sample's first copy decides its job, so earlier offsets
+        count too; the cache keeps them for the next job); returns records read."""
         from aiokafka.structs import TopicPartition
 
         assert self._reader is not None
         reader, topic = self._reader, self.topics.features
-        gaps = cache.missing(ranges)
-        partitions = sorted({g.partition for g in gaps} | set(cache.held.partitions()))
+        partitions = sorted({r.partition for r in ranges} | set(cache.held.partitions()))
         if not partitions:
             return 0
         tps = {p: TopicPartition(topic, p) for p in partitions}
@@ -561,6 +680,14 @@ class Trainer(Service):
             log.info(
                 "feature cache of %s: %d samples left the training window", cache.model_id, dropped
             )
+        for r in ranges:
+            if r.start < begins[tps[r.partition]]:
+                log.warning(
+                    "offsets %d-%d of %s left the log (retention)",
+                    r.start, begins[tps[r.partition]], tps[r.partition],
+                )  # fmt: skip
+        window = [OffsetRange(r.partition, begins[tps[r.partition]], r.end) for r in ranges]
+        gaps = cache.missing(w for w in window if w.end > w.start)
         if not gaps:
             return 0
         ends = await reader.end_offsets(list(tps.values()))
@@ -569,9 +696,7 @@ class Trainer(Service):
         records = 0
         for gap in gaps:
             tp = tps[gap.partition]
-            start, end = max(gap.start, begins[tp]), min(gap.end, ends[tp])
-            if start > gap.start:
-                log.warning("offsets %d-%d of %s left the log (retention)", gap.start, start, tp)
+            start, end = gap.start, min(gap.end, ends[tp])
             if end < gap.end:
                 log.warning("offsets %d-%d of %s are not in the log (yet)", end, gap.end, tp)
             if start < end:

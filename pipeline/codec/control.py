@@ -44,7 +44,7 @@ def encode_trigger(trigger: TrainingTrigger) -> bytes:
     meta = {
         "model_id": trigger.model_id,
         "trigger_id": trigger.trigger_id,
-        "ranges": [[r.partition, r.start, r.end] for r in trigger.ranges],
+        "ranges": _encode_ranges(trigger.ranges),
         "sample_count": trigger.sample_count,
         "reason": trigger.reason.value,
         "base_version": trigger.base_version,
@@ -57,9 +57,27 @@ def encode_trigger(trigger: TrainingTrigger) -> bytes:
 def decode_trigger(data: bytes | bytearray | memoryview) -> TrainingTrigger:
     _, meta, body = _open(data, Kind.TRAINING_TRIGGER)
     _no_body(body, "a training trigger")
-    raw_ranges = _get(meta, "ranges", list, "a list of [partition, start, end]")
+    ranges = _decode_ranges(_get(meta, "ranges", list, "a list of [partition, start, end]"))
+    attempt = _nonneg_int(meta, "attempt")
+    return TrainingTrigger(
+        model_id=_id(meta, "model_id"),
+        trigger_id=_id(meta, "trigger_id"),
+        ranges=ranges,
+        sample_count=_nonneg_int(meta, "sample_count"),
+        reason=_enum(meta, "reason", TriggerReason, Reject.BAD_FIELD),
+        base_version=_optional_id(meta, "base_version"),
+        attempt=attempt,
+        created_at_ms=_nonneg_int(meta, "created_at_ms"),
+    )
+
+
+def _encode_ranges(ranges: tuple[OffsetRange, ...]) -> list[list[int]]:
+    return [[r.partition, r.start, r.end] for r in ranges]
+
+
+def _decode_ranges(raw: list[object]) -> tuple[OffsetRange, ...]:
     ranges = []
-    for item in raw_ranges:
+    for item in raw:
         if (
             not isinstance(item, list)
             or len(item) != 3
@@ -74,17 +92,7 @@ def decode_trigger(data: bytes | bytearray | memoryview) -> TrainingTrigger:
                 Reject.BAD_FIELD, f"range {item} needs partition ≥ 0 and 0 ≤ start ≤ end"
             )
         ranges.append(OffsetRange(partition, start, end))
-    attempt = _nonneg_int(meta, "attempt")
-    return TrainingTrigger(
-        model_id=_id(meta, "model_id"),
-        trigger_id=_id(meta, "trigger_id"),
-        ranges=tuple(ranges),
-        sample_count=_nonneg_int(meta, "sample_count"),
-        reason=_enum(meta, "reason", TriggerReason, Reject.BAD_FIELD),
-        base_version=_optional_id(meta, "base_version"),
-        attempt=attempt,
-        created_at_ms=_nonneg_int(meta, "created_at_ms"),
-    )
+    return tuple(ranges)
 
 
 # ------------------------------------------------------------------------ model update
@@ -115,6 +123,7 @@ def encode_update(update: ModelUpdate) -> bytes:
         "is_best": update.is_best,
         "created_at_ms": update.created_at_ms,
         "inline": update.checkpoint is not None,
+        "trigger_ranges": _encode_ranges(update.trigger_ranges),
     }
     if update.checkpoint is not None and len(update.checkpoint) != update.size:
         raise CodecError(
@@ -169,6 +178,9 @@ def decode_update(data: bytes | bytearray | memoryview) -> ModelUpdate:
         is_best=_get(meta, "is_best", bool, "true or false"),
         created_at_ms=_nonneg_int(meta, "created_at_ms"),
         checkpoint=bytes(body) if inline else None,
+        trigger_ranges=_decode_ranges(
+            _optional(meta, "trigger_ranges", list, "a list of [partition, start, end]") or []
+        ),
     )
 
 

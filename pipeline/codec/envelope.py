@@ -81,6 +81,8 @@ class Reject(enum.StrEnum):
     # Raised by the agents, which know the registry (the codec alone cannot tell).
     UNKNOWN_MODEL = "unknown_model"
     MODEL_MISMATCH = "model_mismatch"
+    # Raised by the trainer: a trigger id it has seen with other offset ranges.
+    TRIGGER_CONFLICT = "trigger_conflict"
 
 
 class CodecError(FedexError):

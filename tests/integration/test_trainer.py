@@ -26,6 +26,7 @@ from pipeline.publishing import register_model
 from pipeline.records import (
     Backbone,
     Cut,
+    DeadLetter,
     FeatureDType,
     FeaturePush,
     ModelUpdate,
@@ -34,6 +35,7 @@ from pipeline.records import (
     TriggerReason,
 )
 from pipeline.settings import Settings
+from pipeline.tail import read_topic
 from pipeline.topics import Topics
 from trainer.dataset import Dataset, offset_ranges
 from trainer.job import Outcome, synthetic_dataset
@@ -101,11 +103,16 @@ async def push_dataset(
 
 
 async def send_trigger(
-    producer: object, topics: Topics, ranges: list[OffsetRange], samples: int, attempt: int = 1
+    producer: object,
+    topics: Topics,
+    ranges: list[OffsetRange],
+    samples: int,
+    attempt: int = 1,
+    seq: int = 1,
 ) -> tuple[TopicPartition, int]:
     trigger = TrainingTrigger(
         model_id=MODEL,
-        trigger_id=f"{MODEL}:1",
+        trigger_id=f"{MODEL}:{seq}",
         ranges=tuple(ranges),
         sample_count=samples,
         reason=TriggerReason.MANUAL,
@@ -298,3 +305,104 @@ async def test_trainer_killed_mid_job_is_replaced_and_one_version_is_published(
     assert report.offset == offset
     assert [u.version for u in await model_updates(tiny, kafka_topics)] == ["v0", "v1"]
     assert await committed(tiny, tp) == offset + 1
+
+
+async def dead_letters(settings: Settings, topics: Topics) -> list[DeadLetter]:
+    return [
+        codec.decode_dead_letter(r.value)
+        for r in await read_topic(settings.bootstrap, topics.deadletter)
+    ]
+
+
+async def test_a_trigger_id_seen_with_other_ranges_is_refused_with_a_dead_letter(
+    tiny: Settings, kafka_topics: Topics, producer: object
+) -> None:
+    await register_model(tiny, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES)
+    data = synthetic_dataset(200, CLASSES, seed=11)
+    ranges = await push_dataset(producer, kafka_topics, data)
+    await send_trigger(producer, kafka_topics, ranges, len(data))
+    [r] = ranges
+    shorter = [OffsetRange(r.partition, r.start, r.end - 1)]
+    async with make_trainer(tiny) as trainer:
+        assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
+        # Same id, other ranges: to the trainer that trained it...
+        await send_trigger(producer, kafka_topics, shorter, len(data) - 30, attempt=2)
+        assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
+    # ...and to a fresh one, which knows the id's ranges from the published version only.
+    tp, offset = await send_trigger(producer, kafka_topics, shorter, len(data) - 30, attempt=3)
+    async with make_trainer(tiny) as fresh:
+        assert await fresh.run(max_jobs=1, idle_timeout=20) == 1
+        metric = fresh.metrics_registry.get_sample_value(
+            "fedex_trainer_triggers_refused_total", {"reason": "trigger_conflict"}
+        )
+    outcomes = [j.outcome for j in [*trainer.jobs, *fresh.jobs]]
+    assert outcomes == [Outcome.PUBLISHED, Outcome.REFUSED, Outcome.REFUSED]
+    assert metric == 1.0
+    updates = await model_updates(tiny, kafka_topics)
+    assert [u.version for u in updates] == ["v0", "v1"]
+    assert updates[1].trigger_ranges == tuple(ranges)
+    letters = await dead_letters(tiny, kafka_topics)
+    assert [d.reason for d in letters] == ["trigger_conflict", "trigger_conflict"]
+    assert letters[1].offset == offset and letters[1].topic == kafka_topics.triggers
+    assert codec.decode_trigger(letters[1].original).ranges == tuple(shorter)
+    assert "was seen with" in letters[1].message
+    assert await committed(tiny, tp) == offset + 1
+
+
+async def test_an_undecodable_trigger_is_dead_lettered_and_committed(
+    tiny: Settings, kafka_topics: Topics, producer: object
+) -> None:
+    meta = await producer.send_and_wait(  # type: ignore[attr-defined]
+        kafka_topics.triggers, b"this is not a FedEx Stream trigger", key=codec.encode_key(MODEL)
+    )
+    async with make_trainer(tiny) as trainer:
+        assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
+    assert [j.outcome for j in trainer.jobs] == [Outcome.REFUSED]
+    [letter] = await dead_letters(tiny, kafka_topics)
+    assert (letter.reason, letter.original, letter.offset) == (
+        "bad_magic",
+        b"this is not a FedEx Stream trigger",
+        meta.offset,
+    )
+    assert (
+        await committed(tiny, TopicPartition(kafka_topics.triggers, meta.partition))
+        == meta.offset + 1
+    )
+
+
+async def test_a_sample_re_sent_into_a_later_trigger_is_trained_once(
+    tiny: Settings, kafka_topics: Topics, producer: object
+) -> None:
+    """A device re-sends a push it got no acknowledgement for: the copy lands in the next
+    trigger's ranges. The sample belongs to the job of its first copy, also for a trainer
+    that never read that job's ranges."""
+    await register_model(tiny, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES)
+    first = synthetic_dataset(200, CLASSES, seed=13)
+    ranges1 = await push_dataset(producer, kafka_topics, first)
+    await send_trigger(producer, kafka_topics, ranges1, len(first))
+    async with make_trainer(tiny) as trainer:
+        assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
+    resent = first.take(np.arange(60))
+    fresh_data = synthetic_dataset(100, CLASSES, seed=14)
+    fresh_data = Dataset(
+        features=fresh_data.features,
+        labels=fresh_data.labels,
+        device_ids=fresh_data.device_ids,
+        sample_ids=fresh_data.sample_ids + 10_000,
+    )
+    ranges2 = offset_ranges(
+        (r.partition, o)
+        for ranges in (
+            await push_dataset(producer, kafka_topics, resent),
+            await push_dataset(producer, kafka_topics, fresh_data),
+        )
+        for r in ranges
+        for o in (r.start, r.end - 1)
+    )
+    await send_trigger(producer, kafka_topics, ranges2, 160, seq=2)
+    async with make_trainer(tiny) as cold:
+        assert await cold.run(max_jobs=1, idle_timeout=20) == 1
+    reports = [*trainer.jobs, *cold.jobs]
+    assert [j.outcome for j in reports] == [Outcome.PUBLISHED, Outcome.PUBLISHED]
+    assert reports[0].train_samples + reports[0].val_samples == 200
+    assert reports[1].train_samples + reports[1].val_samples == 100

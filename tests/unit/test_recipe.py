@@ -9,14 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.samples import split_train_val, stable_unit_hash
 from pipeline.zoo import ZooError
 from trainer.recipe import (
     EpochStats,
     TrainConfig,
     champion_challenger,
     evaluate,
-    split_train_val,
-    stable_unit_hash,
     train_head,
     warm_start,
 )
