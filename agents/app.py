@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 #: latency).
 BATCH_MAX = 1000
 BATCH_WITHIN_S = 0.02
+#: The per-model table; Faust names its changelog `Topics.agents_changelog` after it.
 TABLE_NAME = "models"
 #: The value of a partition's first tick on a worker that was newly assigned it.
 TAKEOVER_TICK = b"takeover"
@@ -173,7 +174,7 @@ class AgentApp:
         self.batch_max = batch_max
         self.batch_within_s = batch_within_s
         self.topics = Topics(settings.topic_prefix)
-        self.app_id = f"{settings.topic_prefix}-agents"
+        self.app_id = self.topics.agents_app_id
         partitions = settings.features_partitions
         self.datadir = datadir or settings.state_dir / self.app_id
         self.app = faust.App(
@@ -203,7 +204,7 @@ class AgentApp:
         self.deadletter_topic = self.app.topic(self.topics.deadletter, **raw)
         # Internal to this app, like the table's changelog (Faust names and creates both).
         self.ticks_topic = self.app.topic(
-            f"{self.app_id}-ticks",
+            self.topics.agents_ticks,
             internal=True,
             partitions=partitions,
             retention=timedelta(hours=1),
@@ -213,7 +214,7 @@ class AgentApp:
         # Kept as long as the feature log: a summary not yet counted is pending data.
         self.summaries_retention_ms = settings.training_window_ms
         self.summaries_topic = self.app.topic(
-            f"{self.app_id}-summaries",
+            self.topics.agents_summaries,
             internal=True,
             partitions=partitions,
             retention=timedelta(milliseconds=self.summaries_retention_ms),

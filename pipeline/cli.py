@@ -151,6 +151,20 @@ def trainer(
     run_trainer(Settings(), device=device, max_jobs=max_jobs, idle_timeout=idle_timeout)
 
 
+@app.command("audit")
+def audit(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+    """Check from the topics alone that every acked sample is trained exactly once (or
+    pending, in flight, or dead-lettered); exit 1 on any violation."""
+    from pipeline.audit_log import audit_deployment, print_report
+
+    report, seconds = asyncio.run(audit_deployment(Settings()))
+    if as_json:
+        typer.echo(json.dumps({**report.to_json(), "seconds": round(seconds, 3)}, indent=2))
+    else:
+        print_report(report, seconds)
+    raise typer.Exit(0 if report.clean else 1)
+
+
 @models_app.command("register")
 def models_register(
     model_id: str,

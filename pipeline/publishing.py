@@ -17,7 +17,6 @@ id; :func:`model_partition` computes it), so a model's updates stay in order the
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
@@ -47,32 +46,12 @@ BASE_VERSION: Final = "v0"
 #: (batch header, record header, key) when deciding to send a checkpoint inline.
 INLINE_HEADROOM: Final = 64 * 1024
 
-_TRIGGER_ID = re.compile(r"(?P<model>.+):(?P<seq>[1-9][0-9]*)")
-
 
 class PublishError(FedexError):
     """A model update could not be built or published; the message says why."""
 
 
 # --------------------------------------------------------------------------- naming
-
-
-def version_for_trigger(trigger_id: str, model_id: str | None = None) -> str:
-    """``<model_id>:<seq>`` → ``v<seq>``: a redelivered or re-fired trigger maps to the same
-    version, which is what makes training jobs idempotent.
-
-    With ``model_id`` the trigger id must name that model. Raises :class:`PublishError`
-    for an id not of that form.
-    """
-    match = _TRIGGER_ID.fullmatch(trigger_id)
-    if match is None:
-        raise PublishError(
-            f"trigger id {trigger_id!r} is not <model_id>:<seq> with seq = 1, 2, …; "
-            "versions derive from it"
-        )
-    if model_id is not None and match["model"] != model_id:
-        raise PublishError(f"trigger id {trigger_id!r} does not belong to model {model_id!r}")
-    return f"v{int(match['seq'])}"
 
 
 def checkpoint_url(server_url: str, model_id: str, version: str) -> str:

@@ -5,12 +5,15 @@ the model server. Pure data; ``pipeline.codec`` is the only module that knows th
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+
+from pipeline.errors import FedexError
 
 
 class Cut(enum.StrEnum):
@@ -140,6 +143,32 @@ class OffsetRange:
     @property
     def count(self) -> int:
         return self.end - self.start
+
+
+#: ``<model_id>:<seq>``, seq = 1, 2, … (the agents number a model's triggers).
+_TRIGGER_ID = re.compile(r"(?P<model>.+):(?P<seq>[1-9][0-9]*)")
+
+
+class RecordError(FedexError):
+    """A record's field breaks the contract (e.g. a trigger id not of its form)."""
+
+
+def version_for_trigger(trigger_id: str, model_id: str | None = None) -> str:
+    """``<model_id>:<seq>`` → ``v<seq>``: a redelivered or re-fired trigger maps to the same
+    version, which is what makes training jobs idempotent.
+
+    With ``model_id`` the trigger id must name that model. Raises :class:`RecordError`
+    for an id not of that form.
+    """
+    match = _TRIGGER_ID.fullmatch(trigger_id)
+    if match is None:
+        raise RecordError(
+            f"trigger id {trigger_id!r} is not <model_id>:<seq> with seq = 1, 2, …; "
+            "versions derive from it"
+        )
+    if model_id is not None and match["model"] != model_id:
+        raise RecordError(f"trigger id {trigger_id!r} does not belong to model {model_id!r}")
+    return f"v{int(match['seq'])}"
 
 
 @dataclass(frozen=True, slots=True)

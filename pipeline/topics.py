@@ -68,6 +68,26 @@ class Topics:
     def deadletter(self) -> str:
         return self.name(Role.DEADLETTER)
 
+    # The aggregation agents' own topics (created by the worker; named here so that every
+    # reader, ``fedex audit`` included, agrees on them).
+    @property
+    def agents_app_id(self) -> str:
+        """The agents' Faust app id and consumer group."""
+        return f"{self.prefix}-agents"
+
+    @property
+    def agents_ticks(self) -> str:
+        return f"{self.agents_app_id}-ticks"
+
+    @property
+    def agents_summaries(self) -> str:
+        return f"{self.agents_app_id}-summaries"
+
+    @property
+    def agents_changelog(self) -> str:
+        """The changelog of the agents' per-model table (Faust's ``<app>-<table>-changelog``)."""
+        return f"{self.agents_app_id}-models-changelog"
+
     # FedAvg baseline (issue 5)
     @property
     def fedavg_rounds(self) -> str:

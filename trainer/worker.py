@@ -56,9 +56,15 @@ from pipeline.publishing import (
     build_update,
     make_update_producer,
     publish_update,
+)
+from pipeline.records import (
+    DeadLetter,
+    ModelUpdate,
+    OffsetRange,
+    TrainingTrigger,
+    now_ms,
     version_for_trigger,
 )
-from pipeline.records import DeadLetter, ModelUpdate, OffsetRange, TrainingTrigger, now_ms
 from pipeline.registry import ModelEntry, Registry, RegistryFollower
 from pipeline.topics import Topics
 from trainer.dataset import Dataset, FeatureCache

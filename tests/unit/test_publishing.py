@@ -32,9 +32,15 @@ from pipeline.publishing import (
     model_partition,
     publish_update,
     update_key,
+)
+from pipeline.records import (
+    Backbone,
+    Cut,
+    ModelMetrics,
+    ModelUpdate,
+    RecordError,
     version_for_trigger,
 )
-from pipeline.records import Backbone, Cut, ModelMetrics, ModelUpdate
 
 SERVER = "http://models.example:8080/"
 MIB = 1024 * 1024
@@ -81,12 +87,12 @@ def test_version_derives_from_the_trigger_id(trigger_id: str, version: str) -> N
 
 @pytest.mark.parametrize("trigger_id", ["faces-1", "faces-1:0", "faces-1:x", ":3", "faces-1:03"])
 def test_trigger_ids_not_of_the_form_are_refused(trigger_id: str) -> None:
-    with pytest.raises(PublishError, match="<model_id>:<seq>"):
+    with pytest.raises(RecordError, match="<model_id>:<seq>"):
         version_for_trigger(trigger_id)
 
 
 def test_trigger_of_another_model_is_refused() -> None:
-    with pytest.raises(PublishError, match="does not belong"):
+    with pytest.raises(RecordError, match="does not belong"):
         version_for_trigger("cats-2:4", "faces-1")
 
 
