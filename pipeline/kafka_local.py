@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -468,6 +469,8 @@ class LocalKafka(Service):
         java = find_java(self._java)
         libs = await ensure_jars(self.libs_dir, pom=self._pom, mvn=self._mvn)
         controller_port = self._controller_port or free_port(self.host)
+        # A restart (after stop or kill) keeps the quorum's address.
+        self._controller_port = controller_port
         for what, port in (("broker", self.port), ("controller", controller_port)):
             if not port_is_free(self.host, port):
                 raise KafkaUnavailableError(
@@ -607,6 +610,27 @@ class LocalKafka(Service):
                 record = read_pidfile(self.pidfile)
                 if record is not None and record.pid == proc.pid:
                     self.pidfile.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would (chaos tests): no controlled shutdown.
+        ``start()`` brings it back on the same ports and data."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        _OWNED.pop(proc.pid, None)
+
+    def pause(self) -> None:
+        """SIGSTOP the broker: it keeps its sockets but answers nothing (a hung broker)."""
+        if self._proc is not None:
+            os.killpg(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self._proc is not None:
+            os.killpg(self._proc.pid, signal.SIGCONT)
 
 
 async def port_accepts(host: str, port: int, within: float = 1.0) -> bool:
