@@ -108,6 +108,11 @@ class IngestStage(Service):
         self.dead_letters_sent = 0
         self.batches = 0
 
+    @property
+    def producer(self) -> AIOKafkaProducer | None:
+        """The stage's producer once started (the worker probes the broker through it)."""
+        return self._producer
+
     # ------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:

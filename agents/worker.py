@@ -28,6 +28,8 @@ from typing import Any
 from agents.app import AgentApp, Emitted
 from agents.ingest import IngestStage
 from agents.policy import ModelState
+from pipeline.broker_health import BrokerHealth, install_noise_filter
+from pipeline.clients import metadata_probe
 from pipeline.errors import FedexError
 from pipeline.lifecycle import Service
 from pipeline.settings import Settings
@@ -86,6 +88,7 @@ class AgentWorker(Service):
             clock=clock,
             on_error=self._on_agent_error,
         )
+        self.health = BrokerHealth(f"agents worker {self.agents.app_id}")
         self._failed: asyncio.Future[None] | None = None
         self._started = False
         self._stopped = False
@@ -120,6 +123,9 @@ class AgentWorker(Service):
         self.agents.datadir.mkdir(parents=True, exist_ok=True)
         await self.app.start()
         await self.ingest.start()
+        if self.ingest.producer is not None:
+            self.health.probe = metadata_probe(self.ingest.producer)
+        await self.health.start()
 
     def _check(self) -> None:
         if self._failed is not None and self._failed.done():
@@ -176,6 +182,7 @@ class AgentWorker(Service):
         if not self._started or self._stopped:
             return
         self._stopped = True
+        await self.health.stop()
         # Input first: the ingest stage finishes its batch in flight and leaves its group.
         await self.ingest.stop()
         try:
@@ -205,6 +212,7 @@ async def _serve(settings: Settings, max_runtime: float | None) -> None:
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     worker = AgentWorker(settings, web_enabled=True)
+    install_noise_filter(worker.health)
     try:
         await worker.start()
         log.info(

@@ -78,7 +78,11 @@ class BrokerHealth(Service):
         self.since = clock()
         self.outages = 0
         self.failed_attempts = 0
+        #: Kafka client log lines folded by :class:`KafkaNoiseFilter` in this outage.
+        self.folded = 0
         self.last_error = ""
+        self.summary_every = 60.0
+        self._last_summary = self.since
         self._task: asyncio.Task[None] | None = None
         self._back = asyncio.Event()
         self._back.set()
@@ -108,7 +112,7 @@ class BrokerHealth(Service):
         if not self.reachable:
             return
         self.reachable = False
-        self.since = self._clock()
+        self.since = self._last_summary = self._clock()
         self.outages += 1
         self._back.clear()
         if self._outage_counter is not None:
@@ -125,14 +129,16 @@ class BrokerHealth(Service):
             return
         now = self._clock()
         log.warning(
-            "%s: Kafka back after %.1f s (%d failed attempts)",
+            "%s: Kafka back after %.1f s (%d failed attempts, %d client errors folded)",
             self.name,
             now - self.since,
             self.failed_attempts,
+            self.folded,
         )
         self.reachable = True
         self.since = now
         self.failed_attempts = 0
+        self.folded = 0
         self._back.set()
 
     async def wait_back(self, timeout: float | None = None) -> bool:
@@ -166,7 +172,80 @@ class BrokerHealth(Service):
         self.ok()
         return True
 
+    def summarize(self) -> None:
+        """One line per ``summary_every`` seconds with the counts: while unreachable, or
+        when client errors were folded while the broker answered (a flapping link)."""
+        now = self._clock()
+        if now - self._last_summary < self.summary_every:
+            return
+        self._last_summary = now
+        if self.reachable:
+            if self.folded:
+                log.warning(
+                    "%s: the Kafka client logged %d connection errors in the last %.0f s "
+                    "(folded; last: %s)",
+                    self.name, self.folded, self.summary_every, self.last_error,
+                )  # fmt: skip
+                self.folded = 0
+            return
+        log.warning(
+            "%s: Kafka still unreachable after %.0f s (%d failed attempts, %d client errors "
+            "folded; last: %s)",
+            self.name, now - self.since, self.failed_attempts, self.folded, self.last_error,
+        )  # fmt: skip
+
     async def _run(self) -> None:
         while True:
             await self.probe_once()
+            self.summarize()
             await asyncio.sleep(self._interval)
+
+
+#: What the Kafka client logs, once per attempt, while a broker is away.
+OUTAGE_PHRASES = (
+    "Unable connect to node",
+    "Unable to update metadata",
+    "NodeNotReadyError",
+    "KafkaConnectionError",
+    "Connect call failed",
+    "RequestTimedOutError",
+    "Marking the coordinator dead",
+    "Heartbeat send request failed",
+    "Error sending HeartbeatRequest",
+    "Got error produce response",
+    "Group Coordinator Request failed",
+    "Failed fetch messages",
+    "Coordinator dead",
+    "NotCoordinatorForGroupError",
+)
+
+
+class KafkaNoiseFilter(logging.Filter):
+    """Drops the Kafka client's per-attempt connection errors (thousands a minute during
+    an outage) and counts them on ``health`` instead, which reports them in its own
+    lines: lost, a summary per minute, back. Everything else passes."""
+
+    def __init__(self, health: BrokerHealth) -> None:
+        super().__init__()
+        self.health = health
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka") or record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        if not any(phrase in message for phrase in OUTAGE_PHRASES):
+            return True
+        # Counted, not judged: the probe and the process's own I/O decide the state.
+        self.health.folded += 1
+        self.health.last_error = message[:200]
+        return False
+
+
+def install_noise_filter(health: BrokerHealth) -> KafkaNoiseFilter:
+    """Puts a :class:`KafkaNoiseFilter` on every handler of the root logger (a filter on
+    the ``aiokafka`` logger itself would not see its children's records). For entry
+    points, after logging is configured."""
+    noise = KafkaNoiseFilter(health)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(noise)
+    return noise

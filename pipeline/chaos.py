@@ -19,7 +19,7 @@ import enum
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class ChaosConfig:
     num_classes: int = 10
     libs_dir: Path | None = None
     kafka_heap: str = "384m"
+    server_port: int = 0  # with ``serve``: 0 = any free port
 
 
 @dataclass(slots=True)
@@ -147,17 +148,38 @@ class Pushers:
             features=rng.standard_normal((n, 512), dtype=np.float32).astype(np.float16),
         )
 
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
     async def run(self, until: float) -> None:
         """Push until ``time.monotonic() >= until``; one task per device."""
-        await self._producer.start()
-        try:
-            devices = [(m, d) for m in self._models for d in range(self._config.devices_per_model)]
-            interval = len(devices) / self._config.push_rate
-            await asyncio.gather(
-                *(self._device(m, d, interval, until, i) for i, (m, d) in enumerate(devices))
-            )
-        finally:
-            await self._producer.stop()
+        devices = [(m, d) for m in self._models for d in range(self._config.devices_per_model)]
+        interval = len(devices) / self._config.push_rate
+        await asyncio.gather(
+            *(self._device(m, d, interval, until, i) for i, (m, d) in enumerate(devices))
+        )
+
+    async def warm_up(self) -> None:
+        """One acknowledged push per model from a device of its own."""
+        for model_id in self._models:
+            await self._send(self._push(model_id, WARM_UP_DEVICE, 0))
+
+    async def _send(self, push: FeaturePush) -> None:
+        """Until acknowledged (same bytes, same sample ids), then count it."""
+        value, key = codec.encode_push(push), codec.encode_key(push.model_id)
+        while True:
+            try:
+                await self._producer.send_and_wait(self._topic, value, key=key)
+                break
+            except Exception as exc:
+                self.retries += 1
+                log.debug("push of %s retried: %s", push.device_id, exc)
+                await asyncio.sleep(0.5)
+        self.acked += 1
+        self.samples += push.n
 
     async def _device(
         self, model_id: str, device: int, interval: float, until: float, index: int
@@ -165,24 +187,18 @@ class Pushers:
         await asyncio.sleep(interval * index / max(1, self._config.push_rate * interval))
         next_id = 0
         while time.monotonic() < until:
-            push = self._push(model_id, device, next_id)
-            value, key = codec.encode_push(push), codec.encode_key(model_id)
-            while True:  # until acknowledged, then the next batch
-                try:
-                    await self._producer.send_and_wait(self._topic, value, key=key)
-                    break
-                except Exception as exc:
-                    self.retries += 1
-                    log.debug("push of %s retried: %s", push.device_id, exc)
-                    await asyncio.sleep(0.5)
-            self.acked += 1
-            self.samples += push.n
-            next_id += push.n
+            await self._send(self._push(model_id, device, next_id))
+            next_id += self._config.push_samples
             await asyncio.sleep(interval)
 
 
+#: The device index of the warm-up pushes (apart from the load's devices).
+WARM_UP_DEVICE = 999
+
+
 class ChaosRun:
-    """One chaos run (see the module docstring). ``on_event`` gets progress lines."""
+    """One chaos run (see the module docstring). ``on_event`` gets progress lines;
+    ``on_settled`` is awaited with the result while the stack still runs (to inspect it)."""
 
     def __init__(
         self,
@@ -190,8 +206,10 @@ class ChaosRun:
         config: ChaosConfig,
         *,
         on_event: Callable[[str], None] | None = None,
+        on_settled: Callable[[ChaosResult], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
+        self._on_settled = on_settled
         self.home = settings.home.resolve()
         self._on_event = on_event or (lambda message: log.info("%s", message))
         self.kafka = LocalKafka(
@@ -216,7 +234,8 @@ class ChaosRun:
             ChildSpec("trainer", fedex_argv("trainer", "--device", "cpu")),
         ]
         if self.config.serve:
-            children.append(ChildSpec("server", fedex_argv("serve", "--port", "0")))
+            port = str(self.config.server_port)
+            children.append(ChildSpec("server", fedex_argv("serve", "--port", port)))
         return children
 
     async def run(self) -> ChaosResult:
@@ -248,14 +267,37 @@ class ChaosRun:
             )
             async with supervisor:
                 pushers = None if cfg.fleet_devices else Pushers(self.settings, cfg, models)
-                result = await self._load_and_faults(supervisor, pushers, env)
-                restarts = {c.spec.name: c.restarts for c in supervisor.children}
-            result.restarts = restarts
+                if pushers is not None:
+                    await pushers.start()
+                try:
+                    if pushers is not None:
+                        await self._warm_up(pushers)
+                    result = await self._load_and_faults(supervisor, pushers, env)
+                finally:
+                    if pushers is not None:
+                        await pushers.stop()
+                result.restarts = {c.spec.name: c.restarts for c in supervisor.children}
+                if self._on_settled is not None:
+                    await self._on_settled(result)  # the stack still runs
         finally:
             await self.kafka.stop()
         result.faults = self._faults
         result.wall_seconds = time.monotonic() - self._started
         return result
+
+    async def _warm_up(self, pushers: Pushers, timeout: float = 300.0) -> None:
+        """Faults count from a stack that works: one push per model, and wait until every
+        model has a trained version (the worker counted, the trainer trained)."""
+        await pushers.warm_up()
+        deadline = time.monotonic() + timeout
+        while True:
+            report, _ = await audit_deployment(self.settings)
+            if report.models and all(m.versions >= 1 for m in report.models):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the stack trained no version within {timeout:g} s")
+            await asyncio.sleep(1.0)
+        self._emit("warmed up: every model has a trained version")
 
     async def _fleet(self, env: dict[str, str]) -> None:
         """A ``fedex devices`` child for the run's duration (not supervised: it ends)."""

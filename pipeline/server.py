@@ -42,6 +42,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeline import auth, codec
+from pipeline.broker_health import BrokerHealth, install_noise_filter
 from pipeline.checkpoints import (
     CheckpointError,
     CheckpointStore,
@@ -144,6 +145,7 @@ class ModelServer(Service):
         self.registry = Registry()
         self.store = store
         self.metrics = ServerMetrics(self.registry)
+        self.health = BrokerHealth("model server", registry=self.metrics.registry)
         self._secret = secret
         self._features_topic = features_topic
         self._host = host
@@ -242,6 +244,13 @@ class ModelServer(Service):
         try:
             await self._producer.start()
             self._producer_up = True
+            from aiokafka import AIOKafkaProducer
+
+            from pipeline.clients import metadata_probe
+
+            if isinstance(self._producer, AIOKafkaProducer):
+                self.health.probe = metadata_probe(self._producer)
+            await self.health.start()
             await self._follower.start()
             self._watch_task = asyncio.create_task(self._watch_catch_up(), name="server-catch-up")
             await runner.setup()
@@ -265,6 +274,7 @@ class ModelServer(Service):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.health.stop()
         await _quietly("stopping the registry follower", self._follower.stop())
         self._producer_up = False
         await _quietly("stopping the producer", self._producer.stop())
@@ -431,7 +441,14 @@ class ModelServer(Service):
                 registry = False
         checks = {"registry": registry, "producer": self._producer_up}
         ok = all(checks.values())
-        body: dict[str, object] = {"ready": ok, "checks": checks}
+        # Kafka's state is reported, not required: downloads are served through an outage
+        # (pushes then get 503).
+        kafka = {
+            "reachable": self.health.reachable,
+            "since_s": round(time.monotonic() - self.health.since, 1),
+            "outages": self.health.outages,
+        }
+        body: dict[str, object] = {"ready": ok, "checks": checks, "kafka": kafka}
         if self._follower_error is not None:
             body["error"] = str(self._follower_error)
         return json_response(body, 200 if ok else 503)
@@ -587,7 +604,8 @@ class ModelServer(Service):
                 self._features_topic, value=data, key=codec.encode_key(model_id)
             )
         except (KafkaError, TimeoutError) as exc:
-            log.error("producing a push of %s failed: %s", model_id, exc)
+            self.health.failed(exc)
+            log.debug("producing a push of %s failed: %s", model_id, exc)
             raise HttpFailure(
                 503, "unavailable", f"the feature log is unavailable ({exc}); retry later"
             ) from None
@@ -640,6 +658,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     try:
         server = ModelServer.from_settings(settings, secret=secret, host=host, port=port)
+        install_noise_filter(server.health)
         async with server:
             log.info("serving the registry of %s on %s", settings.topic_prefix, server.url)
             if on_started is not None:

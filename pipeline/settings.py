@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="how often agents check age and timeouts."
     )
     worker_port: int = Field(default=6066, ge=1, le=65535, description="Faust worker web port.")
+    trainer_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="port of a trainer's Prometheus /metrics (0 = not served; one per trainer).",
+    )
     # Aggregation agents: the ingest stage that validates and summarizes the feature log.
     ingest_batch_max: int = Field(
         default=2000,

@@ -42,7 +42,12 @@ from prometheus_client import CollectorRegistry, Counter
 from torch import Tensor
 
 from pipeline import codec
-from pipeline.broker_health import BrokerHealth, backoff_delays, is_transient
+from pipeline.broker_health import (
+    BrokerHealth,
+    backoff_delays,
+    install_noise_filter,
+    is_transient,
+)
 from pipeline.checkpoints import (
     CheckpointError,
     CheckpointStore,
@@ -52,6 +57,7 @@ from pipeline.checkpoints import (
 )
 from pipeline.errors import FedexError
 from pipeline.lifecycle import Service
+from pipeline.metrics_http import MetricsServer
 from pipeline.publishing import (
     build_update,
     make_update_producer,
@@ -766,7 +772,12 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop_requested.set)
-    async with Trainer(settings, device=device) as trainer:
+    trainer = Trainer(settings, device=device)
+    install_noise_filter(trainer.health)
+    metrics = MetricsServer(
+        trainer.metrics_registry, host=settings.server_host, port=settings.trainer_metrics_port
+    )
+    async with trainer, metrics:
         run = asyncio.create_task(trainer.run(max_jobs=max_jobs, idle_timeout=idle_timeout))
         stop = asyncio.create_task(stop_requested.wait())
         await asyncio.wait([run, stop], return_when=asyncio.FIRST_COMPLETED)
