@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +31,7 @@ from pipeline import codec
 from pipeline.audit import AuditReport
 from pipeline.audit_log import audit_deployment
 from pipeline.kafka_local import LocalKafka, free_port
+from pipeline.processes import die_with_parent
 from pipeline.records import Backbone, Cut, FeatureDType, FeaturePush
 from pipeline.settings import Settings
 from pipeline.supervisor import ChildSpec, Supervisor, child_env, fedex_argv
@@ -222,6 +224,7 @@ class ChaosRun:
         self.settings = settings.model_copy(
             update={"kafka_bootstrap": self.kafka.bootstrap, "home": self.home}
         )
+        self.log_dir = self.home / "chaos-logs" / settings.topic_prefix
         self._faults: list[dict[str, Any]] = []
         self._started = time.monotonic()
 
@@ -260,7 +263,7 @@ class ChaosRun:
             }
             supervisor = Supervisor(
                 self._children(),
-                log_dir=self.home / "chaos-logs",
+                log_dir=self.log_dir,
                 env=env,
                 on_event=self._emit,
                 grace=10.0,
@@ -299,6 +302,26 @@ class ChaosRun:
             await asyncio.sleep(1.0)
         self._emit("warmed up: every model has a trained version")
 
+    async def _wait_for_pushes(self, fleet: asyncio.Task[None], records: int = 50) -> None:
+        """Faults count from when the fleet pushes (it builds its bank and base models
+        first): until the feature log holds ``records`` records."""
+        from pipeline.clients import make_consumer
+
+        consumer = make_consumer(bootstrap=self.settings.bootstrap, group_id=None)
+        await consumer.start()
+        try:
+            from aiokafka import TopicPartition
+
+            topic = self.settings.topic_prefix + ".features"
+            tps = [TopicPartition(topic, p) for p in range(self.settings.features_partitions)]
+            while not fleet.done():
+                if sum((await consumer.end_offsets(tps)).values()) >= records:
+                    self._emit("the fleet pushes: faults count from now")
+                    return
+                await asyncio.sleep(1.0)
+        finally:
+            await consumer.stop()
+
     async def _fleet(self, env: dict[str, str]) -> None:
         """A ``fedex devices`` child for the run's duration (not supervised: it ends)."""
         cfg = self.config
@@ -308,14 +331,19 @@ class ChaosRun:
             "--models", str(cfg.models),
             "--duration", f"{cfg.duration_s:g}s",
             "--availability", "always",
-            "--out", str(self.home / "chaos-logs" / "fleet.json"),
+            "--out", str(self.log_dir / "fleet.json"),
         )  # fmt: skip
-        with (self.home / "chaos-logs" / "devices.log").open("ab") as log_file:
+        with (self.log_dir / "devices.log").open("ab") as log_file:
             proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file
+                *argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                preexec_fn=die_with_parent(os.getpid()),
             )
         try:
-            code = await asyncio.wait_for(proc.wait(), cfg.duration_s + 600)
+            code = await asyncio.wait_for(proc.wait(), cfg.duration_s + 900)
         finally:
             if proc.returncode is None:
                 proc.kill()
@@ -326,12 +354,15 @@ class ChaosRun:
         self, supervisor: Supervisor, pushers: Pushers | None, env: dict[str, str]
     ) -> ChaosResult:
         cfg = self.config
-        t0 = time.monotonic()
-        faults = asyncio.create_task(self._inject(supervisor, t0))
         if pushers is not None:
+            t0 = time.monotonic()
+            faults = asyncio.create_task(self._inject(supervisor, t0))
             await pushers.run(t0 + cfg.duration_s)
         else:
-            await self._fleet(env)
+            fleet = asyncio.create_task(self._fleet(env))
+            await self._wait_for_pushes(fleet)
+            faults = asyncio.create_task(self._inject(supervisor, time.monotonic()))
+            await fleet
         await faults
         self._emit("load over; settling")
         settle_start = time.monotonic()

@@ -305,6 +305,26 @@ def demo(
 # --- bench push | datafraction | report (issue 5: the paper's tables and docs/benchmarks.md)
 
 
+@bench_app.command("chaos")
+def bench_chaos(
+    scenario: list[str] = typer.Option(
+        ["age", "kill", "full"], "--scenario", help="age, kill or full (repeatable)"
+    ),
+    runs: int = typer.Option(3, help="runs of each scenario"),
+    audit_samples: int = typer.Option(
+        1_000_000, help="samples of the audit-speed deployment (0 = skip)"
+    ),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Faults on the real stack (broker kill/pause, worker/trainer kills), then the audit."""
+    from pipeline.chaos_bench import run_chaos_bench
+
+    kafka_libs = Settings().home / "kafka" / "libs"
+    run_chaos_bench(
+        scenarios=scenario, runs=runs, audit_samples=audit_samples, out=out, libs_dir=kafka_libs
+    )
+
+
 @bench_app.command("push")
 def bench_push(
     repeats: int = typer.Option(10, help="timed pushes per level and path"),

@@ -28,6 +28,7 @@ BENCHES: Final[dict[str, str]] = {
     "datafraction": "fedex bench datafraction",
     "fleet": "fedex bench fleet",
     "fedavg": "fedex bench fedavg",
+    "chaos": "fedex bench chaos",
 }
 GPU_COMMAND: Final = "python -m trainer.bench --device cuda:0 --out bench/results/train-<gpu>.json"
 #: Written by ``fedex bench report`` beside the results: how each bench's last run went.
@@ -236,6 +237,7 @@ def render(report: Report, docs_dir: Path) -> tuple[str, list[Path]]:
         sec.section_pipeline(report),
         sec.section_fleet(report),
         sec.section_fedavg(report, fedavg_img),
+        sec.section_chaos(report),
     ]
     return "\n\n".join(parts) + "\n", written
 

@@ -136,7 +136,7 @@ async def test_every_process_rides_out_a_paused_then_killed_broker(
     assert kafka["reachable"] is True and kafka["outages"] >= 2
     assert "fedex_broker_reachable 1.0" in served["metrics"]
     for name in ("worker", "trainer", "server"):
-        text = (tmp_path / "chaos-logs" / f"{name}.log").read_text()
+        text = (run.log_dir / f"{name}.log").read_text()
         lost = text.count("Kafka unreachable")
         back = text.count("Kafka back after")
         assert lost == back >= 1, f"{name}: {lost} lost / {back} back lines"

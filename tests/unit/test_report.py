@@ -208,7 +208,7 @@ def test_render_only_runs_nothing_and_writes_the_document(
 def test_plan_honours_only_and_skip_and_rejects_unknown_names() -> None:
     assert plan() == list(BENCHES)
     assert plan(only=["push", "codec"]) == ["codec", "push"]
-    assert plan(skip=["fleet", "fedavg", "train"]) == [
+    assert plan(skip=["fleet", "fedavg", "train", "chaos"]) == [
         "codec",
         "kafka",
         "pipeline",
