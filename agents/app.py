@@ -211,13 +211,11 @@ class AgentApp:
             deleting=True,
             **raw,
         )
-        # Kept as long as the feature log: a summary not yet counted is pending data.
-        self.summaries_retention_ms = settings.training_window_ms
         self.summaries_topic = self.app.topic(
             self.topics.agents_summaries,
             internal=True,
             partitions=partitions,
-            retention=timedelta(milliseconds=self.summaries_retention_ms),
+            retention=timedelta(milliseconds=settings.training_window_ms),
             deleting=True,
             **raw,
         )

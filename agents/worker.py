@@ -33,7 +33,7 @@ from pipeline.clients import metadata_probe
 from pipeline.errors import FedexError
 from pipeline.lifecycle import Service
 from pipeline.settings import Settings
-from pipeline.topics import ensure_topics, topic_specs
+from pipeline.topics import Role, ensure_topics, topic_specs
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +103,14 @@ class AgentWorker(Service):
             return
         self._started = True
         self._failed = asyncio.get_running_loop().create_future()
-        if self._ensure:
-            await ensure_topics(self.settings.bootstrap, topic_specs(self.settings))
         # The internal topics must exist before the group's first assignment: Faust declares
         # them only after subscribing, and an assignor that found one missing never hands out
         # its partitions (no ticks: age triggers and job timeouts never checked; no
         # summaries: nothing counted).
-        for topic, retention_ms in (
-            (self.agents.ticks_topic.get_topic_name(), 3_600_000),
-            (self.agents.summaries_topic.get_topic_name(), self.agents.summaries_retention_ms),
-        ):
-            await _create_topic(
-                self.settings.bootstrap,
-                topic,
-                self.settings.features_partitions,
-                self.settings.replication_factor,
-                retention_ms=retention_ms,
-            )
+        specs = topic_specs(self.settings)
+        if not self._ensure:
+            specs = [s for s in specs if s.role in (Role.AGENTS_TICKS, Role.AGENTS_SUMMARIES)]
+        await ensure_topics(self.settings.bootstrap, specs)
         self.agents.datadir.mkdir(parents=True, exist_ok=True)
         await self.app.start()
         await self.ingest.start()
@@ -255,35 +246,3 @@ def run_worker(settings: Settings, *, max_runtime: float | None = None) -> None:
     AgentError if an agent failed (the process should exit non-zero and be restarted)."""
     _log_to_stdout()
     asyncio.run(_serve(settings, max_runtime))
-
-
-async def _create_topic(
-    bootstrap: str, name: str, partitions: int, replication: int, *, retention_ms: int
-) -> None:
-    """Creates ``name`` unless it exists (idempotent, safe with several workers)."""
-    from aiokafka.admin import NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
-
-    from pipeline.clients import make_admin
-
-    admin = make_admin(bootstrap=bootstrap)
-    await admin.start()
-    try:
-        if name in await admin.list_topics():
-            return
-        with contextlib.suppress(TopicAlreadyExistsError):
-            response = await admin.create_topics(
-                [
-                    NewTopic(
-                        name,
-                        partitions,
-                        replication,
-                        topic_configs={"retention.ms": str(retention_ms)},
-                    )
-                ]
-            )
-            for _, code, *_ in getattr(response, "topic_errors", []):
-                if code not in (0, TopicAlreadyExistsError.errno):
-                    raise AgentError(f"could not create the agents' topic {name!r}: error {code}")
-    finally:
-        await admin.close()

@@ -304,7 +304,7 @@ def print_summary(summary: Mapping[str, Any], console: Console) -> None:
     """The final tables: totals, per model, per version, per tier."""
     from rich.table import Table
 
-    from pipeline.benchio import fmt
+    from pipeline.tables import fmt
 
     t = summary["totals"]
     fresh = summary["freshness"]

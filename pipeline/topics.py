@@ -28,7 +28,10 @@ class Role(enum.StrEnum):
     TRIGGERS = "triggers"
     MODELS = "models"
     DEADLETTER = "deadletter"
-    # FedAvg baseline (issue 5)
+    # The aggregation agents' own topics.
+    AGENTS_TICKS = "agents-ticks"
+    AGENTS_SUMMARIES = "agents-summaries"
+    # The FedAvg baseline's (``lab``), apart from the product's: see fedavg_topic_specs.
     FEDAVG_ROUNDS = "fedavg-rounds"
     FEDAVG_UPDATES = "fedavg-updates"
 
@@ -152,12 +155,33 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             },
             "records that failed validation, with their origin and reason",
         ),
-        *_fedavg_specs(settings, topics),
+        # The agents' own (their table's changelog is Faust's to create): co-partitioned
+        # with the feature log.
+        TopicSpec(
+            Role.AGENTS_TICKS,
+            topics.agents_ticks,
+            settings.features_partitions,
+            rf,
+            {"cleanup.policy": "delete", "retention.ms": str(3_600_000)},
+            "agents-internal: timer ticks, one per owned partition and tick",
+        ),
+        TopicSpec(
+            Role.AGENTS_SUMMARIES,
+            topics.agents_summaries,
+            settings.features_partitions,
+            rf,
+            # A summary not yet counted is pending data: kept as long as the feature log.
+            {"cleanup.policy": "delete", "retention.ms": str(settings.training_window_ms)},
+            "agents-internal: batch summaries of validated pushes",
+        ),
     ]
 
 
-# FedAvg baseline (issue 5): one partition each, so a run's records stay in order.
-def _fedavg_specs(settings: Settings, topics: Topics) -> list[TopicSpec]:
+def fedavg_topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The FedAvg baseline's topics (``lab``): not the product's, so ``topic_specs`` and
+    ``fedex topics ensure`` leave them out. One partition each, so a run's records stay in
+    order."""
+    topics = Topics(settings.topic_prefix)
     config = {
         "cleanup.policy": "delete",
         "retention.ms": str(settings.training_window_ms),

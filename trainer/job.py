@@ -2,8 +2,7 @@
 
 :func:`train_candidate` warm-starts the head from the champion, evaluates the champion on
 the validation split, trains, evaluates the challenger and applies the recipe's
-champion/challenger rule. :class:`HeadCache` keeps built heads across jobs;
-:func:`measure_job` times a job on synthetic features (``python -m trainer --measure``).
+champion/challenger rule. :class:`HeadCache` keeps built heads across jobs.
 The trainer process (:mod:`trainer.worker`) is the I/O shell around this.
 """
 
@@ -12,7 +11,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -229,52 +227,3 @@ def synthetic_dataset(
         device_ids=tuple(f"dev-{i % 100:03d}" for i in range(samples)),
         sample_ids=np.arange(samples, dtype=np.uint64),
     )
-
-
-def measure_job(
-    *,
-    samples: int = 20_000,
-    num_classes: int = 1000,
-    epochs: int = 5,
-    batch_size: int = 256,
-    device: str = "auto",
-    backbone: Backbone = Backbone.INCEPTION_RESNET_V1,
-    val_fraction: float = 0.1,
-) -> dict[str, float | int | str]:
-    """Time one job's compute as the trainer runs it (split, warm start, champion eval,
-    training, challenger eval, checkpoint encoding) on synthetic freeze6 features. No
-    Kafka. Returns the numbers the summary line reports."""
-    from pipeline.checkpoints import encode_checkpoint
-    from pipeline.publishing import random_head_state
-
-    dev = check_device(device)
-    dataset = synthetic_dataset(samples, num_classes)
-    t0 = time.perf_counter()
-    train, val = dataset.split(val_fraction)
-    split_s = time.perf_counter() - t0
-    head = HeadCache().get(backbone, Cut.FREEZE6, num_classes)
-    champion = random_head_state(backbone, Cut.FREEZE6, num_classes, seed=1)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, device=dev, seed=0)
-    t0 = time.perf_counter()
-    candidate = train_candidate(head, champion, train, val, cfg)
-    job_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    blob = encode_checkpoint(candidate.state_dict, dtype="fp16")
-    encode_s = time.perf_counter() - t0
-    return {
-        "device": dev,
-        "samples": samples,
-        "train_samples": candidate.train_samples,
-        "val_samples": candidate.val_samples,
-        "num_classes": num_classes,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "split_seconds": split_s,
-        "train_seconds": candidate.result.seconds,
-        "train_samples_per_s": candidate.result.samples_per_s,
-        "job_seconds": job_s + split_s + encode_s,
-        "job_samples_per_s": candidate.train_samples * epochs / (job_s + split_s + encode_s),
-        "champion_accuracy": candidate.champion_accuracy,
-        "challenger_accuracy": candidate.challenger_accuracy,
-        "checkpoint_bytes": len(blob),
-    }

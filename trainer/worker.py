@@ -760,7 +760,7 @@ def run_trainer(
     idle_timeout: float | None = None,
 ) -> None:
     """Run a trainer until SIGINT/SIGTERM, ``max_jobs`` handled or ``idle_timeout`` idle.
-    Blocking; the entry point of ``fedex trainer`` and ``python -m trainer``."""
+    Blocking; the entry point of ``fedex trainer``."""
     asyncio.run(_serve(settings, device=device, max_jobs=max_jobs, idle_timeout=idle_timeout))
 
 

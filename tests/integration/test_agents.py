@@ -25,6 +25,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from agents.policy import ModelState
 from agents.summarizer import UNKNOWN_MODEL
 from agents.worker import AgentError, AgentWorker
+from lab.transport_bench import synthetic_push
 from pipeline import clients, codec
 from pipeline.records import (
     Backbone,
@@ -38,7 +39,6 @@ from pipeline.records import (
 )
 from pipeline.settings import Settings
 from pipeline.topics import Topics
-from pipeline.transport_bench import synthetic_push
 
 NUM_CLASSES = 10
 WAIT = 30.0

@@ -16,8 +16,8 @@ from typing import Any
 
 import aiohttp
 
+from lab.chaos import ChaosConfig, ChaosResult, ChaosRun, Fault, FaultKind
 from pipeline.auth import ANY_MODEL, issue_token
-from pipeline.chaos import ChaosConfig, ChaosResult, ChaosRun, Fault, FaultKind
 from pipeline.kafka_local import free_port
 from pipeline.settings import Settings
 

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 
 from device_sim.bank import FeatureBank, build_bank
-from device_sim.fedavg import DeviceData, FedAvgFleet
-from device_sim.fedavg_bench import Evaluator, make_devices
 from device_sim.heads import train_base_head
 from device_sim.world import World, WorldConfig
+from lab.fedavg_bench import Evaluator, make_devices
+from lab.fedavg_devices import DeviceData, FedAvgFleet
+from lab.fedavg_server import FedAvgConfig, FedAvgServer
 from pipeline import codec
 from pipeline.clients import make_consumer
 from pipeline.records import Backbone, Cut, RoundBroadcast
 from pipeline.settings import Settings
-from pipeline.topics import Topics
-from trainer.fedavg import FedAvgConfig, FedAvgServer
+from pipeline.topics import Topics, ensure_topics, fedavg_topic_specs
 
 MODEL = "m1"
 WORLD = WorldConfig(
@@ -71,6 +71,7 @@ async def read_all(bootstrap: str, topic: str, count: int) -> list[bytes]:
 async def test_fedavg_rounds_over_kafka(
     settings: Settings, kafka_topics: Topics, bank: FeatureBank
 ) -> None:
+    await ensure_topics(settings.bootstrap, fedavg_topic_specs(settings))
     world = World(WORLD)
     base = train_base_head(bank, MODEL, epochs=5)
     devices = make_devices(bank, world, MODEL, 12, 16, seed=0)

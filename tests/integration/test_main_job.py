@@ -7,10 +7,10 @@ import math
 
 from rich.console import Console
 
-from device_sim.demo import print_report, run_main_job
 from device_sim.devices import Availability, DeviceParams
 from device_sim.fleet import FleetConfig
 from device_sim.world import WorldConfig
+from lab.main_job import print_report, run_main_job
 from pipeline.records import Backbone
 from pipeline.settings import Settings
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from lab.transport_bench import synthetic_push
 from pipeline import clients, codec
 from pipeline.records import Cut, FeatureDType
 from pipeline.topics import Topics
-from pipeline.transport_bench import synthetic_push
 
 
 async def test_pushes_round_trip_through_kafka(kafka_bootstrap: str, kafka_topics: Topics) -> None:

@@ -24,7 +24,7 @@ from device_sim.subscription import (
     RefusedVersion,
     VersionEvent,
 )
-from device_sim.subscription_bench import random_devices, synthetic_bank
+from lab.subscription_bench import random_devices, synthetic_bank
 from pipeline import codec
 from pipeline.auth import issue_token
 from pipeline.checkpoints import LocalCheckpointStore, encode_checkpoint, sha256_hex

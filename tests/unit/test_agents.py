@@ -17,9 +17,9 @@ import pytest
 from agents.aggregator import Aggregator, Record
 from agents.policy import ModelState, TriggerPolicy
 from agents.summarizer import MODEL_MISMATCH, UNKNOWN_MODEL, ModelSpec, Summarizer
+from lab.transport_bench import synthetic_push
 from pipeline import codec
 from pipeline.records import BatchSummary, Cut, FeaturePush, TriggerReason
-from pipeline.transport_bench import synthetic_push
 from tests.unit.test_policy import T0, update
 
 POLICY = TriggerPolicy(min_samples=30, age_floor_samples=5, max_age_s=60.0, job_timeout_s=300.0)

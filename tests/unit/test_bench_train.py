@@ -9,8 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lab.train_bench import PAPER_TABLE1_IMG_PER_S, run_train_bench
 from pipeline.records import Cut
-from trainer.bench import PAPER_TABLE1_IMG_PER_S, run_train_bench
 
 
 def test_one_level_writes_the_json(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ def test_one_level_writes_the_json(tmp_path: Path) -> None:
 
 def test_the_module_imports_no_kafka_stack() -> None:
     code = (
-        "import sys, trainer.bench, trainer.recipe, pipeline.zoo, pipeline.checkpoints\n"
+        "import sys, lab.train_bench, trainer.recipe, pipeline.zoo, pipeline.checkpoints\n"
         "bad = {'pydantic', 'pydantic_settings', 'faust', 'aiokafka', 'orjson'} & "
         "{m.split('.')[0] for m in sys.modules}\n"
         "assert not bad, bad\n"

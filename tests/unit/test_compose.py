@@ -301,7 +301,9 @@ def test_fedex_commands_exist_in_cli(services: dict[str, dict[str, Any]]) -> Non
     try:
         import typer.main
 
-        from pipeline.cli import app
+        from pipeline.cli import build_app
+
+        app = build_app()
     except ImportError as exc:  # the CLI is still being assembled
         pytest.skip(f"pipeline.cli not importable: {exc}")
 

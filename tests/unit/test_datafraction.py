@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from device_sim.bank import BANK_FORMAT, FeatureBank
-from device_sim.datafraction_bench import (
+from lab.datafraction_bench import (
     ARM_MIXED,
     ARM_USER,
     Point,
@@ -23,7 +23,7 @@ from device_sim.datafraction_bench import (
     sweep_model,
     user_subsets,
 )
-from pipeline.report_plots import plot_datafraction
+from lab.report_plots import plot_datafraction
 
 CLASSES = 4
 PER_GROUP = 16  # images per (identity, domain); the last quarter held out

@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from device_sim.fedavg import load_global, local_update
-from pipeline.errors import ConfigError
-from pipeline.records import Backbone, Cut, FeatureDType, RoundUpdate, UpdateKind
-from pipeline.zoo import build_backbone, head_state_dict, split
-from trainer.fedavg import (
+from lab.fedavg_devices import load_global, local_update
+from lab.fedavg_server import (
     FedAvgConfig,
     Outcome,
     Round,
@@ -24,6 +21,9 @@ from trainer.fedavg import (
     quorum_size,
     select_devices,
 )
+from pipeline.errors import ConfigError
+from pipeline.records import Backbone, Cut, FeatureDType, RoundUpdate, UpdateKind
+from pipeline.zoo import build_backbone, head_state_dict, split
 
 DEVICES = tuple(f"dev-{i:03d}" for i in range(50))
 
@@ -249,7 +249,7 @@ def test_local_update_with_zero_epochs_is_the_full_batch_gradient() -> None:
 
 
 def test_cost_to_reach_takes_the_first_round_within_each_tolerance() -> None:
-    from device_sim.fedavg_report import TOLERANCES, cost_to_reach
+    from lab.fedavg_report import TOLERANCES, cost_to_reach
 
     curve = [
         {"round": r, "accuracy": a, "wall_seconds": r / 10, "bytes_per_device": 1000.0 * r}

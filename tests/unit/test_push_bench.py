@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from device_sim.network import TIERS
-from device_sim.push_bench import (
+from lab.push_bench import (
     LEVELS,
     PAPER_FEDAVG_PUSH_S,
     PAPER_PULL_S,

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-import pipeline.bench_report as bench_report
-from pipeline.bench_report import failure_reason, plan, record_runs, run_report
-from pipeline.report import BENCHES, load_report, render, render_report
+import lab.bench_report as bench_report
+from lab.bench_report import failure_reason, plan, record_runs, run_report
+from lab.report import render, render_report
+from lab.report_data import BENCHES, load_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,7 +1,8 @@
 """What every benchmark shares: the machine it ran on, a JSON result file and a table.
 
 Benchmarks are commands (``fedex bench ...``), never timed tests. Each writes one JSON
-document under ``bench/results/`` and prints the same numbers as a table.
+document under ``bench/results/`` and prints the same numbers as a table
+(:mod:`pipeline.tables`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rich.console import Console
-from rich.table import Table
 
 RESULTS_DIR = Path("bench/results")
 
@@ -49,32 +48,6 @@ def write_result(name: str, payload: dict[str, Any], out: Path | None = None) ->
     tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     tmp.replace(path)
     return path
-
-
-def print_table(
-    title: str,
-    columns: Sequence[str],
-    rows: Sequence[Sequence[Any]],
-    console: Console | None = None,
-) -> None:
-    table = Table(title=title)
-    for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*(fmt(v) for v in row))
-    (console or Console()).print(table)
-
-
-def fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if value >= 1000:
-            return f"{value:,.0f}"
-        if value >= 10:
-            return f"{value:.1f}"
-        return f"{value:.3g}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ daemon, or a broker owned by the bench), each with its own topics:
    (after a warm-up that excludes the start-up burst of backlogged devices).
 2. **Fan-out**: versions produced → new head active on 99 % of 10,000 devices, simulated
    transfer time off (the subscription engineer's
-   :func:`device_sim.subscription_bench.measure_fanout`).
+   :func:`lab.subscription_bench.measure_fanout`).
 3. **100,000 devices across processes** (``--processes``, default 10): per-process RSS and
    loop lag, fleet-wide sustained pushes/s.
 
@@ -33,8 +33,9 @@ from rich.console import Console
 from device_sim.fleet import FleetConfig, ensure_models, load_bank
 from device_sim.report import FleetProgress
 from device_sim.shards import run_sharded
-from pipeline.benchio import print_table, write_result
+from lab.benchio import write_result
 from pipeline.settings import Settings
+from pipeline.tables import print_table
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Sustained:
 
 
 async def _bench(settings: Settings, config: FleetBenchConfig, console: Console) -> dict[str, Any]:
-    from device_sim.subscription_bench import measure_fanout
+    from lab.subscription_bench import measure_fanout
     from pipeline.stack import kafka_for
     from pipeline.topics import ensure_topics, topic_specs
 

@@ -11,8 +11,8 @@ device's accuracy on its held-out rows.
   (as ``fedex up`` and the demo run them), the agents fire one trigger covering every
   push, the trainer trains from ``v0`` with the project's recipe and publishes ``v1``.
   Devices download the checkpoint blob. Devices never train.
-- **FedAvg**: ``python -m trainer.fedavg`` runs as a child process; the devices (this
-  process, :class:`device_sim.fedavg.FedAvgFleet`) train E local epochs per round when
+- **FedAvg**: ``python -m lab.fedavg_server`` runs as a child process; the devices (this
+  process, :class:`lab.fedavg_devices.FedAvgFleet`) train E local epochs per round when
   selected. Rounds run until the mean device accuracy reaches the FedEx arm's (or a cap).
 
 Bytes are real encoded message sizes. Wall times start when the cloud side is ready (the
@@ -42,10 +42,10 @@ import torch
 from rich.console import Console
 
 from device_sim.bank import FeatureBank, build_bank
-from device_sim.fedavg import DeviceData, FedAvgFleet
-from device_sim.fedavg_report import cost_to_reach, per_device
 from device_sim.heads import new_head, train_base_head
 from device_sim.world import World, WorldConfig
+from lab.fedavg_devices import DeviceData, FedAvgFleet
+from lab.fedavg_report import cost_to_reach, per_device
 from pipeline import codec
 from pipeline.checkpoints import CheckpointDType, encode_checkpoint
 from pipeline.errors import FedexError
@@ -372,7 +372,7 @@ async def run_fedavg_arm(
     argv = [
         sys.executable,
         "-m",
-        "trainer.fedavg",
+        "lab.fedavg_server",
         *("--model", model_id, "--backbone", bank.backbone.value, "--cut", bank.cut.value),
         *("--num-classes", str(bank.num_classes), "--init", str(init)),
         *("--devices-file", str(ids_file), "--rounds", str(cfg.max_rounds)),
@@ -452,7 +452,7 @@ async def run_fedavg_arm(
             "local_epochs": cfg.local_epochs,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
-            "optimizer": "SGD (device_sim.fedavg.local_update)",
+            "optimizer": "SGD (lab.fedavg_devices.local_update)",
             "server_lr": 1.0,
             "update_dtype": "float32",
             "max_rounds": cfg.max_rounds,
@@ -467,7 +467,7 @@ async def run_side_by_side(
     settings: Settings, cfg: BenchConfig, console: Console, *, world: World | None = None
 ) -> dict[str, Any]:
     """Both arms on the broker at ``settings.bootstrap`` (topics under a fresh prefix)."""
-    from pipeline.topics import ensure_topics, topic_specs
+    from pipeline.topics import ensure_topics, fedavg_topic_specs, topic_specs
 
     world = world or World(WorldConfig(seed=cfg.world_seed))
     bank = build_bank(world, out=settings.bank_dir, progress=True)
@@ -485,7 +485,7 @@ async def run_side_by_side(
     with tempfile.TemporaryDirectory(prefix="fedex-fedavg-bench-") as tmp:
         live = settings.model_copy(update={"topic_prefix": prefix, "home": Path(tmp)})
         # the bank stays in the real home; logs and checkpoints of this run in a temp one
-        await ensure_topics(live.bootstrap, topic_specs(live))
+        await ensure_topics(live.bootstrap, [*topic_specs(live), *fedavg_topic_specs(live)])
         try:
             fedex = await run_fedex_arm(
                 live, bank, devices, base.state_dict, model_id, cfg, evaluate, console
@@ -538,8 +538,8 @@ async def run_side_by_side(
 
 def run_bench(settings: Settings, cfg: BenchConfig, out: Path | None = None) -> Path:
     """The command: a broker (``kafka_for``), both arms, the table and the JSON."""
-    from device_sim.fedavg_report import print_report
-    from pipeline.benchio import write_result
+    from lab.benchio import write_result
+    from lab.fedavg_report import print_report
     from pipeline.stack import kafka_for
 
     console = Console()

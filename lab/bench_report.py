@@ -4,7 +4,7 @@ Each benchmark runs as its own process (``python -m pipeline bench <name> --out 
 this module imports no app and one bench's crash, hang or memory cannot take the others
 down. How each run went (status, seconds, exit code, the reason of a failure, the load
 average before it) is kept in ``bench/results/report-runs.json``, which the renderer
-(:mod:`pipeline.report`) shows beside the results. A run that exits 0 without writing its
+(:mod:`lab.report`) shows beside the results. A run that exits 0 without writing its
 result file counts as failed.
 """
 
@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
-from pipeline.report import BENCHES, IMG_DIR, RUNS_FILE, render_report
+from lab.report import render_report
+from lab.report_data import BENCHES, IMG_DIR, RUNS_FILE
 
 #: Extra arguments per bench (the report's Table 1 is the CPU run).
 EXTRA_ARGS: Final[dict[str, list[str]]] = {"train": ["--device", "cpu"]}

@@ -40,8 +40,9 @@ from typing import Any, Final
 import numpy as np
 
 from device_sim.network import TIERS, NetworkTier
+from lab.benchio import write_result
+from lab.transport_bench import synthetic_push
 from pipeline import codec
-from pipeline.benchio import print_table, write_result
 from pipeline.records import (
     FEATURE_SHAPES,
     Backbone,
@@ -51,7 +52,7 @@ from pipeline.records import (
     RoundUpdate,
     UpdateKind,
 )
-from pipeline.transport_bench import synthetic_push
+from pipeline.tables import print_table
 
 LEVELS: Final = (Cut.FREEZE1, Cut.FREEZE2, Cut.FREEZE3, Cut.FREEZE4, Cut.FREEZE5, Cut.FREEZE6)
 #: Checkpoints pulled: each level's head, and the whole model (what a FedAvg device pulls,

@@ -1,6 +1,6 @@
 """``fedex bench chaos``: the exactly-once audit under load and faults, and its speed.
 
-Scenarios (each run on a fresh broker of its own, see :mod:`pipeline.chaos`):
+Scenarios (each run on a fresh broker of its own, see :mod:`lab.chaos`):
 
 - ``age``: 4 models × 20 devices, 10-sample pushes at 25 pushes/s for 150 s, age triggers
   every 2 s, no fault: the lost update between agents needed no fault at all.
@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from lab.benchio import write_result
+from lab.chaos import ChaosConfig, ChaosRun, Fault, FaultKind, model_ids
 from pipeline import codec
 from pipeline.audit_log import audit_deployment
-from pipeline.benchio import print_table, write_result
-from pipeline.chaos import ChaosConfig, ChaosRun, Fault, FaultKind, model_ids
 from pipeline.kafka_local import LocalKafka, free_port
 from pipeline.records import (
     Backbone,
@@ -47,6 +47,7 @@ from pipeline.records import (
 )
 from pipeline.samples import split_train_val
 from pipeline.settings import Settings
+from pipeline.tables import print_table
 from pipeline.topics import Topics, ensure_topics, topic_specs
 
 log = logging.getLogger(__name__)

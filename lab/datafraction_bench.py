@@ -302,7 +302,8 @@ def run_datafraction_bench(
     plot: Path | None = Path("docs/img/datafraction.png"),
 ) -> dict[str, Any]:
     """``fedex bench datafraction``: sweep, print the curve, write JSON (and the plot)."""
-    from pipeline.benchio import print_table, write_result
+    from lab.benchio import write_result
+    from pipeline.tables import print_table
 
     started = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -352,7 +353,7 @@ def run_datafraction_bench(
         )
     print(f"wrote {path}")
     if plot is not None:
-        from pipeline.report_plots import plot_datafraction
+        from lab.report_plots import plot_datafraction
 
         plot_datafraction({"benchmark": "datafraction", **doc}, plot)
         print(f"wrote {plot}")

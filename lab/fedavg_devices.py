@@ -1,6 +1,6 @@
 """The FedAvg baseline's devices: local training on their own samples, every round.
 
-The comparison FedEx is measured against (issue 5; the server is ``trainer.fedavg``). A
+The comparison FedEx is measured against (issue 5; the server is ``lab.fedavg_server``). A
 device selected in a round's broadcast loads the global head, runs ``E`` local epochs of
 plain minibatch SGD on its samples (classic FedAvg; ``E = 0`` computes one full-batch
 gradient instead, FedSGD) and pushes ``local - global`` (or the gradient) with its sample

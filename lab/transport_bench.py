@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from lab.benchio import best_rate, write_result
 from pipeline import codec
-from pipeline.benchio import best_rate, print_table, write_result
 from pipeline.records import FEATURE_SHAPES, Backbone, Cut, FeatureDType, FeaturePush
+from pipeline.tables import print_table
 
 CODEC_CUTS = (Cut.FREEZE6, Cut.FREEZE5, Cut.FREEZE4)
 #: Targets from the foundation issue, on the 2-core reference machine.

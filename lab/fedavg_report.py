@@ -1,6 +1,6 @@
 """The side-by-side FedEx / FedAvg result: pure analysis and the printed tables.
 
-``device_sim.fedavg_bench`` measures; this module turns its curve into the cost of reaching
+``lab.fedavg_bench`` measures; this module turns its curve into the cost of reaching
 FedEx's accuracy within each tolerance and prints what ``fedex bench fedavg`` shows.
 """
 
@@ -46,7 +46,7 @@ def per_device(values: Sequence[float]) -> dict[str, float]:
 
 
 def print_report(result: dict[str, Any], console: Console) -> None:
-    from pipeline.benchio import print_table
+    from pipeline.tables import print_table
 
     fedex, fedavg = result["fedex"], result["fedavg"]
     rows = []

@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 
 from agents.worker import AgentWorker
+from lab.transport_bench import measure_kafka_round_trip, synthetic_push
 from pipeline import clients, codec
 from pipeline.records import Backbone, Cut, ModelMetrics, ModelUpdate, TrainingTrigger
 from pipeline.settings import Settings
 from pipeline.topics import Topics
-from pipeline.transport_bench import measure_kafka_round_trip, synthetic_push
 
 SAMPLES_PER_PUSH = 10
 NUM_CLASSES = 1000

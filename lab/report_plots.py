@@ -1,5 +1,5 @@
 """The plots of ``docs/benchmarks.md`` (matplotlib, Agg backend, PNG): pure functions of
-the result files, like :mod:`pipeline.report`. Each returns False, writing nothing, when
+the result files, like :mod:`lab.report`. Each returns False, writing nothing, when
 its data is absent."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.report import Report, dig
-from pipeline.report_sections import tiers_of
+from lab.report_data import Report, dig
+from lab.report_sections import tiers_of
 
 
 def _pyplot() -> Any:

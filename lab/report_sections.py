@@ -1,12 +1,12 @@
 """The sections of ``docs/benchmarks.md``, one function per table, from the loaded result
-files (:class:`pipeline.report.Report`). Pure: strings out, nothing read or written."""
+files (:class:`lab.report.Report`). Pure: strings out, nothing read or written."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.report import (
+from lab.report_data import (
     GPU_COMMAND,
     Report,
     Result,
@@ -57,7 +57,7 @@ def section_train(report: Report, img: str | None) -> str:
     head += (
         "The recipe's own training step (AdamW, cross-entropy) on the thawed layers of "
         "InceptionResnetV1 for 8,631 classes, synthetic features of the level's shape "
-        "(`trainer/bench.py`). The paper's column is its server (Titan Xp) in images/s.\n\n"
+        "(`lab/train_bench.py`). The paper's column is its server (Titan Xp) in images/s.\n\n"
     )
     if not cpu.ok:
         head += missing_note(cpu) + "\n\n"

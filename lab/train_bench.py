@@ -17,7 +17,7 @@ Head FLOPs follow the usual 3 x forward convention (:func:`pipeline.zoo.head_flo
 the JSON also carries the op-by-op count of forward + backward and the utilisation it gives.
 
 Runs without a broker and imports nothing of Kafka, Faust, pydantic or orjson, so it runs on
-the accelerator machine as ``python -m trainer.bench --device cuda:0 --out …``.
+the accelerator machine as ``python -m lab.train_bench --device cuda:0 --out …``.
 Each level has a time budget (after warm-up, at least ``min_steps`` steps), and per-level
 batch sizes keep the slow CPU levels bounded: the whole CPU run ends in about a minute.
 """
@@ -410,7 +410,7 @@ def _parse_levels(text: str) -> list[Cut]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.bench", description="Benchmark head training per freeze level."
+        prog="python -m lab.train_bench", description="Benchmark head training per freeze level."
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:0 …")
     parser.add_argument(

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from lab.benchio import Percentiles
 from pipeline import codec
-from pipeline.benchio import Percentiles
 from pipeline.checkpoints import LocalCheckpointStore
 from pipeline.clients import make_producer
 from pipeline.publishing import register_model

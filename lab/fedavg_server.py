@@ -13,7 +13,7 @@ Pure parts (device selection, :class:`WeightedMean`, :class:`Round`, :func:`appl
 are unit-tested; :class:`FedAvgServer` is the thin I/O shell. The server holds the head as
 numpy arrays (its floating state entries) and never imports torch, so it starts fast.
 
-    python -m trainer.fedavg --model faces-1 --init head.safetensors --devices-file ids.txt
+    python -m lab.fedavg_server --model faces-1 --init head.safetensors --devices-file ids.txt
 """
 
 from __future__ import annotations
@@ -445,7 +445,7 @@ def read_devices(path: Path) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.fedavg", description="FedAvg server")
+    p = argparse.ArgumentParser(prog="python -m lab.fedavg_server", description="FedAvg server")
     p.add_argument("--model", required=True, help="model id")
     p.add_argument("--backbone", default=Backbone.INCEPTION_RESNET_V1.value)
     p.add_argument("--cut", default=Cut.FREEZE6.value)

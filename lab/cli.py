@@ -1,0 +1,286 @@
+"""``fedex bench ...`` and ``fedex demo``: the benchmarks and the main job.
+
+Each command imports its bench module inside it: ``fedex`` itself must start fast."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import typer
+
+from pipeline.settings import Settings
+
+OUT_HELP = "JSON result path (default bench/results/<name>.json)"
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
+
+
+@bench_app.command("codec")
+def bench_codec(
+    samples: int = typer.Option(10, help="samples per push"),
+    repeats: int = typer.Option(5, help="timed runs per row (best and median reported)"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Encode/decode rate of 10-sample pushes on one core."""
+    from lab.transport_bench import run_codec_bench
+
+    run_codec_bench(samples=samples, repeats=repeats, out=out)
+
+
+@bench_app.command("kafka")
+def bench_kafka(
+    messages: int = typer.Option(20_000, help="pushes per run"),
+    repeats: int = typer.Option(3, help="timed runs"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Raw aiokafka produce→consume rate of freeze6 pushes: the pipeline's ceiling."""
+    from lab.transport_bench import run_kafka_bench
+    from pipeline.stack import kafka_for
+
+    async def run() -> None:
+        async with kafka_for(Settings()) as bootstrap:
+            await asyncio.to_thread(
+                run_kafka_bench, bootstrap=bootstrap, messages=messages, repeats=repeats, out=out
+            )
+
+    asyncio.run(run())
+
+
+@bench_app.command("train")
+def bench_train(
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    levels: str | None = typer.Option(
+        None, help="comma list such as freeze5,freeze6 (default freeze1..freeze6; 'all' adds full)"
+    ),
+    num_classes: int = typer.Option(8631, help="classifier width (VGGFace2: 8,631)"),
+    seconds: float | None = typer.Option(None, help="timed seconds per level"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Training samples/s per freeze level beside the paper's Table 1 and the matmul ceiling."""
+    from lab.train_bench import main as bench_main
+
+    argv = ["--device", device, "--num-classes", str(num_classes)]
+    if levels is not None:
+        argv += ["--levels", levels]
+    if seconds is not None:
+        argv += ["--seconds", str(seconds)]
+    if out is not None:
+        argv += ["--out", str(out)]
+    bench_main(argv)
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    messages: int = typer.Option(20_000, help="pushes through the agents"),
+    update_jobs: int = typer.Option(5, help="training jobs timed for update latency"),
+    device: str = typer.Option("auto", help="trainer device for update latency"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Samples/s through the aggregation agents vs raw Kafka (same run), trigger latency
+    (threshold crossed → trigger on the topic) and update latency (trigger → model update)."""
+    import uuid
+
+    from lab.benchio import write_result
+    from lab.pipeline_bench import measure_agent_throughput
+    from lab.update_latency import measure_update_latency
+    from pipeline.stack import kafka_for
+
+    async def run() -> dict[str, object]:
+        settings = Settings()
+        async with kafka_for(settings) as bootstrap:
+            prefix = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
+            agents = await asyncio.to_thread(measure_agent_throughput, bootstrap, prefix, messages)
+            live = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+            update = await measure_update_latency(live, jobs=update_jobs, device=device)
+            return {"agents": agents, "update": update}
+
+    result = asyncio.run(run())
+    typer.echo(json.dumps(result, indent=2, default=str))
+    print(f"wrote {write_result('pipeline', result, out)}")
+
+
+def demo(
+    devices: int = typer.Option(1000, help="simulated devices"),
+    models: int = typer.Option(2, help="models (faces-1..faces-M)"),
+    duration: str = typer.Option("3m", help="how long the fleet runs (90s, 3m, …)"),
+    out: Path = typer.Option(Path("bench/results/demo.json"), help="JSON report path"),
+) -> None:
+    """The main job: local Kafka, worker, trainer, model server and a device fleet, then
+    the report (see the README)."""
+    from device_sim.fleet_setup import parse_duration
+    from lab.main_job import run_demo
+
+    run_demo(
+        Settings(),
+        devices=devices,
+        models=models,
+        duration_s=parse_duration(duration),
+        out=out,
+    )
+
+
+@bench_app.command("chaos")
+def bench_chaos(
+    scenario: list[str] = typer.Option(
+        ["age", "kill", "full"], "--scenario", help="age, kill or full (repeatable)"
+    ),
+    runs: int = typer.Option(3, help="runs of each scenario"),
+    audit_samples: int = typer.Option(
+        1_000_000, help="samples of the audit-speed deployment (0 = skip)"
+    ),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Faults on the real stack (broker kill/pause, worker/trainer kills), then the audit."""
+    from lab.chaos_bench import run_chaos_bench
+
+    kafka_libs = Settings().home / "kafka" / "libs"
+    run_chaos_bench(
+        scenarios=scenario, runs=runs, audit_samples=audit_samples, out=out, libs_dir=kafka_libs
+    )
+
+
+@bench_app.command("push")
+def bench_push(
+    repeats: int = typer.Option(10, help="timed pushes per level and path"),
+    pull_repeats: int = typer.Option(5, help="timed pulls per checkpoint"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Table 2: push (Kafka acks=all, HTTP) and pull latency per freeze level on loopback,
+    plus modelled latency on the simulated mobile network tiers, and the FedAvg push."""
+    from lab.push_bench import run_push_bench
+    from pipeline.stack import kafka_for
+
+    async def run() -> None:
+        async with kafka_for(Settings()) as bootstrap:
+            await asyncio.to_thread(
+                run_push_bench,
+                bootstrap=bootstrap,
+                repeats=repeats,
+                pull_repeats=pull_repeats,
+                out=out,
+            )
+
+    asyncio.run(run())
+
+
+@bench_app.command("datafraction")
+def bench_datafraction(
+    config: str = typer.Option("default", help="world and bank: default (the demo's) or small"),
+    seeds: int = typer.Option(5, help="seeds per point (mean ± std)"),
+    epochs: int = typer.Option(30, help="epochs of every head (base and retrained)"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+    plot: Path | None = typer.Option(Path("docs/img/datafraction.png"), help="PNG of the curve"),
+) -> None:
+    """Figure 4: validation accuracy vs fraction of additional user data (0-100%)."""
+    from lab.datafraction_bench import run_datafraction_bench
+
+    try:
+        run_datafraction_bench(
+            bank_dir=Settings().bank_dir,
+            config=config,
+            seeds=seeds,
+            epochs=epochs,
+            out=out,
+            plot=plot,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@bench_app.command("report")
+def bench_report(
+    only: list[str] | None = typer.Option(None, help="run only this bench (repeatable)"),
+    skip: list[str] | None = typer.Option(None, help="do not run this bench (repeatable)"),
+    render_only: bool = typer.Option(
+        False, "--render-only", help="run nothing: re-render docs from bench/results/*.json"
+    ),
+    timeout: float = typer.Option(1800.0, help="seconds one bench may run"),
+    results: Path = typer.Option(Path("bench/results"), help="result JSON directory"),
+    docs: Path = typer.Option(Path("docs"), help="where benchmarks.md and img/ go"),
+) -> None:
+    """Run every benchmark (each its own process), then write docs/benchmarks.md and its
+    plots. A bench that fails or has no result is shown as missing with the reason."""
+    from lab.bench_report import run_report
+
+    try:
+        path, images, _ = run_report(
+            results_dir=results,
+            docs_dir=docs,
+            log_dir=Settings().log_dir / "bench-report",
+            only=only,
+            skip=skip or (),
+            render_only=render_only,
+            timeout=timeout,
+            echo=typer.echo,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(f"wrote {path} and {', '.join(str(i) for i in images) or 'no plots'}")
+
+
+@bench_app.command("fedavg")
+def bench_fedavg(
+    devices: int = typer.Option(150, help="devices of one model of the default world"),
+    samples: int = typer.Option(32, help="samples per device (pushed once / trained on)"),
+    fraction: float = typer.Option(0.1, help="FedAvg: share of devices selected per round"),
+    local_epochs: int = typer.Option(5, help="FedAvg: local epochs E (0 = FedSGD gradients)"),
+    batch_size: int = typer.Option(10, help="FedAvg: local minibatch size B"),
+    lr: float = typer.Option(0.1, help="FedAvg: local SGD learning rate"),
+    max_rounds: int = typer.Option(300, help="FedAvg: give up after this many rounds"),
+    fedex_epochs: int = typer.Option(30, help="FedEx: trainer epochs for the one job"),
+    seed: int = typer.Option(0, help="seed of devices, data draws and selection"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """FedEx vs FedAvg on one broker and the same task: accuracy, rounds, bytes and compute
+    per device, wall time (docs/fedavg.md)."""
+    from lab.fedavg_bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        devices=devices,
+        samples=samples,
+        fraction=fraction,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_rounds=max_rounds,
+        fedex_epochs=fedex_epochs,
+        seed=seed,
+    )
+    run_bench(Settings(), config, out)
+
+
+@bench_app.command("fleet")
+def bench_fleet(
+    devices: int = typer.Option(10_000, help="devices in the one-process run"),
+    seconds: float = typer.Option(30.0, help="measured window of the one-process run"),
+    fanout_devices: int = typer.Option(10_000, help="devices of the fan-out measurement"),
+    fanout_versions: int = typer.Option(5, help="versions published for fan-out"),
+    big: int = typer.Option(100_000, help="devices of the multi-process run (0: skip)"),
+    processes: int = typer.Option(10, help="processes of the multi-process run"),
+    big_seconds: float = typer.Option(45.0, help="measured window of the multi-process run"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """10,000 devices in one process (RSS, loop lag, pushes/s), model fan-out to 10,000
+    devices, and 100,000 devices across processes."""
+    from lab.fleet_bench import FleetBenchConfig, run_fleet_bench
+
+    run_fleet_bench(
+        Settings(),
+        FleetBenchConfig(
+            devices=devices,
+            seconds=seconds,
+            fanout_devices=fanout_devices,
+            fanout_versions=fanout_versions,
+            big_devices=big,
+            big_processes=processes,
+            big_seconds=big_seconds,
+        ),
+        out,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Adds this package's commands to the ``fedex`` CLI (entry point ``fedex.commands``)."""
+    app.command("demo")(demo)
+    app.add_typer(bench_app, name="bench")
