@@ -28,6 +28,7 @@ from pipeline.checkpoints import (
     encode_checkpoint,
     sha256_hex,
 )
+from pipeline.download import checkpoint_url
 from pipeline.errors import FedexError
 from pipeline.records import Backbone, Cut, ModelMetrics, ModelUpdate, now_ms
 from pipeline.registry import RegistryFollower
@@ -52,11 +53,6 @@ class PublishError(FedexError):
 
 
 # --------------------------------------------------------------------------- naming
-
-
-def checkpoint_url(server_url: str, model_id: str, version: str) -> str:
-    """Where the model server serves a version's checkpoint."""
-    return f"{server_url.rstrip('/')}/v1/models/{model_id}/checkpoints/{version}"
 
 
 def update_key(model_id: str, version: str) -> bytes:
@@ -139,7 +135,7 @@ def build_update(
         backbone=Backbone(backbone),
         cut=Cut(cut),
         num_classes=num_classes,
-        checkpoint_uri=checkpoint_url(server_url, model_id, version),
+        checkpoint_uri=str(checkpoint_url(server_url, model_id, version)),
         sha256=sha256_hex(blob),
         size=len(blob),
         encoding=dtype.encoding,

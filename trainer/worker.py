@@ -643,7 +643,7 @@ class Trainer(Service):
                 if self.store.exists(uri):
                     blob = await asyncio.to_thread(self.store.get, uri)
         if blob is None and best.checkpoint_uri.startswith(("http://", "https://")):
-            blob = await fetch_checkpoint(best.checkpoint_uri)
+            blob = await self._download(entry.model_id, best.version, best.sha256)
         if blob is None:
             raise JobError(
                 f"checkpoint of the champion {entry.model_id} {best.version} is neither inline, "
@@ -655,6 +655,31 @@ class Trainer(Service):
         except CheckpointError as exc:
             raise JobError(f"champion {entry.model_id} {best.version}: {exc}") from None
         return state
+
+    async def _download(self, model_id: str, version: str, sha256: str) -> bytes:
+        """A champion that is only on the model server (by reference, another trainer's
+        store): GET it with a token of our own, signed with the server's secret."""
+        import aiohttp
+
+        from pipeline.auth import issue_token
+        from pipeline.download import ServerCallError, fetch_checkpoint
+
+        secret = self.settings.auth_secret
+        if not secret:
+            raise JobError(
+                f"the champion {model_id} {version} is only on the model server, which needs "
+                "a token: set FEDEX_AUTH_SECRET for the trainer to the server's secret"
+            )
+        token = issue_token(secret, "trainer", [model_id], 600, time.time())
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+                blob = await fetch_checkpoint(
+                    http, self.settings.server_url, token, model_id, version, expected_sha256=sha256
+                )
+        except ServerCallError as exc:
+            raise JobError(f"champion {model_id} {version}: {exc}") from None
+        assert blob is not None  # no ETag sent, so never a 304
+        return blob
 
     def _cache_for(self, entry: ModelEntry) -> FeatureCache:
         cache = self._caches.get(entry.model_id)
@@ -731,22 +756,6 @@ class Trainer(Service):
 
 def _ranges(ranges: tuple[OffsetRange, ...]) -> str:
     return ", ".join(f"{r.partition}:[{r.start},{r.end})" for r in ranges) or "no ranges"
-
-
-async def fetch_checkpoint(url: str, *, timeout: float = 120.0) -> bytes:
-    """GET a checkpoint from the model server (the caller verifies its sha256)."""
-    import aiohttp
-
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.get(url) as response,
-        ):
-            if response.status != 200:
-                raise JobError(f"GET {url} answered {response.status}")
-            return await response.read()
-    except aiohttp.ClientError as exc:
-        raise JobError(f"GET {url} failed: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- entry points

@@ -406,3 +406,34 @@ async def test_a_sample_re_sent_into_a_later_trigger_is_trained_once(
     assert [j.outcome for j in reports] == [Outcome.PUBLISHED, Outcome.PUBLISHED]
     assert reports[0].train_samples + reports[0].val_samples == 200
     assert reports[1].train_samples + reports[1].val_samples == 100
+
+
+async def test_a_champion_only_on_the_model_server_is_fetched_with_a_token(
+    tiny: Settings, kafka_topics: Topics, producer: object, tmp_path: Path
+) -> None:
+    """The champion went by reference (too large to ride inline) and its blob is in the
+    server's store only: the trainer downloads it, authenticated, and warm-starts from it."""
+    from pipeline.server import ModelServer
+
+    secret = "test-secret"
+    server_store = LocalCheckpointStore(tmp_path / "server-store")
+    server = ModelServer.from_settings(tiny, secret=secret, store=server_store, port=0)
+    async with server:
+        await server.wait_ready()
+        live = tiny.model_copy(
+            update={"auth_secret": secret, "server_url": server.url, "max_message_bytes": 66_000}
+        )
+        v0 = await register_model(
+            live, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES, store=server_store
+        )
+        assert v0.checkpoint is None, "the base version must go by reference"
+        data = synthetic_dataset(200, CLASSES, seed=21)
+        ranges = await push_dataset(producer, kafka_topics, data)
+        await send_trigger(producer, kafka_topics, ranges, len(data))
+        trainer_store = LocalCheckpointStore(tmp_path / "trainer-store")
+        async with make_trainer(live, store=trainer_store) as trainer:
+            assert not trainer_store.exists(checkpoint_uri(MODEL, "v0"))
+            assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
+    (report,) = trainer.jobs
+    assert report.outcome is Outcome.PUBLISHED, report.summary()
+    assert report.champion_version == "v0"

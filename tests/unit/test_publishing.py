@@ -19,6 +19,7 @@ from pipeline.checkpoints import (
     decode_checkpoint,
     sha256_hex,
 )
+from pipeline.download import checkpoint_url
 from pipeline.publishing import (
     BASE_VERSION,
     INLINE_HEADROOM,
@@ -27,7 +28,6 @@ from pipeline.publishing import (
     build_base_update,
     build_update,
     checkpoint_dtype,
-    checkpoint_url,
     fits_inline,
     model_partition,
     publish_update,
@@ -97,7 +97,7 @@ def test_trigger_of_another_model_is_refused() -> None:
 
 
 def test_keys_urls_and_partitions() -> None:
-    assert checkpoint_url(SERVER, "faces-1", "v3") == (
+    assert str(checkpoint_url(SERVER, "faces-1", "v3")) == (
         "http://models.example:8080/v1/models/faces-1/checkpoints/v3"
     )
     assert update_key("faces-1", "v3") == b"faces-1/v3"
@@ -128,7 +128,7 @@ def test_small_checkpoint_travels_inline_and_matches_the_store(tmp_path: Path) -
     blob = store.get(checkpoint_uri("faces-1", "v3"))
     assert update.checkpoint == blob
     assert update.sha256 == sha256_hex(blob) and update.size == len(blob)
-    assert update.checkpoint_uri == checkpoint_url(SERVER, "faces-1", "v3")
+    assert update.checkpoint_uri == str(checkpoint_url(SERVER, "faces-1", "v3"))
     assert update.encoding == "safetensors-fp16"
     assert (update.version, update.parent_version, update.trigger_id) == ("v3", "v2", "faces-1:3")
     state, meta = decode_checkpoint(blob, expected_sha256=update.sha256)
