@@ -13,7 +13,7 @@ def trainer(
     idle_timeout: float | None = typer.Option(None, help="stop after S seconds without a trigger"),
 ) -> None:
     """One trainer process (group <prefix>-trainers): triggers in, model versions out."""
-    from trainer.worker import run_trainer
+    from trainer.process import run_trainer
 
     run_trainer(Settings(), device=device, max_jobs=max_jobs, idle_timeout=idle_timeout)
 
