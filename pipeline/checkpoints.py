@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import logging
 import os
 import re
 import struct
@@ -28,6 +29,9 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import FedexError
+from pipeline.records import ModelUpdate
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(FedexError):
@@ -303,3 +307,32 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def store_inline(store: CheckpointStore, update: ModelUpdate, blob: bytes) -> str:
+    """Put an update's inline checkpoint in ``store`` unless it is there; the outcome
+    (stored, present, sha256_mismatch, unstorable, error) for the caller's metrics."""
+    name = f"{update.model_id}/{update.version}"
+    actual = sha256_hex(blob)
+    if actual != update.sha256:
+        log.error(
+            "inline checkpoint of %s has sha256 %s, the update says %s: not stored",
+            name,
+            actual,
+            update.sha256,
+        )
+        return "sha256_mismatch"
+    try:
+        uri = checkpoint_uri(update.model_id, update.version)
+    except CheckpointError as exc:
+        log.error("inline checkpoint of %s cannot be stored: %s", name, exc)
+        return "unstorable"
+    try:
+        if store.exists(uri) and store.size(uri) == len(blob):
+            return "present"
+        store.put(update.model_id, update.version, blob)
+    except (CheckpointError, OSError) as exc:
+        log.error("writing the inline checkpoint of %s failed: %s", name, exc)
+        return "error"
+    log.info("stored the inline checkpoint of %s (%d bytes)", name, len(blob))
+    return "stored"

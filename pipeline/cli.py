@@ -85,7 +85,7 @@ def serve(
     max_runtime: float | None = typer.Option(None, help="stop after this many seconds"),
 ) -> None:
     """The model server: registry, checkpoint downloads and HTTP pushes."""
-    from pipeline.server import run_server
+    from pipeline.server_process import run_server
 
     run_server(Settings(), host=host, port=port, max_runtime=max_runtime)
 

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from pipeline import codec
-from pipeline.records import ModelUpdate
+from pipeline.records import FeaturePush, ModelUpdate
 from pipeline.registry import ModelEntry
 
 #: Model ids and versions in paths: the wire format's id alphabet, and never only dots.
@@ -88,3 +88,26 @@ def summary_json(entry: ModelEntry) -> dict[str, object]:
         "best": entry.best.version if entry.best else None,
         "versions": len(entry.history),
     }
+
+
+def check_push(data: bytes, model_id: str, entry: ModelEntry, *, max_samples: int) -> FeaturePush:
+    """Decode a push posted to ``model_id`` and check it fits the model; a 400 with the
+    codec's reason otherwise."""
+    try:
+        push = codec.decode_push(data, num_classes=entry.num_classes, max_samples=max_samples)
+    except codec.CodecError as exc:
+        raise HttpFailure(400, exc.reason.value, exc.message) from None
+    if push.model_id != model_id:
+        raise HttpFailure(
+            400,
+            codec.Reject.BAD_ID.value,
+            f"push is for model {push.model_id!r}, posted to {model_id!r}",
+        )
+    if (push.backbone, push.cut) != (entry.backbone, entry.cut):
+        raise HttpFailure(
+            400,
+            codec.Reject.BAD_FIELD.value,
+            f"push is {push.backbone}/{push.cut}, model {model_id!r} is "
+            f"{entry.backbone}/{entry.cut}",
+        )
+    return push

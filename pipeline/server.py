@@ -32,8 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
@@ -42,17 +40,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeline import auth, codec
-from pipeline.broker_health import BrokerHealth, install_noise_filter
+from pipeline.broker_health import BrokerHealth
 from pipeline.checkpoints import (
     CheckpointError,
     CheckpointStore,
     LocalCheckpointStore,
     checkpoint_uri,
-    sha256_hex,
+    store_inline,
 )
 from pipeline.errors import ConfigError
 from pipeline.http_api import (
     HttpFailure,
+    check_push,
     json_response,
     path_id,
     route_name,
@@ -310,7 +309,7 @@ class ModelServer(Service):
         checkpoint to the store if the store lacks it (so the server can serve blobs that
         only traveled on the topic)."""
         if update.checkpoint is not None:
-            outcome = await asyncio.to_thread(self._store_inline, update, update.checkpoint)
+            outcome = await asyncio.to_thread(store_inline, self.store, update, update.checkpoint)
             self.metrics.checkpoints.labels(outcome).inc()
         if self.registry.apply(update):
             async with self._changed:
@@ -330,32 +329,6 @@ class ModelServer(Service):
         update = known()
         assert update is not None
         return update
-
-    def _store_inline(self, update: ModelUpdate, blob: bytes) -> str:
-        name = f"{update.model_id}/{update.version}"
-        actual = sha256_hex(blob)
-        if actual != update.sha256:
-            log.error(
-                "inline checkpoint of %s has sha256 %s, the update says %s: not stored",
-                name,
-                actual,
-                update.sha256,
-            )
-            return "sha256_mismatch"
-        try:
-            uri = checkpoint_uri(update.model_id, update.version)
-        except CheckpointError as exc:
-            log.error("inline checkpoint of %s cannot be stored: %s", name, exc)
-            return "unstorable"
-        try:
-            if self.store.exists(uri) and self.store.size(uri) == len(blob):
-                return "present"
-            self.store.put(update.model_id, update.version, blob)
-        except (CheckpointError, OSError) as exc:
-            log.error("writing the inline checkpoint of %s failed: %s", name, exc)
-            return "error"
-        log.info("stored the inline checkpoint of %s (%d bytes)", name, len(blob))
-        return "stored"
 
     # ------------------------------------------------------------------------- the app
 
@@ -472,9 +445,8 @@ class ModelServer(Service):
         body["history"] = [version_json(model_id, u) for u in entry.history]
         return json_response(body)
 
-    async def _get_checkpoint(self, request: web.Request) -> web.StreamResponse:
-        _, model_id = self._authorize(request)
-        version = path_id(request, "version", "version")
+    def _version(self, model_id: str, version: str) -> ModelUpdate:
+        """``version`` of ``model_id``, or an alias (best, latest) resolved; 404 if none."""
         entry = self._entry(model_id)
         update = (
             (entry.best if version == "best" else entry.latest)
@@ -485,6 +457,12 @@ class ModelServer(Service):
             raise HttpFailure(
                 404, "unknown_version", f"model {model_id!r} has no version {version!r}"
             )
+        return update
+
+    async def _get_checkpoint(self, request: web.Request) -> web.StreamResponse:
+        _, model_id = self._authorize(request)
+        version = path_id(request, "version", "version")
+        update = self._version(model_id, version)
         headers = {
             "ETag": f'"{update.sha256}"',
             "Accept-Ranges": "bytes",
@@ -536,6 +514,12 @@ class ModelServer(Service):
         await response.prepare(request)
         if request.method == "HEAD":
             return response
+        return await self._stream(response, uri, start, end)
+
+    async def _stream(
+        self, response: web.StreamResponse, uri: str, start: int, end: int
+    ) -> web.StreamResponse:
+        """Bytes ``[start, end)`` of the stored blob ``uri``, chunk by chunk."""
         position = start
         while position < end:
             try:
@@ -574,25 +558,7 @@ class ModelServer(Service):
             if len(body) > limit:  # chunked or lying Content-Length
                 raise HttpFailure(413, "too_large", f"push is over the limit of {limit} bytes")
         data = bytes(body)
-        try:
-            push = codec.decode_push(
-                data, num_classes=entry.num_classes, max_samples=self._max_push_samples
-            )
-        except codec.CodecError as exc:
-            raise HttpFailure(400, exc.reason.value, exc.message) from None
-        if push.model_id != model_id:
-            raise HttpFailure(
-                400,
-                codec.Reject.BAD_ID.value,
-                f"push is for model {push.model_id!r}, posted to {model_id!r}",
-            )
-        if (push.backbone, push.cut) != (entry.backbone, entry.cut):
-            raise HttpFailure(
-                400,
-                codec.Reject.BAD_FIELD.value,
-                f"push is {push.backbone}/{push.cut}, model {model_id!r} is "
-                f"{entry.backbone}/{entry.cut}",
-            )
+        push = check_push(data, model_id, entry, max_samples=self._max_push_samples)
         try:
             claims.require_device(push.device_id)
         except auth.AuthError as exc:
@@ -619,65 +585,3 @@ class ModelServer(Service):
             },
             status=202,
         )
-
-
-# ---------------------------------------------------------------------------- entry point
-
-
-async def serve(
-    settings: Settings,
-    *,
-    host: str | None = None,
-    port: int | None = None,
-    max_runtime: float | None = None,
-    on_started: Callable[[ModelServer], None] | None = None,
-) -> None:
-    """Runs the model server until SIGINT/SIGTERM or ``max_runtime`` seconds, then drains
-    and stops. Ensures the topics first (idempotent). ``host``/``port`` override the
-    settings (port 0 = any free port); ``on_started`` is told the running server."""
-    from pipeline.clients import wait_for_kafka
-    from pipeline.topics import ensure_topics, topic_specs
-
-    secret = settings.auth_secret
-    if secret is None:
-        secret = secrets.token_urlsafe(32)
-        dev_token = auth.issue_token(
-            secret, "dev", auth.ANY_MODEL, settings.token_ttl_s, time.time()
-        )
-        log.warning(
-            "FEDEX_AUTH_SECRET is unset: using a random secret for this run (dev only); "
-            "a token for every model: %s",
-            dev_token,
-        )
-    await wait_for_kafka(settings.bootstrap)
-    await ensure_topics(settings.bootstrap, topic_specs(settings))
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        server = ModelServer.from_settings(settings, secret=secret, host=host, port=port)
-        install_noise_filter(server.health)
-        async with server:
-            log.info("serving the registry of %s on %s", settings.topic_prefix, server.url)
-            if on_started is not None:
-                on_started(server)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max_runtime)
-            log.info("stopping the model server")
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-
-
-def run_server(
-    settings: Settings,
-    *,
-    host: str | None = None,
-    port: int | None = None,
-    max_runtime: float | None = None,
-) -> None:
-    """Blocking entry point of ``fedex serve``: runs until SIGINT/SIGTERM (clean stop) or
-    ``max_runtime`` seconds."""
-    asyncio.run(serve(settings, host=host, port=port, max_runtime=max_runtime))

@@ -31,7 +31,8 @@ from pipeline.records import (
     ModelMetrics,
     ModelUpdate,
 )
-from pipeline.server import ModelServer, serve
+from pipeline.server import ModelServer
+from pipeline.server_process import serve
 from pipeline.settings import Settings
 from pipeline.topics import Topics
 
