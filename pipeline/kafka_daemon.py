@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import KafkaUnavailableError
+from pipeline.kafka_config import DEFAULT_MESSAGE_MAX_BYTES
 from pipeline.kafka_jars import POM_PATH, kafka_version
 from pipeline.kafka_local import (
-    DEFAULT_MESSAGE_MAX_BYTES,
     BrokerRecord,
     KafkaPaths,
     LocalKafka,

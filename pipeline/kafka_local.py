@@ -10,15 +10,14 @@ What this module owns (the jar cache is :mod:`pipeline.kafka_jars`, the detached
   hook. A *detached* broker (``fedex kafka start``) outlives the command and is found
   again through its pidfile.
 
-The pure helpers (properties, command line, pidfile records) are separate from the I/O so
-they can be unit-tested without Java.
+The pure helpers (properties and command lines in :mod:`pipeline.kafka_config`, pidfile
+records here) are separate from the I/O so they can be unit-tested without Java.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import base64
 import contextlib
 import dataclasses
 import json
@@ -29,7 +28,6 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,16 @@ from typing import IO
 import psutil
 
 from pipeline.errors import KafkaUnavailableError
+from pipeline.kafka_config import (
+    DEFAULT_MESSAGE_MAX_BYTES,
+    MAIN_CLASS,
+    MIB,
+    broker_properties,
+    java_command,
+    new_cluster_id,
+    render_properties,
+    storage_format_command,
+)
 from pipeline.kafka_jars import KAFKA_DIR, POM_PATH, ensure_jars, find_java, kafka_version
 from pipeline.lifecycle import Service
 from pipeline.processes import die_with_parent, terminate_pid
@@ -46,133 +54,14 @@ log = logging.getLogger(__name__)
 
 LOG4J2_PATH = KAFKA_DIR / "log4j2.properties"
 
-MIB = 1024 * 1024
-#: Broker-wide max record batch size; the model topic (8 MiB by default) must fit under it.
-DEFAULT_MESSAGE_MAX_BYTES = 16 * MIB
 #: The broker prints this once every listener accepts requests.
 READY_LINE = "Kafka Server started"
 LOG_TAIL_LINES = 30
 #: A daemon's log is appended to across restarts; past this size it moves to broker.log.1.
 LOG_ROTATE_BYTES = 50 * MIB
-MAIN_CLASS = "kafka.Kafka"
 
 
 # --------------------------------------------------------------------------- pure helpers
-
-
-def new_cluster_id() -> str:
-    """A KRaft cluster id: a random UUID as 22 chars of URL-safe base64, like ``kafka-storage
-    random-uuid``. Kafka never hands out ids starting with '-' (they read as CLI flags)."""
-    while True:
-        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode("ascii")
-        if not cid.startswith("-"):
-            return cid
-
-
-def broker_properties(
-    *,
-    port: int,
-    controller_port: int,
-    data_dir: Path,
-    host: str = "127.0.0.1",
-    node_id: int = 1,
-    message_max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES,
-    extra: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """``server.properties`` of a single-node combined broker+controller on loopback.
-
-    Replication factors are 1 and the internal topics small so a 256 MB heap suffices.
-    ``extra`` overrides or adds properties (tests use it to break the broker on purpose).
-    """
-    if port == controller_port:
-        raise ValueError(f"broker and controller need distinct ports, both are {port}")
-    props = {
-        "process.roles": "broker,controller",
-        "node.id": str(node_id),
-        "controller.quorum.voters": f"{node_id}@{host}:{controller_port}",
-        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
-        "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "log.dirs": str(data_dir),
-        "num.partitions": "1",
-        "offsets.topic.replication.factor": "1",
-        "offsets.topic.num.partitions": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "group.initial.rebalance.delay.ms": "0",
-        "log.cleaner.dedupe.buffer.size": str(8 * MIB),
-        "message.max.bytes": str(message_max_bytes),
-        # A request carries at least one full batch; keep the 100 MiB default or more.
-        "socket.request.max.bytes": str(max(100 * MIB, message_max_bytes + MIB)),
-        "replica.fetch.max.bytes": str(message_max_bytes),
-    }
-    props.update(extra or {})
-    return props
-
-
-def render_properties(props: Mapping[str, str]) -> str:
-    """Java ``.properties`` text. Backslashes are escaped; values here never span lines."""
-    lines = ["# Written by pipeline.kafka_local; rewritten at every start."]
-    for key, value in props.items():
-        if "\n" in key or "\n" in value:
-            raise ValueError(f"property {key!r} contains a newline")
-        lines.append(f"{key}={value.replace(chr(92), chr(92) * 2)}")
-    return "\n".join(lines) + "\n"
-
-
-def parse_properties(text: str) -> dict[str, str]:
-    """The inverse of :func:`render_properties` (enough for files we wrote)."""
-    props: dict[str, str] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#!":
-            continue
-        key, _, value = line.partition("=")
-        props[key.strip()] = value.strip().replace("\\\\", "\\")
-    return props
-
-
-def java_command(
-    *,
-    java: str,
-    libs_dir: Path,
-    heap: str,
-    log4j_config: Path,
-    server_properties: Path,
-) -> list[str]:
-    """The JVM command line of the broker. ``server_properties`` is the last argument; the
-    pidfile check relies on it to tell our broker from any other java process."""
-    return [
-        java,
-        f"-Xmx{heap}",
-        f"-Xms{heap}",
-        "-XX:+ExitOnOutOfMemoryError",
-        "-Djava.awt.headless=true",
-        f"-Dlog4j2.configurationFile={log4j_config}",
-        "-cp",
-        f"{libs_dir}/*",
-        MAIN_CLASS,
-        str(server_properties),
-    ]
-
-
-def storage_format_command(
-    *, java: str, libs_dir: Path, cluster_id: str, server_properties: Path
-) -> list[str]:
-    return [
-        java,
-        "-Xmx128m",
-        "-cp",
-        f"{libs_dir}/*",
-        "kafka.tools.StorageTool",
-        "format",
-        "-t",
-        cluster_id,
-        "-c",
-        str(server_properties),
-    ]
 
 
 def read_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from pipeline import kafka_daemon, kafka_local
+from pipeline import kafka_config, kafka_daemon, kafka_local
 from pipeline.settings import Settings
 from pipeline.topics import ensure_topics, topic_specs
 
@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 def broker_message_max_bytes(settings: Settings) -> int:
     """The broker's ``message.max.bytes``: room for the model topic's largest message."""
-    return max(kafka_local.DEFAULT_MESSAGE_MAX_BYTES, settings.max_message_bytes + kafka_local.MIB)
+    return max(
+        kafka_config.DEFAULT_MESSAGE_MAX_BYTES, settings.max_message_bytes + kafka_config.MIB
+    )
 
 
 @asynccontextmanager

@@ -15,17 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import kafka_daemon, kafka_jars, kafka_local, processes
+from pipeline import kafka_config, kafka_daemon, kafka_jars, kafka_local, processes
 from pipeline.clients import wait_for_kafka
 from pipeline.errors import KafkaUnavailableError
+from pipeline.kafka_config import broker_properties, parse_properties, render_properties
 from pipeline.kafka_local import (
     BrokerRecord,
     KafkaPaths,
     LocalKafka,
-    broker_properties,
-    parse_properties,
     read_pidfile,
-    render_properties,
     write_pidfile,
 )
 
@@ -96,7 +94,7 @@ def test_render_rejects_newlines() -> None:
 
 
 def test_cluster_id_is_22_char_urlsafe_uuid() -> None:
-    ids = {kafka_local.new_cluster_id() for _ in range(200)}
+    ids = {kafka_config.new_cluster_id() for _ in range(200)}
     assert len(ids) == 200
     for cid in ids:
         assert len(cid) == 22
@@ -110,7 +108,7 @@ def test_kafka_version_from_the_shipped_pom() -> None:
 
 
 def test_java_command_ends_with_properties_file(tmp_path: Path) -> None:
-    cmd = kafka_local.java_command(
+    cmd = kafka_config.java_command(
         java="/usr/bin/java",
         libs_dir=tmp_path / "libs",
         heap="256m",
