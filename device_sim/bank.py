@@ -2,7 +2,8 @@
 
 Live features (the prefix on every image a device sees) cost ~10–30 ms an image on a CPU,
 far too slow for thousands of simulated devices. The bank renders every image of the world
-once (:meth:`device_sim.world.World.groups`), runs the prefix of :func:`build_world_backbone`
+once (:meth:`device_sim.world.World.groups`), runs the prefix of
+:func:`device_sim.backbone.build_world_backbone`
 over it, and keeps the features (float16, like a push), true labels, model, camera domain,
 image index and held-out flag in one safetensors file. A :class:`FeatureBank` then serves
 device samples by vectorised row sampling.
@@ -27,7 +28,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,10 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
-from device_sim.images import CLEAN_DOMAIN, to_backbone_input
-from device_sim.world import ImageGroup, World, WorldConfig
+from device_sim.backbone import build_world_backbone, extract_features
+from device_sim.world import ImageGroup, World
 from pipeline.errors import FedexError
 from pipeline.records import FEATURE_SHAPES, Backbone, Cut
-from pipeline.zoo import Split, build_backbone, split
 
 #: The demo's backbone and cut: the paper's (InceptionResnetV1, embedding). Its random
 #: features separate the world's identities far better than a random MobileNetV2's.
@@ -55,116 +55,6 @@ _COLUMNS = ("features", "labels", "models", "domains", "image_index", "holdout")
 
 class BankError(FedexError):
     """A feature bank could not be built, read or sampled; the message says what to do."""
-
-
-# --------------------------------------------------------------------------- backbone
-
-
-def build_world_backbone(
-    world: World,
-    backbone: Backbone | str,
-    cut: Cut | str,
-    *,
-    weights: Path | None = None,
-    seed: int = 0,
-    calibration_images: int = 64,
-) -> Split:
-    """The backbone split every device of ``world`` runs: the bank's features and live
-    features both come from this prefix.
-
-    With ``weights`` (e.g. facenet's VGGFace2 file) it is that model as is. Without, the
-    model is randomly initialised (:func:`pipeline.zoo.build_backbone`, ``seed``) and its
-    BatchNorm statistics are calibrated on ``calibration_images`` clean pre-training images
-    of the world: a random network with BatchNorm's default statistics (mean 0, variance 1)
-    lets activations vanish or explode layer after layer (MobileNetV2's embedding comes out
-    ~1e-9), while calibrated statistics make it a well-conditioned random-feature extractor,
-    fitted to the pre-training domain like a pretrained one. Deterministic in its inputs.
-    """
-    backbone, cut = Backbone(backbone), Cut(cut)
-    model = build_backbone(
-        backbone, num_classes=world.config.identities, weights=weights, seed=seed
-    )
-    if weights is None:
-        if backbone is Backbone.MOBILENET_V2:
-            scale_residual_branches(model, RANDOM_RESIDUAL_SCALE)
-        if calibration_images > 0:
-            calibrate_batchnorm(model, _calibration_batches(world, calibration_images))
-    return split(model, backbone, cut)
-
-
-#: Residual-branch scale of a random MobileNetV2 (see :func:`scale_residual_branches`).
-RANDOM_RESIDUAL_SCALE = 0.1
-
-
-@torch.no_grad()
-def scale_residual_branches(model: nn.Module, scale: float) -> None:
-    """Scale the output BatchNorm of every residual block of a MobileNetV2 by ``scale``.
-
-    Inception-ResNet scales its residual branches by 0.1–0.2 by design; torchvision's
-    MobileNetV2 does not, and ten random residual branches at full scale scramble the
-    input's similarity structure (identities become barely separable after pooling). A
-    random MobileNetV2 is only a stand-in for a pretrained one, so it gets the same scaling
-    Inception-ResNet has. It scales the affine weights, so it survives calibration.
-    """
-    for block in model.modules():
-        if getattr(block, "use_res_connect", False):
-            last = list(block.get_submodule("conv").children())[-1]
-            assert isinstance(last, nn.BatchNorm2d)
-            last.weight.mul_(scale)
-            last.bias.mul_(scale)
-
-
-def _calibration_batches(world: World, count: int, batch: int = 32) -> Iterator[Tensor]:
-    clean = [g for g in world.groups() if g.domain == CLEAN_DOMAIN]
-    picks: list[tuple[ImageGroup, int]] = []
-    depth = max(len(g.indices) for g in clean)
-    for k in range(depth):  # round-robin over identities: every one weighs the same
-        picks.extend((g, g.indices[k]) for g in clean if k < len(g.indices))
-    picks = picks[:count]
-    for start in range(0, len(picks), batch):
-        chunk = picks[start : start + batch]
-        yield torch.cat(
-            [
-                world.images(world.model_ids[g.model_index], g.identity, g.domain, [i])
-                for g, i in chunk
-            ]
-        )
-
-
-@torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, batches: Iterator[Tensor]) -> None:
-    """Set every BatchNorm's running statistics to the cumulative average over ``batches``
-    (images in [0, 1]); nothing else changes and the model ends in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    seen = 0
-    for images in batches:
-        if images.shape[0] < 2:
-            continue
-        model(to_backbone_input(images))
-        seen += 1
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    model.eval()
-    if not seen:
-        raise BankError("BatchNorm calibration needs at least one batch of ≥ 2 images")
-
-
-def extract_features(prefix: nn.Module, images: Tensor) -> Tensor:
-    """What a device computes: images [n, 3, 160, 160] in [0, 1] → prefix features
-    (float32, contiguous). Channels-last input lets oneDNN pick its faster convolutions
-    (x1.2 InceptionResnetV1, x1.6 MobileNetV2 on these CPUs); the result is unchanged."""
-    x = to_backbone_input(images).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        return prefix(x).float().contiguous()
-
-
-# --------------------------------------------------------------------------- the bank
 
 
 @dataclass(frozen=True, slots=True)
@@ -648,64 +538,3 @@ class FeatureBank:
 
 
 # --------------------------------------------------------------------------- the command
-
-
-def run_bank_build(
-    *,
-    out: Path,
-    cut: Cut | str = DEFAULT_CUT,
-    backbone: Backbone | str = DEFAULT_BACKBONE,
-    images: Path | None = None,
-    weights: Path | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
-    base_report: bool = True,
-    config: WorldConfig | None = None,
-) -> FeatureBank:
-    """``fedex bank build``: build (or find) the bank of the default world with ``seed`` in
-    ``out``, with a progress bar, and print what it holds; with ``base_report``, train each
-    model's base head and print its accuracy on pre-training and on device data."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from device_sim.heads import train_base_head
-
-    console = Console()
-    world = World(replace(config or WorldConfig(), seed=seed))
-    started = time.perf_counter()
-    bank = build_bank(
-        world,
-        backbone=backbone,
-        cut=cut,
-        weights=weights,
-        images_dir=images,
-        out=out,
-        batch_size=batch_size,
-        progress=True,
-    )
-    seconds = time.perf_counter() - started
-    how = "found in cache" if bank.from_cache else f"built in {bank.build_seconds:.1f} s"
-    console.print(
-        f"[bold]bank[/bold] {bank.path} ({bank.path.stat().st_size / 1e6:.1f} MB): "
-        f"{len(bank):,} features {bank.feature_shape} of {bank.backbone} at {bank.cut}, "
-        f"{len(bank.model_ids)} models x {bank.num_classes} identities, "
-        f"{bank.num_domains - 1} vendors; {how} ({seconds:.1f} s), "
-        f"content sha256 {bank.content_sha256[:16]}",
-        highlight=False,
-    )
-    if base_report:
-        table = Table(title="base head v0 (pre-training identities, clean domain)")
-        for column in ("model", "pre-train val", "device", "seen ids", "novel ids", "per vendor"):
-            table.add_column(column)
-        for model_id in bank.model_ids:
-            base = train_base_head(bank, model_id, weights=weights)
-            table.add_row(
-                model_id,
-                f"{base.pretrain_val_accuracy:.3f}",
-                f"{base.device_accuracy:.3f}",
-                f"{base.seen_device_accuracy:.3f}",
-                f"{base.novel_device_accuracy:.3f}",
-                " ".join(f"{v}:{a:.2f}" for v, a in base.vendor_accuracy.items()),
-            )
-        console.print(table)
-    return bank

@@ -31,7 +31,7 @@ def bank_build(
     ),
 ) -> None:
     """Build (or find in $FEDEX_HOME/banks) the feature bank of the synthetic world."""
-    from device_sim.bank import run_bank_build
+    from device_sim.bank_build import run_bank_build
 
     run_bank_build(
         out=Settings().bank_dir,

@@ -3,7 +3,7 @@
 ``fedex devices --features live`` replaces bank rows by what a phone would compute: for
 each labelled inference a *new* image of the identity (an image index no bank holds)
 through the device's vendor camera, run through the same prefix the bank was built with
-(:func:`device_sim.bank.build_world_backbone`). At ~30 ms an image on a CPU
+(:func:`device_sim.backbone.build_world_backbone`). At ~30 ms an image on a CPU
 (InceptionResnetV1) it serves small fleets only; the bank serves thousands of devices.
 
 Features live in an arena of rows with a free list: a cached sample holds a row until it
@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from device_sim.bank import build_world_backbone, extract_features
+from device_sim.backbone import build_world_backbone, extract_features
 from device_sim.world import World
 from pipeline.errors import FedexError
 from pipeline.records import Backbone, Cut

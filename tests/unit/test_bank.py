@@ -13,15 +13,9 @@ import pytest
 import torch
 
 import device_sim.bank as bank_module
-from device_sim.bank import (
-    BankError,
-    FeatureBank,
-    _rebatch,
-    build_bank,
-    build_world_backbone,
-    extract_features,
-    run_bank_build,
-)
+from device_sim.backbone import build_world_backbone, extract_features
+from device_sim.bank import BankError, FeatureBank, _rebatch, build_bank
+from device_sim.bank_build import run_bank_build
 from device_sim.heads import fit_head, head_accuracy, new_head, train_base_head
 from device_sim.images import CLEAN_DOMAIN, to_backbone_input
 from device_sim.world import World, WorldConfig
