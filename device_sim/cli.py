@@ -77,7 +77,8 @@ def devices(
     summary table and a JSON report; Ctrl-C flushes and reports."""
     from device_sim.console import run_devices
     from device_sim.devices import Availability, DeviceParams
-    from device_sim.fleet import FleetConfig, parse_duration
+    from device_sim.fleet import FleetConfig
+    from device_sim.fleet_setup import parse_duration
     from pipeline.errors import ConfigError
     from pipeline.records import Backbone, Cut
 

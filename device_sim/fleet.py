@@ -42,11 +42,12 @@ import numpy as np
 from device_sim.accounting import VersionLedger
 from device_sim.devices import DeviceFleet, DeviceParams, PushState
 from device_sim.energy import EnergyModel
-from device_sim.fleet_setup import build_fleet, ensure_models, load_bank, parse_duration
+from device_sim.fleet_setup import build_fleet, ensure_models, load_bank
 from device_sim.report import FleetProgress, ProcessSampler, summarize
 from pipeline import codec
 from pipeline.errors import ConfigError
 from pipeline.lifecycle import Service
+from pipeline.processes import trim_memory
 from pipeline.records import Backbone, Cut, FeatureDType, FeaturePush
 from pipeline.settings import Settings
 
@@ -54,21 +55,12 @@ if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
 
     from device_sim.bank import FeatureBank
-    from device_sim.subscription import ModelSubscriber, RefusedVersion, VersionEvent
+    from device_sim.evaluation import RefusedVersion, VersionEvent
+    from device_sim.subscription import ModelSubscriber
     from device_sim.world import WorldConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "FleetConfig",
-    "FleetReport",
-    "FleetRunner",
-    "build_fleet",
-    "ensure_models",
-    "load_bank",
-    "parse_duration",
-    "run_fleet",
-]
 
 Features = Literal["bank", "live"]
 ProgressCallback = Callable[[FleetProgress], Awaitable[None] | None]
@@ -248,10 +240,11 @@ class FleetRunner(Service):
         await self._producer.start()
         if cfg.subscribe:
             await self._start_subscriber(bank)
-        _trim_memory()
+        trim_memory()
 
     async def _start_subscriber(self, bank: FeatureBank) -> None:
-        from device_sim.subscription import HeldOutSet, ModelSubscriber
+        from device_sim.evaluation import HeldOutSet
+        from device_sim.subscription import ModelSubscriber
 
         fleet = self.fleet
         assert fleet is not None
@@ -577,17 +570,6 @@ class FleetRunner(Service):
             initial_accuracy=self.initial_accuracy,
             process=self.process.summary(),
         )
-
-
-def _trim_memory() -> None:
-    """Give the heap freed by start-up (the subscriber builds each head from a whole
-    backbone) back to the OS: ~60 MB of a fleet process's RSS on glibc."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 async def run_fleet(

@@ -74,9 +74,6 @@ from device_sim.evaluation import (
     RefusedVersion,
     TriggerIndex,
     VersionEvent,
-    activation_times,
-    covers_offset,
-    fanout_seconds,
     load_checkpoint,
     mean_accuracy,
     verify_blob,
@@ -92,20 +89,6 @@ if TYPE_CHECKING:
     from aiokafka import ConsumerRecord, TopicPartition
     from torch import Tensor, nn
 
-#: The fleet imports everything of the subscription side from here.
-__all__ = [
-    "HeldOutSet",
-    "ModelSubscriber",
-    "RefusalReason",
-    "Refused",
-    "RefusedVersion",
-    "SubscriberStats",
-    "TriggerIndex",
-    "VersionEvent",
-    "activation_times",
-    "covers_offset",
-    "fanout_seconds",
-]
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from typing import Any
 
 from rich.console import Console
 
-from device_sim.fleet import FleetConfig, ensure_models, load_bank
+from device_sim.fleet import FleetConfig
+from device_sim.fleet_setup import ensure_models, load_bank
 from device_sim.report import FleetProgress
 from device_sim.shards import run_sharded
 from lab.benchio import write_result

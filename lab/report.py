@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lab import report_sections as sec
+from lab.report_chaos import section_chaos
 from lab.report_data import IMG_DIR, Report, load_report
 from lab.report_plots import plot_datafraction, plot_fedavg, plot_push, plot_train
 
@@ -46,7 +47,7 @@ def render(report: Report, docs_dir: Path) -> tuple[str, list[Path]]:
         sec.section_pipeline(report),
         sec.section_fleet(report),
         sec.section_fedavg(report, fedavg_img),
-        sec.section_chaos(report),
+        section_chaos(report),
     ]
     return "\n\n".join(parts) + "\n", written
 

@@ -30,15 +30,15 @@ import numpy as np
 import numpy.typing as npt
 
 from device_sim.bank import FeatureBank
-from device_sim.evaluation import HeldOutSet
-from device_sim.heads import new_head
-from device_sim.subscription import (
-    ModelSubscriber,
+from device_sim.evaluation import (
+    HeldOutSet,
     RefusedVersion,
     VersionEvent,
     activation_times,
     fanout_seconds,
 )
+from device_sim.heads import new_head
+from device_sim.subscription import ModelSubscriber
 from pipeline import codec
 from pipeline.auth import issue_token
 from pipeline.checkpoints import LocalCheckpointStore

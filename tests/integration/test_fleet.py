@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from device_sim.devices import Availability, DeviceParams
-from device_sim.fleet import FleetConfig, FleetRunner, load_bank
+from device_sim.fleet import FleetConfig, FleetRunner
+from device_sim.fleet_setup import load_bank
 from device_sim.report import FleetProgress
 from device_sim.world import WorldConfig
 from pipeline import codec
