@@ -177,27 +177,7 @@ class AgentApp:
         self.app_id = self.topics.agents_app_id
         partitions = settings.features_partitions
         self.datadir = datadir or settings.state_dir / self.app_id
-        self.app = faust.App(
-            self.app_id,
-            broker=f"kafka://{settings.bootstrap}",
-            store=store,
-            datadir=str(self.datadir),
-            web_enabled=web_enabled,
-            web_port=settings.worker_port,
-            web_bind="127.0.0.1",
-            topic_partitions=partitions,
-            topic_replication_factor=settings.replication_factor,
-            table_standby_replicas=0,
-            producer_acks=-1,
-            producer_max_request_size=DEFAULT_MAX_REQUEST_SIZE,
-            consumer_max_fetch_size=DEFAULT_MAX_REQUEST_SIZE,
-            consumer_auto_offset_reset="earliest",
-            # Unacked events are re-read after a restart; waiting for them at shutdown
-            # would only delay it.
-            stream_wait_empty=False,
-            Table=DurableTable,
-            autodiscover=False,
-        )
+        self.app = _faust_app(settings, self.app_id, store, self.datadir, web_enabled)
         raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
         self.models_topic = self.app.topic(self.topics.models, allow_empty=True, **raw)
         self.triggers_topic = self.app.topic(self.topics.triggers, **raw)
@@ -359,3 +339,30 @@ class AgentApp:
             with _event_context(event):
                 self.table[codec.encode_key(model_id)] = codec.encode_model_state(state.to_fields())
         await self.table.flush_changelog()
+
+
+def _faust_app(
+    settings: Settings, app_id: str, store: str, datadir: Path, web_enabled: bool
+) -> faust.App:
+    """The worker's Faust app: acks=all, manual offsets through acks, the durable table."""
+    return faust.App(
+        app_id,
+        broker=f"kafka://{settings.bootstrap}",
+        store=store,
+        datadir=str(datadir),
+        web_enabled=web_enabled,
+        web_port=settings.worker_port,
+        web_bind="127.0.0.1",
+        topic_partitions=settings.features_partitions,
+        topic_replication_factor=settings.replication_factor,
+        table_standby_replicas=0,
+        producer_acks=-1,
+        producer_max_request_size=DEFAULT_MAX_REQUEST_SIZE,
+        consumer_max_fetch_size=DEFAULT_MAX_REQUEST_SIZE,
+        consumer_auto_offset_reset="earliest",
+        # Unacked events are re-read after a restart; waiting for them at shutdown
+        # would only delay it.
+        stream_wait_empty=False,
+        Table=DurableTable,
+        autodiscover=False,
+    )

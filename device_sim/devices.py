@@ -176,7 +176,7 @@ class DeviceFleet:
         params: DeviceParams,
         seed: int = 0,
     ) -> None:
-        self.params = p = params
+        self.params = params
         self.model_ids = tuple(model_ids)
         self.model_of = np.asarray(model_of, dtype=np.int64)
         self.vendor = np.asarray(vendor, dtype=np.int64)
@@ -197,7 +197,26 @@ class DeviceFleet:
         for k, s in enumerate(identities):
             self.identity_table[k, : sizes[k]] = np.asarray(s, dtype=np.int64).ravel()
 
-        # Static per-device draws: a function of (seed, global index) alone.
+        self._draw_rhythm(vendors, seed)
+        self._allocate_caches()
+        # Model versions (indices into the runner's version ledger; -1 = none yet).
+        self.active_version = np.full(n, -1, dtype=np.int64)
+        self.accuracy = np.full(n, np.nan, dtype=np.float32)
+        self.pending_version = np.full(n, -1, dtype=np.int64)
+        self.pending_accuracy = np.full(n, np.nan, dtype=np.float32)
+        self.pending_at = np.zeros(n, dtype=np.float64)
+        self.activated_at = np.zeros(n, dtype=np.float64)
+
+        self.counters = DeviceCounters(n)
+        self.freshness = FreshnessLog()
+        #: Called with the feature rows of samples that leave the fleet (evicted, dropped,
+        #: or pushed and settled): a live feature store frees them.
+        self.release: Callable[[I64], None] | None = None
+
+    def _draw_rhythm(self, vendors: int, seed: int) -> None:
+        """Compute tier, daily windows, time zone, usage rate and network tier: static
+        per-device draws, a function of (seed, global index) alone."""
+        p = self.params
         static = _static_draws(self.global_index, seed)
         self.compute_tier = compute_tier_of_vendor(self.vendor, vendors)
         tiers = COMPUTE_TIERS
@@ -220,7 +239,9 @@ class DeviceFleet:
         self.network = TierArrays.of(list(p.network_mix))
         self.network_tier = tier_all[self.global_index].astype(np.int64)
 
-        # Cache ring and the pinned push.
+    def _allocate_caches(self) -> None:
+        """The cache ring and the pinned push, one row per device."""
+        n, p = self.n, self.params
         c, pm = p.cache_capacity, p.push_max
         self.cache_rows = np.zeros((n, c), dtype=np.int64)
         self.cache_labels = np.zeros((n, c), dtype=np.int32)
@@ -240,20 +261,6 @@ class DeviceFleet:
         self.push_offset = np.full(n, -1, dtype=np.int64)
         self.retry_at = np.zeros(n, dtype=np.float64)
         self.next_sample_id = np.zeros(n, dtype=np.uint64)
-
-        # Model versions (indices into the runner's version ledger; -1 = none yet).
-        self.active_version = np.full(n, -1, dtype=np.int64)
-        self.accuracy = np.full(n, np.nan, dtype=np.float32)
-        self.pending_version = np.full(n, -1, dtype=np.int64)
-        self.pending_accuracy = np.full(n, np.nan, dtype=np.float32)
-        self.pending_at = np.zeros(n, dtype=np.float64)
-        self.activated_at = np.zeros(n, dtype=np.float64)
-
-        self.counters = DeviceCounters(n)
-        self.freshness = FreshnessLog()
-        #: Called with the feature rows of samples that leave the fleet (evicted, dropped,
-        #: or pushed and settled): a live feature store frees them.
-        self.release: Callable[[I64], None] | None = None
 
     # ---------------------------------------------------------------- rhythm
 

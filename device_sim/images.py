@@ -185,24 +185,8 @@ def render_faces(seed: int, model_key: int, identity: int, indices: Sequence[int
         chin = face * torch.sigmoid((((y - _px(fcy)) - 0.3) / 0.05).clamp(-16.0, 16.0))
         image = _paint(image, chin * 0.85, hair_rgb)
 
-    ey, edx, er, ew = (rep(t) for t in idp["eyes"].unbind(0))
     mouth_open, eye_open = _stack(params, "expr").unbind(1)
-    white = torch.tensor([0.92, 0.92, 0.9]).expand(n, 3)
-    iris = rep(idp["iris_rgb"])
-    brow_thick, brow_tilt = idp["brow"].unbind(0)
-    for side in (-1.0, 1.0):
-        ecx = fcx + side * edx
-        ecy = fcy + ey
-        eye = _ellipse(x, y, ecx, ecy, er * 1.5 * ew, er * eye_open, soft=0.08)
-        image = _paint(image, eye, white)
-        image = _paint(image, eye * _ellipse(x, y, ecx, ecy, er * 0.7, er * 0.7), iris)
-        bcy = ecy - er * 2.2 + side * brow_tilt * 0.1
-        brow = _ellipse(x, y, ecx, bcy, er * 1.9, brow_thick.expand(n), soft=0.1)
-        image = _paint(image, brow, hair_rgb * 0.8)
-        if glasses > 0:
-            ring = _ellipse(x, y, ecx, ecy, er * 2.3, er * 1.9, soft=0.05)
-            inner = _ellipse(x, y, ecx, ecy, er * 2.0, er * 1.6, soft=0.05)
-            image = _paint(image, (ring - inner).clamp(0, 1), rep(idp["glasses_rgb"]))
+    image = _paint_eyes(image, x, y, fcx, fcy, idp, eye_open, hair_rgb, bool(glasses > 0))
 
     my, mw, mh = (rep(t) for t in idp["mouth"].unbind(0))
     mouth = _ellipse(x, y, fcx, fcy + my, mw, mh * (1 + 1.5 * mouth_open), soft=0.1)
@@ -215,6 +199,44 @@ def render_faces(seed: int, model_key: int, identity: int, indices: Sequence[int
     image = image * light[:, None]
     noise = _noise([int(p["noise_seed"][0]) for p in params], size)
     return (image + 0.015 * noise).clamp(0, 1)
+
+
+def _paint_eyes(
+    image: Tensor,
+    x: Tensor,
+    y: Tensor,
+    fcx: Tensor,
+    fcy: Tensor,
+    idp: dict[str, Tensor],
+    eye_open: Tensor,
+    hair_rgb: Tensor,
+    glasses: bool,
+) -> Tensor:
+    """Eyes (white, iris, open per image), brows and the identity's glasses if any."""
+    n = image.shape[0]
+
+    def rep(t: Tensor) -> Tensor:
+        return t.expand(n, *t.shape)
+
+    ey, edx, er, ew = (rep(t) for t in idp["eyes"].unbind(0))
+    white = torch.tensor([0.92, 0.92, 0.9]).expand(n, 3)
+    iris = rep(idp["iris_rgb"])
+    brow_thick, brow_tilt = idp["brow"].unbind(0)
+    for side in (-1.0, 1.0):
+        ecx = fcx + side * edx
+        ecy = fcy + ey
+        eye = _ellipse(x, y, ecx, ecy, er * 1.5 * ew, er * eye_open, soft=0.08)
+        image = _paint(image, eye, white)
+        image = _paint(image, eye * _ellipse(x, y, ecx, ecy, er * 0.7, er * 0.7), iris)
+        bcy = ecy - er * 2.2 + side * brow_tilt * 0.1
+        brow = _ellipse(x, y, ecx, bcy, er * 1.9, brow_thick.expand(n), soft=0.1)
+        image = _paint(image, brow, hair_rgb * 0.8)
+        if glasses:
+            ring = _ellipse(x, y, ecx, ecy, er * 2.3, er * 1.9, soft=0.05)
+            inner = _ellipse(x, y, ecx, ecy, er * 2.0, er * 1.6, soft=0.05)
+            image = _paint(image, (ring - inner).clamp(0, 1), rep(idp["glasses_rgb"]))
+
+    return image
 
 
 # --------------------------------------------------------------------------- cameras
