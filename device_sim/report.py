@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
+from rich.table import Table
 
 from device_sim.accounting import COUNTERS, LogHistogram, distribution, merge_versions
 from device_sim.devices import COMPUTE_TIERS
 from device_sim.energy import EnergyModel
+from pipeline.tables import fmt
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -302,10 +304,6 @@ def write_json(summary: Mapping[str, Any], path: Path) -> Path:
 
 def print_summary(summary: Mapping[str, Any], console: Console) -> None:
     """The final tables: totals, per model, per version, per tier."""
-    from rich.table import Table
-
-    from pipeline.tables import fmt
-
     t = summary["totals"]
     fresh = summary["freshness"]
     table = Table(title=f"fleet: {summary['devices']:,} devices, stop: {summary['stop_reason']}")
@@ -344,6 +342,11 @@ def print_summary(summary: Mapping[str, Any], console: Console) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+    console.print(_versions_table(summary))
+    console.print(_tiers_table(summary))
+
+
+def _versions_table(summary: Mapping[str, Any]) -> Table:
     versions = Table(title="versions")
     for col in (
         "model",
@@ -368,7 +371,10 @@ def print_summary(summary: Mapping[str, Any], console: Console) -> None:
             f"{v['accuracy_after']:.1%}",
             f"{fan:.2f}",
         )
-    console.print(versions)
+    return versions
+
+
+def _tiers_table(summary: Mapping[str, Any]) -> Table:
     tiers = Table(title="per tier")
     for col in ("tier", "devices", "pushes", "retries", "MB up", "mAh/device", "accuracy"):
         tiers.add_column(col, justify="left" if col == "tier" else "right")
@@ -383,4 +389,4 @@ def print_summary(summary: Mapping[str, Any], console: Console) -> None:
                 f"{row['energy_mah_mean']:.2f}",
                 f"{row['accuracy']:.1%}",
             )
-    console.print(tiers)
+    return tiers

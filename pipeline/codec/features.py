@@ -4,7 +4,7 @@ handful of ``np.frombuffer`` views over the message bytes, with no copy."""
 from __future__ import annotations
 
 import math
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -75,6 +75,27 @@ def encode_push(push: FeaturePush) -> bytes:
     )
 
 
+def _shape(meta: dict[str, Any], backbone: Backbone, cut: Cut) -> tuple[int, ...]:
+    """The push's feature shape, which must be the backbone/cut table's."""
+    raw_shape = _get(meta, "shape", list, "a list of dimensions")
+    expected_shape = FEATURE_SHAPES[backbone][cut]
+    if len(raw_shape) != len(expected_shape) or any(
+        not isinstance(d, int) or isinstance(d, bool) for d in raw_shape
+    ):
+        raise CodecError(
+            Reject.SHAPE_MISMATCH,
+            f"feature shape {raw_shape!r:.80} does not match "
+            f"{backbone}/{cut}: {list(expected_shape)}",
+        )
+    shape = tuple(raw_shape)
+    if shape != expected_shape:
+        raise CodecError(
+            Reject.SHAPE_MISMATCH,
+            f"feature shape {list(shape)} does not match {backbone}/{cut}: {list(expected_shape)}",
+        )
+    return shape
+
+
 def decode_push(
     data: bytes | bytearray | memoryview,
     *,
@@ -92,22 +113,7 @@ def decode_push(
     backbone: Backbone = _enum(meta, "backbone", Backbone, Reject.UNKNOWN_BACKBONE)
     cut: Cut = _enum(meta, "cut", Cut, Reject.UNKNOWN_CUT)
     dtype: FeatureDType = _enum(meta, "dtype", FeatureDType, Reject.UNKNOWN_DTYPE)
-    raw_shape = _get(meta, "shape", list, "a list of dimensions")
-    expected_shape = FEATURE_SHAPES[backbone][cut]
-    if len(raw_shape) != len(expected_shape) or any(
-        not isinstance(d, int) or isinstance(d, bool) for d in raw_shape
-    ):
-        raise CodecError(
-            Reject.SHAPE_MISMATCH,
-            f"feature shape {raw_shape!r:.80} does not match "
-            f"{backbone}/{cut}: {list(expected_shape)}",
-        )
-    shape = tuple(raw_shape)
-    if shape != expected_shape:
-        raise CodecError(
-            Reject.SHAPE_MISMATCH,
-            f"feature shape {list(shape)} does not match {backbone}/{cut}: {list(expected_shape)}",
-        )
+    shape = _shape(meta, backbone, cut)
     n = _nonneg_int(meta, "n")
     if n == 0:
         raise CodecError(Reject.EMPTY_BATCH, "the push holds no samples")
