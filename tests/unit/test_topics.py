@@ -15,6 +15,7 @@ from pipeline.topics import (
     TopicSpec,
     TopicState,
     diff_configs,
+    fedavg_topic_specs,
     plan_topic,
     topic_specs,
 )
@@ -46,10 +47,19 @@ def _state(
 
 
 def test_specs_cover_every_role_with_prefixed_names() -> None:
-    specs = topic_specs(Settings(topic_prefix="t1"))
-    assert [s.role for s in specs] == list(Role)
-    assert [s.name for s in specs] == [Topics("t1").name(r) for r in Role]
-    assert all(s.name.startswith("t1.") for s in specs)
+    settings = Settings(topic_prefix="t1")
+    product, fedavg = topic_specs(settings), fedavg_topic_specs(settings)
+    assert [s.role for s in [*product, *fedavg]] == list(Role)
+    # The FedAvg baseline's topics are not the product's: `fedex topics ensure` skips them.
+    assert {s.role for s in fedavg} == {Role.FEDAVG_ROUNDS, Role.FEDAVG_UPDATES}
+    topics = Topics("t1")
+    names = {s.role: s.name for s in [*product, *fedavg]}
+    agents = {
+        Role.AGENTS_TICKS: topics.agents_ticks,
+        Role.AGENTS_SUMMARIES: topics.agents_summaries,
+    }
+    assert all(names[r] == agents.get(r, topics.name(r)) for r in Role)
+    assert all(n.startswith(("t1.", "t1-agents-")) for n in names.values())
 
 
 def test_model_topic_is_compacted_and_sized_from_settings() -> None:
