@@ -25,20 +25,17 @@ from aiokafka.partitioner import DefaultPartitioner
 from agents.policy import ModelState
 from agents.summarizer import UNKNOWN_MODEL
 from agents.worker import AgentError, AgentWorker
-from lab.transport_bench import synthetic_push
 from pipeline import clients, codec
 from pipeline.records import (
-    Backbone,
-    Cut,
     DeadLetter,
     FeaturePush,
-    ModelMetrics,
     ModelUpdate,
     TrainingTrigger,
     TriggerReason,
 )
 from pipeline.settings import Settings
 from pipeline.topics import Topics
+from tests import factories
 
 NUM_CLASSES = 10
 WAIT = 30.0
@@ -61,26 +58,13 @@ def agent_settings(settings: Settings, **overrides: Any) -> Settings:
 def base_update(
     model_id: str, *, version: str = "v0", trigger_id: str | None = None
 ) -> ModelUpdate:
-    return ModelUpdate(
-        model_id=model_id,
-        version=version,
-        parent_version=None if version == "v0" else "v0",
-        trigger_id=trigger_id,
-        backbone=Backbone.INCEPTION_RESNET_V1,
-        cut=Cut.FREEZE6,
-        num_classes=NUM_CLASSES,
-        checkpoint_uri=f"http://127.0.0.1:8080/v1/models/{model_id}/{version}",
-        sha256="0" * 64,
-        size=0,
-        encoding="safetensors",
-        metrics=ModelMetrics(0.5, None, 0, 0, 0.0, 0),
-        is_best=True,
+    return factories.update(
+        model_id, version, trigger_id=trigger_id, num_classes=NUM_CLASSES, blob=None
     )
 
 
 def make_push(model_id: str, *, device: int = 0, first_id: int = 0, n: int = 10) -> FeaturePush:
-    push = synthetic_push(n, device=device, first_id=first_id, seed=first_id)
-    return replace(push, model_id=model_id, labels=(push.labels % NUM_CLASSES).astype(np.int32))
+    return factories.push(model_id, device=device, n=n, first_id=first_id, num_classes=NUM_CLASSES)
 
 
 class Tail:

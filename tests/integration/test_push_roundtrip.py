@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-from lab.transport_bench import synthetic_push
 from pipeline import clients, codec
 from pipeline.records import Cut, FeatureDType
 from pipeline.topics import Topics
+from tests import factories
 
 
 async def test_pushes_round_trip_through_kafka(kafka_bootstrap: str, kafka_topics: Topics) -> None:
-    pushes = [synthetic_push(10, device=i, first_id=i * 10, seed=i) for i in range(20)] + [
-        synthetic_push(3, cut=Cut.FREEZE4, dtype=FeatureDType.FLOAT32, device=99)
-    ]
+    pushes = [
+        factories.push("bench", device=i, n=10, first_id=i * 10, seed=i) for i in range(20)
+    ] + [factories.push("bench", n=3, cut=Cut.FREEZE4, dtype=FeatureDType.FLOAT32, device=99)]
     producer = clients.make_producer(bootstrap=kafka_bootstrap)
     await producer.start()
     try:

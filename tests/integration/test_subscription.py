@@ -19,7 +19,7 @@ from device_sim.bank import FeatureBank
 from device_sim.evaluation import HeldOutSet, RefusalReason, RefusedVersion, VersionEvent
 from device_sim.heads import fit_head, new_head
 from device_sim.subscription import ModelSubscriber
-from lab.subscription_bench import random_devices, synthetic_bank
+from device_sim.synthetic import random_devices, synthetic_bank
 from pipeline import codec
 from pipeline.auth import issue_token
 from pipeline.checkpoints import LocalCheckpointStore, encode_checkpoint, sha256_hex

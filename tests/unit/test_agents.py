@@ -17,9 +17,9 @@ import pytest
 from agents.aggregator import Aggregator, Record
 from agents.policy import ModelState, TriggerPolicy
 from agents.summarizer import MODEL_MISMATCH, UNKNOWN_MODEL, ModelSpec, Summarizer
-from lab.transport_bench import synthetic_push
 from pipeline import codec
 from pipeline.records import BatchSummary, Cut, FeaturePush, TriggerReason
+from tests import factories
 from tests.unit.test_policy import T0, update
 
 POLICY = TriggerPolicy(min_samples=30, age_floor_samples=5, max_age_s=60.0, job_timeout_s=300.0)
@@ -49,8 +49,7 @@ def summarizer(**specs: ModelSpec) -> Summarizer:
 
 
 def push(model_id: str = "m", *, first_id: int = 0, n: int = 10, device: int = 0) -> FeaturePush:
-    p = synthetic_push(n, first_id=first_id, seed=first_id, device=device)
-    return replace(p, model_id=model_id, labels=(p.labels % 10).astype(np.int32))
+    return factories.push(model_id, device=device, n=n, first_id=first_id)
 
 
 def rec(
@@ -109,7 +108,7 @@ def test_summary_per_partition_with_every_good_push() -> None:
 def test_bad_pushes_become_dead_letters_with_their_origin() -> None:
     good = push()
     bad_label = replace(good, labels=np.full(10, 10, dtype=np.int32))  # model has 10 classes
-    freeze5 = synthetic_push(10, cut=Cut.FREEZE5)
+    freeze5 = factories.push("m", cut=Cut.FREEZE5)
     cases = {
         "bad_magic": rec(b"x" * 32, 1),
         "truncated": rec(b"FDXS", 2),
@@ -117,9 +116,7 @@ def test_bad_pushes_become_dead_letters_with_their_origin() -> None:
         "oversized_batch": rec(codec.encode_push(push(n=65)), 4),
         UNKNOWN_MODEL: rec(codec.encode_push(push("ghost")), 5, key="ghost"),
         MODEL_MISMATCH: rec(codec.encode_push(push("other")), 6, key="m"),
-        "model_mismatch_cut": rec(
-            codec.encode_push(replace(freeze5, model_id="m", labels=freeze5.labels % 10)), 7
-        ),
+        "model_mismatch_cut": rec(codec.encode_push(freeze5), 7),
         "model_mismatch_key": rec(codec.encode_push(push()), 8, key=None),
     }
     out = summarizer(m=SPEC).summarize([rec(codec.encode_push(good), 0), *cases.values()], T0)

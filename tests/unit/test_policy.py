@@ -7,34 +7,18 @@ import pytest
 from agents.policy import MAX_TRACKED_DEVICES, ModelState, TriggerPolicy
 from pipeline import codec
 from pipeline.records import (
-    Backbone,
-    Cut,
-    ModelMetrics,
     ModelUpdate,
     OffsetRange,
     TriggerReason,
 )
+from tests import factories
 
 POLICY = TriggerPolicy(min_samples=100, age_floor_samples=20, max_age_s=60.0, job_timeout_s=300.0)
 T0 = 1_700_000_000.0
 
 
 def update(version: str = "v0", trigger_id: str | None = None, *, best: bool = True) -> ModelUpdate:
-    return ModelUpdate(
-        model_id="m",
-        version=version,
-        parent_version=None,
-        trigger_id=trigger_id,
-        backbone=Backbone.INCEPTION_RESNET_V1,
-        cut=Cut.FREEZE6,
-        num_classes=10,
-        checkpoint_uri="http://x/m/" + version,
-        sha256="0" * 64,
-        size=0,
-        encoding="safetensors",
-        metrics=ModelMetrics(0.5, None, 0, 0, 0.0, 0),
-        is_best=best,
-    )
+    return factories.update("m", version, trigger_id=trigger_id, best=best)
 
 
 def known() -> ModelState:

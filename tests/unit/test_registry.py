@@ -4,29 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pipeline.records import Backbone, Cut, ModelMetrics, ModelUpdate
+from pipeline.records import Backbone, Cut, ModelUpdate
 from pipeline.registry import Registry
+from tests import factories
 
 
 def update(
     version: str, *, best: bool, model_id: str = "faces-1", blob: bytes | None = None
 ) -> ModelUpdate:
-    return ModelUpdate(
-        model_id=model_id,
-        version=version,
-        parent_version=None,
-        trigger_id=None,
-        backbone=Backbone.INCEPTION_RESNET_V1,
-        cut=Cut.FREEZE6,
-        num_classes=100,
-        checkpoint_uri=f"ckpt://{model_id}/{version}",
-        sha256="0" * 64,
-        size=len(blob or b""),
-        encoding="safetensors",
-        metrics=ModelMetrics(0.5, None, 10, 2, 1.0, 1),
-        is_best=best,
-        checkpoint=blob,
-    )
+    return factories.update(model_id, version, best=best, num_classes=100, blob=blob)
 
 
 def test_first_update_defines_the_model_and_is_best() -> None:

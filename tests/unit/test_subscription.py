@@ -25,8 +25,8 @@ from device_sim.evaluation import (
     verify_blob,
 )
 from device_sim.heads import head_accuracy, new_head
+from device_sim.synthetic import random_devices, synthetic_bank
 from device_sim.world import World
-from lab.subscription_bench import random_devices, synthetic_bank
 from pipeline.checkpoints import encode_checkpoint, sha256_hex
 from pipeline.records import (
     Backbone,
