@@ -35,14 +35,14 @@ class Record:
 
 def dead_letter(record: Record, reason: str, message: str, at: float) -> DeadLetter:
     """The dead letter of ``record``: its bytes, origin and why it was rejected."""
-    return DeadLetter(
-        original=record.value or b"",
+    return DeadLetter.of(
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
+        key=record.key,
+        value=record.value,
         reason=reason,
         message=message,
-        key=record.key,
         at_ms=int(at * 1000),
     )
 

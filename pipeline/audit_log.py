@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pipeline import codec
 from pipeline.audit import Auditor, AuditReport
@@ -37,25 +38,20 @@ async def audit_deployment(settings: Settings) -> tuple[AuditReport, float]:
     )
     bootstrap = settings.bootstrap
     client = "fedex-audit"
-    async for _, records in iter_topic(bootstrap, topics.deadletter, client_id=client):
-        for r in records:
-            try:
-                auditor.add_dead_letter(codec.decode_dead_letter(r.value))
-            except codec.CodecError as exc:
-                auditor.undecodable(topics.deadletter, r.partition, r.offset, exc)
-    async for _, records in iter_topic(bootstrap, topics.models, client_id=client):
-        for r in records:
-            if r.value is not None:
+    folds: list[tuple[str, Callable[[bytes], Any], Callable[[Any], None]]] = [
+        (topics.deadletter, codec.decode_dead_letter, auditor.add_dead_letter),
+        (topics.models, codec.decode_update, auditor.add_update),
+        (topics.triggers, codec.decode_trigger, auditor.add_trigger),
+    ]
+    for topic, decode, add in folds:  # dead letters first: they excuse what follows
+        async for _, records in iter_topic(bootstrap, topic, client_id=client):
+            for r in records:
+                if r.value is None:  # a compaction tombstone
+                    continue
                 try:
-                    auditor.add_update(codec.decode_update(r.value))
+                    add(decode(r.value))
                 except codec.CodecError as exc:
-                    auditor.undecodable(topics.models, r.partition, r.offset, exc)
-    async for _, records in iter_topic(bootstrap, topics.triggers, client_id=client):
-        for r in records:
-            try:
-                auditor.add_trigger(codec.decode_trigger(r.value))
-            except codec.CodecError as exc:
-                auditor.undecodable(topics.triggers, r.partition, r.offset, exc)
+                    auditor.undecodable(topic, r.partition, r.offset, exc)
     if await _exists(bootstrap, topics.agents_changelog):
         async for _, records in iter_topic(bootstrap, topics.agents_changelog, client_id=client):
             for r in records:

@@ -243,6 +243,31 @@ class DeadLetter:
     key: bytes | None = None
     at_ms: int = field(default_factory=now_ms)
 
+    @classmethod
+    def of(
+        cls,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        reason: str,
+        message: str,
+        at_ms: int | None = None,
+    ) -> DeadLetter:
+        """The dead letter of a consumed record: its bytes, origin and why it was refused."""
+        return cls(
+            original=bytes(value or b""),
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            reason=reason,
+            message=message,
+            key=key,
+            at_ms=now_ms() if at_ms is None else at_ms,
+        )
+
 
 # ------------------------------------------------------------- FedAvg baseline (issue 5)
 #

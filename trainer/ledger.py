@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter
 
 from pipeline import codec
-from pipeline.records import DeadLetter, ModelUpdate, OffsetRange, TrainingTrigger, now_ms
+from pipeline.records import DeadLetter, ModelUpdate, OffsetRange, TrainingTrigger
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -82,15 +82,14 @@ class TriggerLedger:
             "refusing the trigger at %s[%d]@%d: %s: %s",
             record.topic, record.partition, record.offset, reason, message,
         )  # fmt: skip
-        letter = DeadLetter(
-            original=bytes(record.value or b""),
+        letter = DeadLetter.of(
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
+            key=record.key,
+            value=record.value,
             reason=reason,
             message=message,
-            key=record.key,
-            at_ms=now_ms(),
         )
         assert producer is not None, "start the trainer first"
         await producer.send_and_wait(self._topic, codec.encode_dead_letter(letter), key=record.key)
