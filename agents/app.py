@@ -33,8 +33,9 @@ lock, so no handler ever decides from a state that another handler is about to r
 Durability (at-least-once, nothing lost), for every batch under that lock: the new state
 is written to the table and its changelog records are awaited first (write-ahead: a
 trigger's id, ranges and sample count are fixed by the durable state before the trigger
-exists anywhere); then triggers and dead letters are sent with ``acks=all`` and awaited;
-only then are the source events acked, and Faust commits an offset only once every event
+exists anywhere); then triggers and dead letters are sent with ``acks=all`` and awaited
+(re-sent with backoff through a broker outage: the state names them, so a re-send is the
+same trigger); only then are the source events acked, and Faust commits an offset only once every event
 before it is acked (it also flushes its producer before committing). A batch that fails or
 is cancelled is never acked: its partition stops committing, and the agent's crash stops
 the worker, so a restart re-reads the batch. Replays are harmless: the table remembers the
@@ -64,6 +65,7 @@ from mode.supervisors import CrashingSupervisor
 from agents.aggregator import Aggregator, Outcome, Record
 from agents.policy import ModelState, TriggerPolicy
 from pipeline import codec
+from pipeline.broker_health import backoff_delays, is_transient
 from pipeline.clients import DEFAULT_MAX_REQUEST_SIZE
 from pipeline.errors import ConfigError
 from pipeline.settings import Settings
@@ -300,18 +302,16 @@ class AgentApp:
     async def _commit(self, out: Outcome, events: Sequence[Any]) -> None:
         """State durable, then outputs durable; the caller acks the events afterwards."""
         await self._store(out, events, out.states)
-        sends = [
-            await self.triggers_topic.send(
-                key=codec.encode_key(t.model_id), value=codec.encode_trigger(t)
-            )
-            for t in out.triggers
-        ]
-        sends += [
-            await self.deadletter_topic.send(key=d.key, value=codec.encode_dead_letter(d))
-            for d in out.dead_letters
-        ]
-        if sends:
-            await asyncio.gather(*sends)
+        delays = backoff_delays()
+        while True:  # the state is durable: re-sending the same triggers is safe
+            try:
+                await self._send_outputs(out)
+                break
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.debug("sending a batch's outputs failed (%r); retrying", exc)
+                await asyncio.sleep(next(delays))
         if out.triggers:
             # The triggers are on the topic: a takeover need not re-fire them.
             for trigger in out.triggers:
@@ -326,6 +326,20 @@ class AgentApp:
             result = self.on_emit(Emitted(len(out.triggers), len(out.dead_letters)))
             if result is not None:
                 await result
+
+    async def _send_outputs(self, out: Outcome) -> None:
+        sends = [
+            await self.triggers_topic.send(
+                key=codec.encode_key(t.model_id), value=codec.encode_trigger(t)
+            )
+            for t in out.triggers
+        ]
+        sends += [
+            await self.deadletter_topic.send(key=d.key, value=codec.encode_dead_letter(d))
+            for d in out.dead_letters
+        ]
+        if sends:
+            await asyncio.gather(*sends)
 
     async def _store(self, out: Outcome, events: Sequence[Any], model_ids: Iterable[str]) -> None:
         """Writes the states of ``model_ids`` and awaits their changelog records. A model's

@@ -10,7 +10,8 @@ feature-log partition to the agents' summaries topic, to the partition of the sa
 are keyed by model id). Only once the
 summaries and dead letters are acknowledged by every in-sync replica does it commit the
 batch's feature-log offsets: a stage that dies re-reads the batch, and the re-sent summaries
-are harmless because the table skips offsets it already counted.
+are harmless because the table skips offsets it already counted. A batch whose sends or
+commit fail on a broker outage is retried with backoff until the broker is back.
 
 Its consumer group is ``<app id>-ingest``: the stages of several workers share the
 feature log's partitions. A rebalance waits for the batch in flight to be committed.
@@ -31,6 +32,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from agents.aggregator import Record
 from agents.summarizer import IngestOutcome, ModelSpec, Summarizer
 from pipeline import clients, codec
+from pipeline.broker_health import BrokerHealth, backoff_delays, is_transient
 from pipeline.lifecycle import Service
 from pipeline.registry import RegistryFollower
 
@@ -81,6 +83,7 @@ class IngestStage(Service):
         clock: Callable[[], float] = time.time,
         on_error: Callable[[str, BaseException], Awaitable[None]] | None = None,
         client_id: str = "fedex-agents-ingest",
+        health: BrokerHealth | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self.features_topic = features_topic
@@ -92,6 +95,7 @@ class IngestStage(Service):
         self._clock = clock
         self._on_error = on_error
         self._client_id = client_id
+        self._health = health or BrokerHealth("agents ingest")
         self.follower = RegistryFollower(
             bootstrap=bootstrap, topic=models_topic, client_id=f"{client_id}-registry"
         )
@@ -183,7 +187,7 @@ class IngestStage(Service):
                 async with self._in_flight:
                     records = await self._fetch()
                     if records:
-                        await self._handle(records)
+                        await self._handle_through_outages(records)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self.error = exc
@@ -208,6 +212,23 @@ class IngestStage(Service):
             for rs in batches.values()
             for r in rs
         ]
+
+    async def _handle_through_outages(self, records: list[Record]) -> None:
+        """:meth:`_handle`, retried with backoff while the broker is away (the batch is
+        uncommitted meanwhile; re-sent summaries count nothing twice, a re-sent dead letter
+        names the same origin)."""
+        delays = backoff_delays()
+        while True:
+            try:
+                await self._handle(records)
+            except Exception as exc:
+                if not is_transient(exc) or self._stopping:
+                    raise
+                self._health.failed(exc)
+                await asyncio.sleep(next(delays))
+                continue
+            self._health.ok()
+            return
 
     async def _handle(self, records: list[Record]) -> None:
         """Summaries and dead letters durable, then the offsets committed."""

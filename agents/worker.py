@@ -75,6 +75,7 @@ class AgentWorker(Service):
             **app_options,
         )
         self.app = self.agents.app
+        self.health = BrokerHealth(f"agents worker {self.agents.app_id}")
         self.ingest = IngestStage(
             bootstrap=settings.bootstrap,
             features_topic=self.agents.topics.features,
@@ -87,8 +88,8 @@ class AgentWorker(Service):
             linger_ms=settings.ingest_linger_ms,
             clock=clock,
             on_error=self._on_agent_error,
+            health=self.health,
         )
-        self.health = BrokerHealth(f"agents worker {self.agents.app_id}")
         self._failed: asyncio.Future[None] | None = None
         self._started = False
         self._stopped = False
