@@ -35,14 +35,15 @@ is written to the table and its changelog records are awaited first (write-ahead
 trigger's id, ranges and sample count are fixed by the durable state before the trigger
 exists anywhere); then triggers and dead letters are sent with ``acks=all`` and awaited
 (re-sent with backoff through a broker outage: the state names them, so a re-send is the
-same trigger); only then are the source events acked, and Faust commits an offset only once every event
-before it is acked (it also flushes its producer before committing). A batch that fails or
-is cancelled is never acked: its partition stops committing, and the agent's crash stops
-the worker, so a restart re-reads the batch. Replays are harmless: the table remembers the
-next feature-log offset it counted per partition and skips every push below it. A state
-whose trigger may not have reached the topic (a crash between the two writes) is re-fired
-when its partition is taken over: the first tick of a partition newly assigned to a worker
-says so, and every job in flight there is re-sent with the same id, ranges and count.
+same trigger); only then are the source events acked, and Faust commits an offset only
+once every event before it is acked (it also flushes its producer before committing). A
+batch that fails or is cancelled is never acked: its partition stops committing, and the
+agent's crash stops the worker, so a restart re-reads the batch. Replays are harmless: the
+table remembers the next feature-log offset it counted per partition and skips every push
+below it. A state whose trigger may not have reached the topic (a crash between the two
+writes) is re-fired when its partition is taken over: the first tick of a partition newly
+assigned to a worker says so, and every job in flight there is re-sent with the same id,
+ranges and count.
 """
 
 from __future__ import annotations
