@@ -221,8 +221,13 @@ class ChaosRun:
             heap=config.kafka_heap,
             start_timeout=120,
         )
+        # Its own ports too: a run must not collide with a stack already on this machine.
         self.settings = settings.model_copy(
-            update={"kafka_bootstrap": self.kafka.bootstrap, "home": self.home}
+            update={
+                "kafka_bootstrap": self.kafka.bootstrap,
+                "home": self.home,
+                "worker_port": free_port(),
+            }
         )
         self.log_dir = self.home / "chaos-logs" / settings.topic_prefix
         self._faults: list[dict[str, Any]] = []

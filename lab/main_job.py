@@ -170,6 +170,8 @@ async def run_main_job(
             | {
                 "FEDEX_SERVER_PORT": str(server_port),
                 "FEDEX_SERVER_URL": live.server_url,
+                # Its own worker web port: the job runs beside any stack on this machine.
+                "FEDEX_WORKER_PORT": str(free_port()),
                 "FEDEX_AUTH_SECRET": live.auth_secret or "",
             },
             on_event=lambda m: console.print(f"[dim]{m}[/dim]", highlight=False),
