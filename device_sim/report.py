@@ -81,16 +81,6 @@ def combine_progress(parts: Sequence[FleetProgress]) -> FleetProgress:
     )
 
 
-def progress_line(p: FleetProgress) -> str:
-    day, rest = divmod(p.sim_s, 86400.0)
-    return (
-        f"{p.wall_s:6.0f}s  sim day {int(day)} {rest / 3600:05.2f}h  "
-        f"online {p.online:,}/{p.devices:,}  {p.pushes_per_s:,.0f} pushes/s  "
-        f"{p.samples_per_s:,.0f} samples/s  pushes {p.pushes:,}  retries {p.retries:,}  "
-        f"versions {p.versions}  accuracy {p.mean_accuracy:.1%}"
-    )
-
-
 class ProcessSampler:
     """Event-loop lag (how late a ``sleep(interval)`` wakes up) and peak RSS of this
     process, sampled by one task while the fleet runs."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from pipeline.errors import FedexError
-from pipeline.records import FEATURE_SHAPES, IMAGE_SIZE, Backbone, Cut
+from pipeline.records import FEATURE_SHAPES, Backbone, Cut
 
 #: Width of the embedding both backbones end in before the classifier (facenet's last_bn).
 EMBEDDING_DIM = 512
@@ -345,13 +345,6 @@ def thawed_parameter_count(head: nn.Module) -> int:
     return sum(p.numel() for p in head.parameters() if p.requires_grad)
 
 
-def iter_cuts(include_full: bool = False) -> Iterator[Cut]:
-    """Freeze levels in order, shallowest split first."""
-    for cut in Cut:
-        if cut is not Cut.FULL or include_full:
-            yield cut
-
-
 # --------------------------------------------------------------------------- cost model
 
 
@@ -395,8 +388,3 @@ def _count_flops(backbone: Backbone, cut: Cut, num_classes: int, *, backward: bo
             if backward:
                 nn.functional.cross_entropy(out, labels).backward()
     return int(counter.get_total_flops()) // batch
-
-
-def image_shape() -> tuple[int, int, int]:
-    """Input shape every backbone is fed (no batch dim)."""
-    return (3, IMAGE_SIZE, IMAGE_SIZE)
