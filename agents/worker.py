@@ -16,9 +16,7 @@ table state is rebuilt from the changelog.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +29,7 @@ from agents.policy import ModelState
 from pipeline.broker_health import BrokerHealth, install_noise_filter
 from pipeline.clients import metadata_probe
 from pipeline.errors import FedexError
-from pipeline.lifecycle import Service
+from pipeline.lifecycle import Service, stop_on_signals
 from pipeline.settings import Settings
 from pipeline.topics import Role, ensure_topics, topic_specs
 
@@ -196,13 +194,12 @@ def _log_to_stdout() -> None:
 
 
 async def _serve(settings: Settings, max_runtime: float | None) -> None:
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
+    with stop_on_signals(stop.set):
+        await _run(settings, max_runtime, stop)
+
+
+async def _run(settings: Settings, max_runtime: float | None, stop: asyncio.Event) -> None:
     worker = AgentWorker(settings, web_enabled=True)
     install_noise_filter(worker.health)
     try:
@@ -227,8 +224,6 @@ async def _serve(settings: Settings, max_runtime: float | None) -> None:
             log.info("stopping: %s", "signal" if stop.is_set() else f"max runtime {max_runtime} s")
     finally:
         await worker.stop()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
         agents, ingest = worker.agents, worker.ingest
         log.info(
             "agents worker stopped: %d pushes (%d samples) validated, %d samples counted, "

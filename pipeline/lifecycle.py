@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Self
 
@@ -28,3 +32,24 @@ class Service:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+@contextlib.contextmanager
+def stop_on_signals(
+    on_signal: Callable[[], object], signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
+) -> Iterator[None]:
+    """For entry points only: call ``on_signal`` (e.g. an ``asyncio.Event``'s ``set``) on
+    SIGINT/SIGTERM while the block runs, in the running event loop; the handlers are
+    removed on exit. Where the loop cannot install them (not the main thread, Windows),
+    nothing is installed."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -7,12 +7,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 import time
 from collections.abc import Callable
 
 from pipeline import auth
 from pipeline.broker_health import install_noise_filter
+from pipeline.lifecycle import stop_on_signals
 from pipeline.server import ModelServer
 from pipeline.settings import Settings
 
@@ -46,12 +46,8 @@ async def serve(
         )
     await wait_for_kafka(settings.bootstrap)
     await ensure_topics(settings.bootstrap, topic_specs(settings))
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    with stop_on_signals(stop.set):
         server = ModelServer.from_settings(settings, secret=secret, host=host, port=port)
         install_noise_filter(server.health)
         async with server:
@@ -61,9 +57,6 @@ async def serve(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max_runtime)
             log.info("stopping the model server")
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
 
 
 def run_server(

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.lifecycle import Service
+from pipeline.lifecycle import Service, stop_on_signals
 from pipeline.processes import die_with_parent
 from pipeline.settings import Settings
 
@@ -196,12 +196,21 @@ async def run_up(
     on_event: Event | None = None,
 ) -> None:
     """Runs the cloud stack until SIGINT/SIGTERM (or ``max_runtime``)."""
-    from pipeline.stack import stack_for
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    with stop_on_signals(stop.set):
+        await _run_stack(settings, trainers, max_runtime, on_event, stop)
+
+
+async def _run_stack(
+    settings: Settings,
+    trainers: Sequence[str],
+    max_runtime: float | None,
+    on_event: Event | None,
+    stop: asyncio.Event,
+) -> None:
+    from pipeline.stack import stack_for
+
     async with stack_for(settings) as live:
         assert live.kafka_bootstrap is not None
         emit = on_event or (lambda message: log.info("%s", message))

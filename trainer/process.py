@@ -4,12 +4,11 @@ noise filter, the optional metrics endpoint, a clean stop)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from typing import TYPE_CHECKING
 
 from pipeline.broker_health import install_noise_filter
+from pipeline.lifecycle import stop_on_signals
 from pipeline.metrics_http import MetricsServer
 from trainer.job import Outcome
 from trainer.worker import Trainer
@@ -35,24 +34,21 @@ def run_trainer(
 async def _serve(
     settings: Settings, *, device: str, max_jobs: int | None, idle_timeout: float | None
 ) -> None:
-    loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop_requested.set)
     trainer = Trainer(settings, device=device)
     install_noise_filter(trainer.health)
     metrics = MetricsServer(
         trainer.metrics_registry, host=settings.server_host, port=settings.trainer_metrics_port
     )
-    async with trainer, metrics:
-        run = asyncio.create_task(trainer.run(max_jobs=max_jobs, idle_timeout=idle_timeout))
-        stop = asyncio.create_task(stop_requested.wait())
-        await asyncio.wait([run, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not run.done():
-            log.info("stopping: finishing the current epoch, leaving the job uncommitted")
-            await trainer.stop()
-        stop.cancel()
-        handled = await run
+    with stop_on_signals(stop_requested.set):
+        async with trainer, metrics:
+            run = asyncio.create_task(trainer.run(max_jobs=max_jobs, idle_timeout=idle_timeout))
+            stop = asyncio.create_task(stop_requested.wait())
+            await asyncio.wait([run, stop], return_when=asyncio.FIRST_COMPLETED)
+            if not run.done():
+                log.info("stopping: finishing the current epoch, leaving the job uncommitted")
+                await trainer.stop()
+            stop.cancel()
+            handled = await run
     published = sum(1 for j in trainer.jobs if j.outcome is Outcome.PUBLISHED)
     log.info("trainer stopped: %d triggers handled, %d versions published", handled, published)
