@@ -18,7 +18,9 @@ versions consistent by construction), so its cost on a real log can be judged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -182,8 +184,6 @@ async def measure_audit(
     kafka = LocalKafka(
         work_dir=home / "chaos-kafka", libs_dir=libs_dir, port=free_port(), heap="512m"
     )
-    import shutil
-
     shutil.rmtree(kafka.data_dir, ignore_errors=True)
     await kafka.start()
     try:
@@ -244,12 +244,10 @@ async def _fill(settings: Settings, samples: int, models: int) -> float:
             futures = []
             for i in range(per_model // 10):
                 device, first = i % 1000, (i // 1000) * 10
-                push = FeaturePush(
-                    **{
-                        **{f: getattr(base, f) for f in base.__dataclass_fields__},
-                        "device_id": f"dev-{device:05d}",
-                        "sample_ids": np.arange(first, first + 10, dtype=np.uint64),
-                    }
+                push = dataclasses.replace(
+                    base,
+                    device_id=f"dev-{device:05d}",
+                    sample_ids=np.arange(first, first + 10, dtype=np.uint64),
                 )
                 futures.append(
                     await producer.send(

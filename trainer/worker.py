@@ -190,7 +190,7 @@ class Trainer(Service):
         self._champions = Champions(settings, self.store)
         #: The last trained candidate, kept so that a job retried after a broker outage
         #: publishes what it trained instead of training again.
-        self._trained: tuple[str, Candidate] | None = None
+        self._trained: tuple[str, Candidate, int] | None = None
         self.metrics_registry = CollectorRegistry(auto_describe=True)
         self.health = BrokerHealth(f"trainer {client_id}", registry=self.metrics_registry)
         self._jobs_metric = Counter(
@@ -473,15 +473,16 @@ class Trainer(Service):
         self, entry: ModelEntry, trigger: TrainingTrigger
     ) -> tuple[Candidate, int]:
         """The trigger's dataset read from the log, trained from the champion (or the
-        candidate kept from an attempt a broker error interrupted); and records read."""
+        candidate kept from an attempt a broker error interrupted: no second champion
+        fetch, read or training); and records read."""
+        kept = self._trained
+        if kept is not None and kept[0] == trigger.trigger_id:
+            return kept[1], kept[2]
         champion_state = await self._champions.state(entry)
         cache = self._features.cache_for(
             entry.model_id, entry.backbone, entry.cut, entry.num_classes
         )
         records = await self._features.read(cache, trigger.ranges)
-        kept = self._trained
-        if kept is not None and kept[0] == trigger.trigger_id:
-            return kept[1], records
         dataset = cache.select(trigger.ranges)
         if len(dataset) == 0:
             raise JobError(
@@ -501,7 +502,7 @@ class Trainer(Service):
         candidate = await asyncio.to_thread(
             self._train, entry, trigger, champion_state, train, val, cfg
         )
-        self._trained = (trigger.trigger_id, candidate)
+        self._trained = (trigger.trigger_id, candidate, records)
         return candidate, records
 
     async def _publish(
