@@ -8,6 +8,7 @@ histogram percentiles).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -81,14 +82,27 @@ def combine_progress(parts: Sequence[FleetProgress]) -> FleetProgress:
     )
 
 
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark as the kernel keeps it (``VmHWM``;
+    ``ru_maxrss`` where there is no /proc): no sampling can miss a start-up peak."""
+    import resource
+
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class ProcessSampler:
-    """Event-loop lag (how late a ``sleep(interval)`` wakes up) and peak RSS of this
-    process, sampled by one task while the fleet runs."""
+    """Event-loop lag (how late a ``sleep(interval)`` wakes up) and RSS of this process,
+    sampled by one task while the fleet runs; the peak is the kernel's high-water mark."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self.interval = interval
         self.lag_ms = LogHistogram(low=0.01, high=1e5)
         self.rss_peak = 0
+        self.rss_samples: list[int] = []
 
     async def sample(self) -> None:
         import asyncio
@@ -104,14 +118,20 @@ class ProcessSampler:
             self.lag_ms.add((loop.time() - before - self.interval) * 1000.0)
             beat += 1
             if beat % 25 == 1:
-                self.rss_peak = max(self.rss_peak, me.memory_info().rss)
+                rss = me.memory_info().rss
+                self.rss_samples.append(rss)
+                self.rss_peak = max(self.rss_peak, rss)
 
     def summary(self) -> dict[str, Any]:
         import os
+        import statistics
 
+        steady = self.rss_samples[len(self.rss_samples) // 2 :]
         return {
             "pid": os.getpid(),
-            "rss_peak_mb": self.rss_peak / 2**20,
+            "rss_peak_mb": peak_rss_bytes() / 2**20,
+            "rss_peak_sampled_mb": self.rss_peak / 2**20,
+            "rss_steady_mb": statistics.median(steady) / 2**20 if steady else None,
             "loop_lag_ms": self.lag_ms.summary(),
         }
 

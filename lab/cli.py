@@ -5,7 +5,6 @@ Each command imports its bench module inside it: ``fedex`` itself must start fas
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import typer
@@ -14,6 +13,15 @@ from pipeline.settings import Settings
 
 OUT_HELP = "JSON result path (default bench/results/<name>.json)"
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: print a table and write JSON.")
+KEEP_HELP = "keep the topics the bench creates (default: deleted at the end)"
+
+
+@bench_app.callback()
+def _begin() -> None:
+    """Benchmarks: each prints a table and writes JSON with the conditions it ran under."""
+    from lab import measure
+
+    measure.begin()
 
 
 @bench_app.command("codec")
@@ -31,15 +39,16 @@ def bench_codec(
 @bench_app.command("kafka")
 def bench_kafka(
     messages: int = typer.Option(20_000, help="pushes per run"),
-    repeats: int = typer.Option(3, help="timed runs"),
+    repeats: int = typer.Option(5, help="timed runs after one warm-up run"),
+    keep: bool = typer.Option(False, "--keep", help=KEEP_HELP),
     out: Path | None = typer.Option(None, help=OUT_HELP),
 ) -> None:
     """Raw aiokafka produce→consume rate of freeze6 pushes: the pipeline's ceiling."""
+    from lab.bench_broker import bench_kafka
     from lab.transport_bench import run_kafka_bench
-    from pipeline.stack import kafka_for
 
     async def run() -> None:
-        async with kafka_for(Settings()) as bootstrap:
+        async with bench_kafka(Settings(), keep=keep) as bootstrap:
             await asyncio.to_thread(
                 run_kafka_bench, bootstrap=bootstrap, messages=messages, repeats=repeats, out=out
             )
@@ -72,32 +81,26 @@ def bench_train(
 
 @bench_app.command("pipeline")
 def bench_pipeline(
-    messages: int = typer.Option(20_000, help="pushes through the agents"),
-    update_jobs: int = typer.Option(5, help="training jobs timed for update latency"),
+    messages: int = typer.Option(20_000, help="pushes per run, each side of a pair"),
+    repeat: int = typer.Option(5, help="measured raw/agents pairs, interleaved (ABAB…)"),
+    update_jobs: int = typer.Option(100, help="training jobs timed for update latency"),
     device: str = typer.Option("auto", help="trainer device for update latency"),
+    keep: bool = typer.Option(False, "--keep", help=KEEP_HELP),
     out: Path | None = typer.Option(None, help=OUT_HELP),
 ) -> None:
-    """Samples/s through the aggregation agents vs raw Kafka (same run), trigger latency
-    (threshold crossed → trigger on the topic) and update latency (trigger → model update)."""
-    import uuid
+    """Samples/s through the aggregation agents vs raw Kafka (same records, interleaved
+    pairs), trigger latency (threshold crossed → trigger on the topic) and update latency
+    (trigger → model update)."""
+    from lab.pipeline_bench import PipelineBenchConfig, run_pipeline_bench
 
-    from lab.benchio import write_result
-    from lab.pipeline_bench import measure_agent_throughput
-    from lab.update_latency import measure_update_latency
-    from pipeline.stack import kafka_for
-
-    async def run() -> dict[str, object]:
-        settings = Settings()
-        async with kafka_for(settings) as bootstrap:
-            prefix = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
-            agents = await asyncio.to_thread(measure_agent_throughput, bootstrap, prefix, messages)
-            live = settings.model_copy(update={"kafka_bootstrap": bootstrap})
-            update = await measure_update_latency(live, jobs=update_jobs, device=device)
-            return {"agents": agents, "update": update}
-
-    result = asyncio.run(run())
-    typer.echo(json.dumps(result, indent=2, default=str))
-    print(f"wrote {write_result('pipeline', result, out)}")
+    run_pipeline_bench(
+        Settings(),
+        PipelineBenchConfig(messages=messages, pairs=repeat),
+        update_jobs=update_jobs,
+        device=device,
+        keep=keep,
+        out=out,
+    )
 
 
 def demo(
@@ -144,15 +147,16 @@ def bench_chaos(
 def bench_push(
     repeats: int = typer.Option(10, help="timed pushes per level and path"),
     pull_repeats: int = typer.Option(5, help="timed pulls per checkpoint"),
+    keep: bool = typer.Option(False, "--keep", help=KEEP_HELP),
     out: Path | None = typer.Option(None, help=OUT_HELP),
 ) -> None:
     """Table 2: push (Kafka acks=all, HTTP) and pull latency per freeze level on loopback,
     plus modelled latency on the simulated mobile network tiers, and the FedAvg push."""
+    from lab.bench_broker import bench_kafka
     from lab.push_bench import run_push_bench
-    from pipeline.stack import kafka_for
 
     async def run() -> None:
-        async with kafka_for(Settings()) as bootstrap:
+        async with bench_kafka(Settings(), keep=keep) as bootstrap:
             await asyncio.to_thread(
                 run_push_bench,
                 bootstrap=bootstrap,
@@ -255,10 +259,11 @@ def bench_fleet(
     devices: int = typer.Option(10_000, help="devices in the one-process run"),
     seconds: float = typer.Option(30.0, help="measured window of the one-process run"),
     fanout_devices: int = typer.Option(10_000, help="devices of the fan-out measurement"),
-    fanout_versions: int = typer.Option(5, help="versions published for fan-out"),
+    fanout_versions: int = typer.Option(20, help="versions published for fan-out"),
     big: int = typer.Option(100_000, help="devices of the multi-process run (0: skip)"),
     processes: int = typer.Option(10, help="processes of the multi-process run"),
     big_seconds: float = typer.Option(45.0, help="measured window of the multi-process run"),
+    keep: bool = typer.Option(False, "--keep", help=KEEP_HELP),
     out: Path | None = typer.Option(None, help=OUT_HELP),
 ) -> None:
     """10,000 devices in one process (RSS, loop lag, pushes/s), model fan-out to 10,000
@@ -277,6 +282,7 @@ def bench_fleet(
             big_seconds=big_seconds,
         ),
         out,
+        keep=keep,
     )
 
 

@@ -1,52 +1,83 @@
-"""Throughput and trigger latency of the aggregation agents on a real broker.
+"""``fedex bench pipeline``: the aggregation agents against raw Kafka, and trigger latency.
 
-:func:`measure_agent_throughput` runs one in-process agents worker (RocksDB store, the
-deployment's defaults otherwise), publishes base models, then produces freeze6 float16
-10-sample pushes as fast as the producer goes and measures
+One in-process agents worker (RocksDB store, the deployment's defaults otherwise) runs on
+the broker at hand for the whole bench. Then:
 
-- samples/s from the first send until the worker has counted every sample (counted means
-  the ingest stage validated and summarized the push, and the Faust agent's outputs and
-  state are durable), next to raw aiokafka produce→consume of the same pushes
-  (``measure_kafka_round_trip``), run once before and once after the agents so that a
-  machine whose load drifts does not favour either side (the ratio uses their mean);
-- trigger latency: from the log time of the push that brought a model to ``min_samples``
-  (the end of the trigger's range) until a consumer sees the trigger on the topic, in three
-  regimes: under the flood (includes the backlog behind the producer), at a sustained load
-  of ``sustain_fraction`` of the capacity just measured (probe models cross the threshold
-  at evenly spaced moments of a paced stream), and on an idle worker.
+- **Throughput, like for like, interleaved.** Each pair sends the same records twice:
+  once to a fresh raw topic read back by a plain consumer with the agents' fetch settings
+  (``getmany`` of ``ingest_batch_max`` records, the same poll), once through the agents
+  (counted = validated, summarized, the Faust agent's state and outputs durable). Both
+  sides carry the same bytes under the same 50 keys over every partition. One warm-up
+  pair runs first (on a broker the bench started, that is the cold figure: a fresh JVM
+  still compiling); then k pairs (``--repeat``), and the ratio is the median of the k
+  per-pair ratios with its min–max (:func:`lab.measure.interleave`).
+- **Trigger latency**, from the log time of the push that brought a model to
+  ``min_samples`` until a consumer sees the trigger on the topic, in three regimes: under
+  the flood (one value per model per pair: includes the backlog behind the producer), at
+  a sustained load of ``sustain_fraction`` of the measured capacity (probe models cross
+  the threshold at evenly spaced moments of a paced stream), and on an idle worker (each
+  idle model crosses alone). Every distribution carries its n; a p99 needs 100 values.
 
-Producer, worker (ingest stage and Faust app) and consumers share one process and one event
-loop, as in the raw Kafka bench, so the ratio compares like with like; in a deployment the
-producers are devices elsewhere and the worker has its process to itself.
+Producer, worker and consumers share one process and one event loop on both sides, so the
+ratio compares like with like; in a deployment the producers are devices elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
+import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from agents.ingest import POLL_MS
 from agents.worker import AgentWorker
-from lab.transport_bench import measure_kafka_round_trip, synthetic_push
+from lab.measure import Distribution, Warmup, describe, interleave
+from lab.transport_bench import bench_records, measure_kafka_round_trip
 from pipeline import clients, codec
 from pipeline.records import Backbone, Cut, ModelMetrics, ModelUpdate, TrainingTrigger
 from pipeline.settings import Settings
+from pipeline.tables import print_table
 from pipeline.topics import Topics
 
 SAMPLES_PER_PUSH = 10
 NUM_CLASSES = 1000
+KEYS = 50
 
 
-def _base_update(model_id: str) -> ModelUpdate:
+@dataclass(frozen=True, slots=True)
+class PipelineBenchConfig:
+    messages: int = 20_000
+    pairs: int = 5
+    warmup_pairs: int = 1
+    probe_models: int = 100
+    idle_models: int = 100
+    sustain_fraction: float = 0.5
+    sustain_s: float = 10.0
+    timeout: float = 300.0
+
+    @property
+    def pushes_per_model(self) -> int:
+        return max(2, self.messages // KEYS)
+
+    @property
+    def min_samples(self) -> int:
+        # Each model crosses min_samples once, halfway through its pushes: one latency value
+        # per model, and the second half exercises coalescing behind the job in flight.
+        return max(1, self.pushes_per_model // 2) * SAMPLES_PER_PUSH
+
+    @property
+    def short(self) -> int:
+        """Pushes that bring a probe model to one push short of ``min_samples``."""
+        return self.min_samples // SAMPLES_PER_PUSH - 1
+
+
+def base_update(model_id: str) -> ModelUpdate:
     return ModelUpdate(
         model_id=model_id,
         version="v0",
@@ -64,18 +95,7 @@ def _base_update(model_id: str) -> ModelUpdate:
     )
 
 
-def _summary(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"count": 0, "p50": None, "p99": None, "max": None}
-    return {
-        "count": len(values),
-        "p50": float(np.percentile(values, 50)),
-        "p99": float(np.percentile(values, 99)),
-        "max": max(values),
-    }
-
-
-async def _until(predicate: Callable[[], bool], what: str, timeout: float) -> None:
+async def until(predicate: Callable[[], bool], what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -83,286 +103,356 @@ async def _until(predicate: Callable[[], bool], what: str, timeout: float) -> No
         await asyncio.sleep(0.005)
 
 
-def _counted(worker: AgentWorker, model_id: str, samples: int) -> bool:
-    state = worker.state(model_id)
-    return state is not None and state.counted_samples >= samples
+class TriggerWatch:
+    """Every trigger a group-less consumer sees on the trigger topic, with when."""
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        self._tail = clients.make_consumer(bootstrap=bootstrap, group_id=None)
+        self._topic, self._partitions = topic, partitions
+        self.seen: dict[str, float] = {}
+        self.triggers: list[TrainingTrigger] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        from aiokafka import TopicPartition
+
+        await self._tail.start()
+        tps = [TopicPartition(self._topic, p) for p in range(self._partitions)]
+        self._tail.assign(tps)
+        await self._tail.seek_to_end(*tps)
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            batches = await self._tail.getmany(timeout_ms=100)
+            now = time.time()
+            for records in batches.values():
+                for r in records:
+                    trigger = codec.decode_trigger(r.value)
+                    self.triggers.append(trigger)
+                    self.seen.setdefault(trigger.model_id, now)
+
+    def saw(self, model_id: str) -> bool:
+        return model_id in self.seen
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self._tail.stop()
 
 
-def _seen(seen: list[tuple[TrainingTrigger, float]], model_id: str) -> bool:
-    return any(t.model_id == model_id for t, _ in seen)
+@dataclass
+class Rig:
+    """The live parts every phase uses."""
+
+    config: PipelineBenchConfig
+    settings: Settings
+    worker: AgentWorker
+    producer: Any
+    watch: TriggerWatch
+    flood: list[float] = field(default_factory=list)
+
+    @property
+    def features(self) -> str:
+        return Topics(self.settings.topic_prefix).features
+
+    def counted(self, model_id: str, samples: int) -> bool:
+        state = self.worker.state(model_id)
+        return state is not None and state.counted_samples >= samples
+
+    async def send_all(self, records: Sequence[tuple[bytes, bytes]]) -> list[Any]:
+        """Sends and awaits every record in order; returns their metadata."""
+        sends, metas = [], []
+        for key, value in records:
+            sends.append(await self.producer.send(self.features, value, key=key))
+            if len(sends) >= 2000:
+                metas += await asyncio.gather(*sends)
+                sends.clear()
+        return metas + list(await asyncio.gather(*sends))
 
 
-async def _delete_topics(bootstrap: str, prefix: str) -> None:
-    admin = clients.make_admin(bootstrap=bootstrap)
-    await admin.start()
-    try:
-        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if names:
-            with contextlib.suppress(Exception):
-                await admin.delete_topics(names)
-    finally:
-        await admin.close()
+def pair_records(config: PipelineBenchConfig, pair: int) -> list[tuple[bytes, bytes]]:
+    """The records of one pair: fresh models (``flood<pair>-NNN``), so each crosses
+    ``min_samples`` once in it."""
+    return bench_records(KEYS * config.pushes_per_model, keys=KEYS, model_prefix=f"flood{pair}")
 
 
-async def _sustained_latency(
-    worker: AgentWorker,
-    producer: Any,
-    topic: str,
-    encoded: dict[str, list[bytes]],
-    seen: list[tuple[TrainingTrigger, float]],
-    *,
-    background: list[str],
-    probes: list[str],
-    short: int,
-    rate: float,
-    seconds: float,
-) -> dict[str, Any]:
-    """Trigger latency under a steady load below saturation.
-
-    The probe models are first filled to one push short of ``min_samples``; then pushes
-    go out at ``rate`` per second for ``seconds`` (the background models, whose jobs are
-    in flight, only get counted), and the push that crosses each probe's threshold is
-    slotted in at evenly spaced moments of that stream.
-    """
-    fill = [
-        await producer.send(topic, encoded[m][i % 8], key=codec.encode_key(m))
-        for m in probes
-        for i in range(short)
+def model_ids(config: PipelineBenchConfig) -> list[str]:
+    pairs = config.warmup_pairs + config.pairs
+    flood = [f"flood{p}-{k:03d}" for p in range(pairs) for k in range(KEYS)]
+    return [
+        *flood,
+        *(f"probe-{i:03d}" for i in range(config.probe_models)),
+        *(f"idle-{i:03d}" for i in range(config.idle_models)),
     ]
-    await asyncio.gather(*fill)
-    for m in probes:
-        await _until(
-            functools.partial(_counted, worker, m, short * SAMPLES_PER_PUSH),
-            "the probe models' pushes counted",
-            60,
+
+
+async def register(rig: Rig, ids: Sequence[str]) -> None:
+    models = Topics(rig.settings.topic_prefix).models
+    for m in ids:
+        await rig.producer.send(
+            models, codec.encode_update(base_update(m)), key=codec.encode_key(m)
         )
-    count = max(len(probes), int(rate * seconds))
-    slots = {int((j + 0.5) * count / len(probes)): m for j, m in enumerate(probes)}
-    crossing: dict[str, Any] = {}
-    others = []
+    await rig.producer.flush()
+    await until(
+        lambda: all((s := rig.worker.state(m)) is not None and s.known for m in ids),
+        "the agents to learn the bench models",
+        120,
+    )
+
+
+async def agents_run(rig: Rig, records: Sequence[tuple[bytes, bytes]], pair: int) -> float:
+    """Samples/s through the agents for one pair; adds its flood latencies."""
+    want = rig.worker.agents.counted_samples + len(records) * SAMPLES_PER_PUSH
     start = time.perf_counter()
-    sent = 0
+    metas = await rig.send_all(records)
+    await until(
+        lambda: rig.worker.agents.counted_samples >= want,
+        f"the agents to count {want} samples",
+        rig.config.timeout,
+    )
+    elapsed = time.perf_counter() - start
+    produced_at = {(md.partition, md.offset): md.timestamp / 1000 for md in metas}
+    prefix = f"flood{pair}-"
+    await until(
+        lambda: sum(m.startswith(prefix) for m in rig.watch.seen) >= KEYS, "a trigger per model", 60
+    )
+    for trigger in rig.watch.triggers:
+        if trigger.model_id.startswith(prefix):
+            [r] = trigger.ranges
+            crossed = produced_at.get((r.partition, r.end - 1))
+            if crossed is not None and pair >= rig.config.warmup_pairs:
+                rig.flood.append(rig.watch.seen[trigger.model_id] - crossed)
+    return len(records) * SAMPLES_PER_PUSH / elapsed
+
+
+async def fill(rig: Rig, prefix: str, count: int) -> list[tuple[bytes, bytes]]:
+    """Brings models ``<prefix>-000``… to one push short of ``min_samples``, counted;
+    returns one more push per model: the one that crosses."""
+    short = rig.config.short
+    await rig.send_all(bench_records(short * count, keys=count, model_prefix=prefix))
+    for k in range(count):
+        await until(
+            functools.partial(rig.counted, f"{prefix}-{k:03d}", short * SAMPLES_PER_PUSH),
+            f"the {prefix} models' pushes counted",
+            120,
+        )
+    return bench_records(count, keys=count, model_prefix=prefix)
+
+
+async def sustained_latency(rig: Rig, capacity_pushes_s: float) -> dict[str, Any]:
+    """Trigger latency under a paced stream at ``sustain_fraction`` of the capacity.
+
+    The probe models are filled first; then pushes go out at the target rate for
+    ``sustain_s`` (background pushes go to the warm-up pair's models, whose jobs are in
+    flight, so they are only counted), and each probe's crossing push is slotted in at
+    evenly spaced moments of that stream.
+    """
+    cfg = rig.config
+    crossing = await fill(rig, "probe", cfg.probe_models)
+    rate = cfg.sustain_fraction * capacity_pushes_s
+    count = max(cfg.probe_models, int(rate * cfg.sustain_s))
+    background = bench_records(count, keys=KEYS, model_prefix="flood0")
+    slots = {int((j + 0.5) * count / cfg.probe_models): j for j in range(cfg.probe_models)}
+    probe_sends, other_sends = {}, []
+    start, sent = time.perf_counter(), 0
     while sent < count:
         due = min(count, int((time.perf_counter() - start) * rate) + 1)
         while sent < due:
-            probe = slots.get(sent)
-            m = probe or background[sent % len(background)]
-            fut = await producer.send(topic, encoded[m][sent % 8], key=codec.encode_key(m))
-            if probe is not None:
-                crossing[probe] = fut
+            j = slots.get(sent)
+            key, value = crossing[j] if j is not None else background[sent]
+            fut = await rig.producer.send(rig.features, value, key=key)
+            if j is not None:
+                probe_sends[key.decode()] = fut
             else:
-                others.append(fut)
+                other_sends.append(fut)
             sent += 1
         await asyncio.sleep(0.002)
     send_s = time.perf_counter() - start
-    await asyncio.gather(*others)
-    for m in probes:
-        await _until(functools.partial(_seen, seen, m), "the probe triggers", 60)
-    latencies = []
-    for m, fut in crossing.items():
-        md = await fut
-        seen_at = next(at for t, at in seen if t.model_id == m)
-        latencies.append(seen_at - md.timestamp / 1000)
+    await asyncio.gather(*other_sends)
+    await until(lambda: all(m in rig.watch.seen for m in probe_sends), "the probe triggers", 60)
+    latencies = [rig.watch.seen[m] - (await fut).timestamp / 1000 for m, fut in probe_sends.items()]
     return {
         "target_pushes_s": rate,
         "pushes_s": count / send_s,
         "samples_s": count * SAMPLES_PER_PUSH / send_s,
         "pushes": count,
-        "trigger_latency_s": _summary(latencies),
+        "trigger_latency_s": Distribution.of(latencies).as_dict(),
+    }
+
+
+async def idle_latency(rig: Rig) -> dict[str, Any]:
+    """Trigger latency on an idle worker: every idle model is filled, then each crosses
+    alone, the next only after the last one's trigger was seen."""
+    crossing = await fill(rig, "idle", rig.config.idle_models)
+    latencies = []
+    for key, value in crossing:
+        md = await (await rig.producer.send(rig.features, value, key=key))
+        model_id = key.decode()
+        await until(functools.partial(rig.watch.saw, model_id), "the idle trigger", 30)
+        latencies.append(rig.watch.seen[model_id] - md.timestamp / 1000)
+    return Distribution.of(latencies).as_dict()
+
+
+async def raw_run(rig: Rig, records: Sequence[tuple[bytes, bytes]], pair: int) -> float:
+    run = await measure_kafka_round_trip(
+        rig.settings.bootstrap,
+        f"{rig.settings.topic_prefix}.raw.{pair}",
+        records,
+        partitions=rig.settings.features_partitions,
+        max_records=rig.settings.ingest_batch_max,
+        poll_ms=POLL_MS,
+    )
+    return run.samples_s
+
+
+def partition_shares(records: Sequence[tuple[bytes, bytes]], partitions: int) -> list[float]:
+    """Share of the records on each partition under the producer's default partitioner."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    counts = [0] * partitions
+    parts = list(range(partitions))
+    for key, _ in records:
+        counts[DefaultPartitioner()(key, parts, parts)] += 1
+    return [c / len(records) for c in counts]
+
+
+async def run_phases(rig: Rig, warmup: Warmup, echo: Callable[[str], None]) -> dict[str, Any]:
+    cfg = rig.config
+    with warmup.phase("agents worker start, base models registered"):
+        await register(rig, model_ids(cfg))
+    records = [pair_records(cfg, p) for p in range(cfg.warmup_pairs + cfg.pairs)]
+    throughput = await interleave(
+        lambda p: raw_run(rig, records[p], p),
+        lambda p: agents_run(rig, records[p], p),
+        pairs=cfg.pairs,
+        warmup_pairs=cfg.warmup_pairs,
+        echo=echo,
+    )
+    agents_median = statistics.median(throughput.b)
+    sustained = await sustained_latency(rig, agents_median / SAMPLES_PER_PUSH)
+    idle = await idle_latency(rig)
+    return {
+        "throughput": {"a": "raw Kafka", "b": "agents", **throughput.as_dict()},
+        "agents_samples_s": agents_median,
+        "raw_kafka_samples_s": statistics.median(throughput.a),
+        "ratio_to_raw_kafka": throughput.median,
+        "trigger_latency_s": Distribution.of(rig.flood).as_dict(),
+        "sustained": sustained,
+        "idle_trigger_latency_s": idle,
+        "records": {
+            "pushes_per_pair": len(records[0]),
+            "keys": KEYS,
+            "partitions": rig.settings.features_partitions,
+            "partition_shares": partition_shares(records[0], rig.settings.features_partitions),
+        },
     }
 
 
 async def ameasure_agent_throughput(
     bootstrap: str,
     prefix: str,
-    messages: int,
+    config: PipelineBenchConfig,
     *,
-    models: int = 50,
-    idle_models: int = 20,
-    probe_models: int = 20,
-    sustain_fraction: float = 0.5,
-    sustain_s: float = 5.0,
-    compare_raw: bool = True,
-    timeout: float = 300.0,
+    warmup: Warmup,
+    echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """The async body of :func:`measure_agent_throughput`."""
-    pushes_per_model = max(2, messages // models)
-    # Each model crosses min_samples once, halfway through its pushes: one latency sample
-    # per model, and the second half exercises coalescing behind the job in flight.
-    min_samples = max(1, pushes_per_model // 2) * SAMPLES_PER_PUSH
-    model_ids = [f"bench-{i:03d}" for i in range(models)]
-    idle_ids = [f"idle-{i:03d}" for i in range(idle_models)]
-    probe_ids = [f"probe-{i:03d}" for i in range(probe_models)]
-    known_ids = model_ids + idle_ids + probe_ids
-    payloads = []
-    for i in range(64):
-        p = synthetic_push(SAMPLES_PER_PUSH, device=i, first_id=i * SAMPLES_PER_PUSH, seed=i)
-        payloads.append(p)
-    raw_runs: list[float] = []
-
-    async def measure_raw() -> None:
-        raw = await measure_kafka_round_trip(
-            bootstrap, f"{prefix}.rawbench.{uuid.uuid4().hex[:6]}", messages=total
-        )
-        raw_runs.append(raw.samples_s)
-
-    total = pushes_per_model * models
-    if compare_raw:
-        await measure_raw()
     with tempfile.TemporaryDirectory(prefix="fedex-agent-bench-") as home:
         settings = Settings(
             kafka_bootstrap=bootstrap,
             topic_prefix=prefix,
             home=Path(home),
-            min_samples=min_samples,
-            age_floor_samples=min_samples,
+            min_samples=config.min_samples,
+            age_floor_samples=config.min_samples,
             max_age_s=3600.0,
             job_timeout_s=3600.0,
         )
-        topics = Topics(prefix)
-        encoded = {
-            m: [codec.encode_push(replace(p, model_id=m)) for p in payloads[:8]] for m in known_ids
-        }
         worker = AgentWorker(settings)
         producer = clients.make_producer(bootstrap=bootstrap, linger_ms=5)
-        tail = clients.make_consumer(bootstrap=bootstrap, group_id=None)
-        seen: list[tuple[TrainingTrigger, float]] = []
+        watch = TriggerWatch(bootstrap, Topics(prefix).triggers, settings.triggers_partitions)
+        rig = Rig(config, settings, worker, producer, watch)
         try:
             await worker.start()
             await producer.start()
             await worker.wait_ready()
-            for m in known_ids:
-                await producer.send(
-                    topics.models, codec.encode_update(_base_update(m)), key=codec.encode_key(m)
-                )
-            await producer.flush()
-            deadline = time.monotonic() + 60
-            while not all((s := worker.state(m)) is not None and s.known for m in known_ids):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the agents did not learn the bench models in 60 s")
-                await asyncio.sleep(0.05)
-
-            from aiokafka import TopicPartition
-
-            await tail.start()
-            tps = [TopicPartition(topics.triggers, p) for p in range(settings.triggers_partitions)]
-            tail.assign(tps)
-            await tail.seek_to_end(*tps)
-
-            async def watch() -> None:
-                while True:
-                    batches = await tail.getmany(timeout_ms=100)
-                    now = time.time()
-                    seen.extend(
-                        (codec.decode_trigger(r.value), now) for rs in batches.values() for r in rs
-                    )
-
-            watcher = asyncio.create_task(watch())
-            produced_at: dict[tuple[int, int], float] = {}
-            start = time.perf_counter()
-            sends = []
-            for i in range(total):
-                m = model_ids[i % models]
-                sends.append(
-                    await producer.send(topics.features, encoded[m][i % 8], key=codec.encode_key(m))
-                )
-                if len(sends) >= 2000:
-                    for md in await asyncio.gather(*sends):
-                        produced_at[(md.partition, md.offset)] = md.timestamp / 1000
-                    sends.clear()
-            for md in await asyncio.gather(*sends):
-                produced_at[(md.partition, md.offset)] = md.timestamp / 1000
-            produce_s = time.perf_counter() - start
-            want = total * SAMPLES_PER_PUSH
-            deadline = time.monotonic() + timeout
-            while worker.agents.counted_samples < want:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"agents counted {worker.agents.counted_samples} of {want} samples"
-                    )
-                await asyncio.sleep(0.01)
-            elapsed = time.perf_counter() - start
-            await _until(lambda: len(seen) >= models, "a trigger per model", 30)
-
-            short = min_samples // SAMPLES_PER_PUSH - 1
-            sustained = await _sustained_latency(
-                worker,
-                producer,
-                topics.features,
-                encoded,
-                seen,
-                background=model_ids,
-                probes=probe_ids,
-                short=short,
-                rate=sustain_fraction * total / elapsed,
-                seconds=sustain_s,
-            )
-
-            # Trigger latency on an idle system: fill a model to one push short of
-            # min_samples, let the agents count it, then time the push that crosses.
-            idle_latencies = []
-            for m in idle_ids:
-                await asyncio.gather(
-                    *[
-                        await producer.send(topics.features, encoded[m][i % 8], key=m.encode())
-                        for i in range(short)
-                    ]
-                )
-                await _until(
-                    functools.partial(_counted, worker, m, short * SAMPLES_PER_PUSH),
-                    "the idle model's pushes counted",
-                    30,
-                )
-                md = await (await producer.send(topics.features, encoded[m][0], key=m.encode()))
-                await _until(functools.partial(_seen, seen, m), "the idle trigger", 30)
-                seen_at = next(at for t, at in seen if t.model_id == m)
-                idle_latencies.append(seen_at - md.timestamp / 1000)
-            watcher.cancel()
+            await watch.start()
+            result = await run_phases(rig, warmup, echo)
         finally:
-            await tail.stop()
+            await watch.stop()
             await producer.stop()
             await worker.stop()
-            await _delete_topics(bootstrap, prefix)
-
-    latencies = []
-    for trigger, seen_at in seen:
-        if not trigger.model_id.startswith("bench-"):
-            continue
-        [r] = trigger.ranges
-        crossed = produced_at.get((r.partition, r.end - 1))
-        if crossed is not None:
-            latencies.append(seen_at - crossed)
-    agent_rate = want / elapsed
-    result: dict[str, Any] = {
+    return {
         "bootstrap": bootstrap,
         "push": {"cut": "freeze6", "dtype": "float16", "samples": SAMPLES_PER_PUSH},
-        "messages": total,
-        "models": models,
-        "min_samples": min_samples,
-        "partitions": settings.features_partitions,
-        "seconds": elapsed,
-        "produce_seconds": produce_s,
-        "samples_s": agent_rate,
-        "pushes_s": total / elapsed,
-        "triggers": len(seen),
-        # Under the flood: includes the agents' backlog behind the producer.
-        "trigger_latency_s": _summary(latencies),
-        # A paced stream at sustain_fraction of the capacity above.
-        "sustained": sustained,
-        # One model at a time on an otherwise idle worker.
-        "idle_trigger_latency_s": _summary(idle_latencies),
+        "min_samples": config.min_samples,
+        "pairs": config.pairs,
+        "warmup_pairs": config.warmup_pairs,
+        **result,
     }
-    if compare_raw:
-        await measure_raw()
-        await _delete_topics(bootstrap, prefix)
-        raw_rate = sum(raw_runs) / len(raw_runs)
-        result["raw_kafka_runs_samples_s"] = raw_runs
-        result["raw_kafka_samples_s"] = raw_rate
-        result["ratio_to_raw_kafka"] = agent_rate / raw_rate
-    return result
 
 
-def measure_agent_throughput(bootstrap: str, prefix: str, messages: int) -> dict[str, Any]:
-    """Samples/s through the agents vs raw Kafka, and trigger latency (p50/p99), for freeze6
-    float16 10-sample pushes. Creates and deletes topics under ``prefix``. Blocking."""
-    return asyncio.run(ameasure_agent_throughput(bootstrap, prefix, messages))
+def measure_agent_throughput(
+    bootstrap: str, prefix: str, config: PipelineBenchConfig, warmup: Warmup
+) -> dict[str, Any]:
+    """Blocking :func:`ameasure_agent_throughput`."""
+    return asyncio.run(ameasure_agent_throughput(bootstrap, prefix, config, warmup=warmup))
+
+
+def print_result(result: dict[str, Any]) -> None:
+    agents, update = result["agents"], result["update"]
+    tp = agents["throughput"]
+    rows: list[list[Any]] = [
+        [f"warm-up {i + 1}", a, b, b / a]
+        for i, (a, b) in enumerate(zip(tp["warmup_a"], tp["warmup_b"], strict=True))
+    ]
+    rows += [
+        [f"pair {i + 1}", a, b, b / a]
+        for i, (a, b) in enumerate(zip(tp["a"], tp["b"], strict=True))
+    ]
+    print_table(
+        f"pipeline: samples/s, raw Kafka vs agents, same records (50 keys, all partitions); "
+        f"median ratio {tp['ratio_median']:.3f} ({tp['ratio_min']:.3f}–{tp['ratio_max']:.3f}) "
+        f"over {tp['pairs']} pairs",
+        ["run", "raw Kafka samples/s", "agents samples/s", "agents / raw"],
+        rows,
+    )
+    print_table(
+        "pipeline: latency",
+        ["what", "distribution"],
+        [
+            ["trigger, under the flood", describe(agents["trigger_latency_s"])],
+            ["trigger, sustained load", describe(agents["sustained"]["trigger_latency_s"])],
+            ["trigger, idle worker", describe(agents["idle_trigger_latency_s"])],
+            ["update (trigger → model update seen)", describe(update["update_latency_s"])],
+        ],
+    )
+
+
+def run_pipeline_bench(
+    settings: Settings,
+    config: PipelineBenchConfig,
+    *,
+    update_jobs: int,
+    device: str,
+    keep: bool = False,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """The command: the broker, the agents bench, the update latency, table and JSON."""
+    from lab.bench_broker import bench_kafka
+    from lab.benchio import write_result
+    from lab.update_latency import measure_update_latency
+
+    async def run() -> dict[str, Any]:
+        warmup = Warmup()
+        async with bench_kafka(settings, keep=keep) as bootstrap:
+            prefix = f"bench-pipeline-{uuid.uuid4().hex[:8]}"
+            agents = await ameasure_agent_throughput(bootstrap, prefix, config, warmup=warmup)
+            live = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+            update = await measure_update_latency(live, jobs=update_jobs, device=device)
+            result = {"warmup": warmup.as_list(), "agents": agents, "update": update}
+            print_result(result)
+            print(f"wrote {write_result('pipeline', result, out)}")
+            return result
+
+    return asyncio.run(run())

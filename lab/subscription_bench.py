@@ -41,6 +41,7 @@ from device_sim.evaluation import (
 from device_sim.heads import new_head
 from device_sim.subscription import ModelSubscriber
 from device_sim.synthetic import random_devices
+from lab.measure import Distribution
 from pipeline import codec
 from pipeline.auth import issue_token
 from pipeline.checkpoints import LocalCheckpointStore
@@ -84,17 +85,6 @@ class _LoopLag:
                 await self._task
 
 
-def _quantiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-    array = np.asarray(values)
-    return {
-        "p50": float(np.quantile(array, 0.5)),
-        "p99": float(np.quantile(array, 0.99)),
-        "max": float(array.max()),
-    }
-
-
 async def measure_fanout(
     *,
     bootstrap: str,
@@ -106,6 +96,7 @@ async def measure_fanout(
     prefer_http: bool = False,
     real_pull_fraction: float = 0.0,
     transfer_s: npt.ArrayLike | None = None,
+    network: bool = False,
     seed: int = 0,
     timeout: float = 60.0,
     work_dir: Path | None = None,
@@ -116,7 +107,10 @@ async def measure_fanout(
     CreateTime → the same), the evaluation seconds per version, the event-loop lag and the
     subscriber's counters. ``prefer_http`` starts a model server in-process and downloads
     every version from it; ``real_pull_fraction`` of the devices also pull every version
-    from it for real (200, then 304). A warm-up version ``v0`` is not counted."""
+    from it for real (200, then 304). ``network`` draws each device a network tier
+    (:mod:`device_sim.network`'s default mix) and adds its simulated download of each
+    version's checkpoint; ``per_device_from_ack_s`` is then the distribution over every
+    device of every version. A warm-up version ``v0`` is not counted."""
     model_id = model_id or bank.model_ids[0]
     with contextlib.ExitStack() as stack:
         home = work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -142,6 +136,7 @@ async def measure_fanout(
                 prefer_http=prefer_http,
                 real_pull_fraction=real_pull_fraction,
                 transfer_s=transfer_s,
+                network=network,
                 seed=seed,
                 timeout=timeout,
             )
@@ -169,10 +164,16 @@ async def _run(
     prefer_http: bool,
     real_pull_fraction: float,
     transfer_s: npt.ArrayLike | None,
+    network: bool,
     seed: int,
     timeout: float,
 ) -> dict[str, Any]:
     import torch
+
+    from device_sim.network import TierArrays, assign_tiers, tier_names
+
+    tiers = assign_tiers(devices, np.random.default_rng(seed)) if network else None
+    links = TierArrays.of(tier_names())
 
     store = LocalCheckpointStore(settings.checkpoint_dir)
     started = time.perf_counter()
@@ -230,6 +231,7 @@ async def _run(
         generator = torch.Generator().manual_seed(seed)
         from_ack: list[float] = []
         from_create: list[float] = []
+        per_device: list[npt.NDArray[np.float64]] = []
         evals: list[float] = []
         size = 0
         covered = 0
@@ -275,7 +277,11 @@ async def _run(
             if n == 0:
                 continue  # warm-up
             covered += bool(outcome.covers)
-            times = activation_times(activated_at[version], transfer_s, devices)
+            transfer = (
+                links.download_seconds(update.size, tiers) if tiers is not None else transfer_s
+            )
+            times = activation_times(activated_at[version], transfer, devices)
+            per_device.append(times - acked)
             from_ack.append(fanout_seconds(acked, times, quantile))
             from_create.append(fanout_seconds(outcome.produced_at, times, quantile))
             evals.append(outcome.eval_seconds)
@@ -286,16 +292,19 @@ async def _run(
             "updates": updates,
             "quantile": quantile,
             "model_id": model_id,
-            "transfer": "off" if transfer_s is None else "on",
+            "transfer": "network tiers" if network else "off" if transfer_s is None else "on",
             "source": "http" if prefer_http else "inline",
             "checkpoint_bytes": size,
             "held_out_rows": held_out.rows,
             "held_out_cells": held_out.cells,
             "held_out_build_s": held_out_seconds,
-            "fanout_from_ack_s": _quantiles(from_ack),
-            "fanout_from_create_s": _quantiles(from_create),
-            "eval_s": _quantiles(evals),
-            "loop_lag_s": _quantiles(lag.samples),
+            "per_device_from_ack_s": Distribution.of(
+                np.concatenate(per_device).tolist() if per_device else []
+            ).as_dict(),
+            "fanout_from_ack_s": Distribution.of(from_ack).as_dict(),
+            "fanout_from_create_s": Distribution.of(from_create).as_dict(),
+            "eval_s": Distribution.of(evals).as_dict(),
+            "loop_lag_s": Distribution.of(lag.samples).as_dict(),
             "all_devices_active": bool((active == updates).all()),
             "versions_with_covers": covered,
             "stats": {

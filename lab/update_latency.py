@@ -9,13 +9,15 @@ the update's arrival at a registry follower, as any subscriber would see it.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lab.benchio import Percentiles
+from lab.measure import Distribution
 from pipeline import codec
 from pipeline.checkpoints import LocalCheckpointStore
 from pipeline.clients import make_producer
@@ -64,13 +66,31 @@ def _pushes(
 async def measure_update_latency(
     settings: Settings,
     *,
-    jobs: int = 5,
+    jobs: int = 100,
+    warmup_jobs: int = 1,
     samples_per_job: int = 2000,
     num_classes: int = 100,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Runs ``jobs`` training jobs on fresh topics; returns latencies and job timings."""
-    settings = settings.model_copy(update={"topic_prefix": f"bench-update-{uuid.uuid4().hex[:8]}"})
+    """Runs ``warmup_jobs + jobs`` training jobs on fresh topics; returns the latencies and
+    job timings of the last ``jobs`` (the first ones load the backbone and warm the
+    allocator: reported apart as the warm-up)."""
+    with tempfile.TemporaryDirectory(prefix="fedex-update-bench-") as home:
+        live = settings.model_copy(
+            update={"topic_prefix": f"bench-update-{uuid.uuid4().hex[:8]}", "home": Path(home)}
+        )
+        return await _measure(live, jobs, warmup_jobs, samples_per_job, num_classes, device)
+
+
+async def _measure(
+    settings: Settings,
+    jobs: int,
+    warmup_jobs: int,
+    samples_per_job: int,
+    num_classes: int,
+    device: str,
+) -> dict[str, Any]:
+    total = warmup_jobs + jobs
     topics = Topics(settings.topic_prefix)
     await ensure_topics(settings.bootstrap, topic_specs(settings))
     store = LocalCheckpointStore(settings.checkpoint_dir)
@@ -97,8 +117,8 @@ async def measure_update_latency(
             Trainer(settings, device=device, store=store) as trainer,
         ):
             await follower.wait_caught_up()
-            running = asyncio.create_task(trainer.run(max_jobs=jobs, idle_timeout=300))
-            for job in range(1, jobs + 1):
+            running = asyncio.create_task(trainer.run(max_jobs=total, idle_timeout=300))
+            for job in range(1, total + 1):
                 positions = []
                 pushes = _pushes(model_id, job, samples_per_job, num_classes)
                 for push in pushes:
@@ -126,10 +146,12 @@ async def measure_update_latency(
         await producer.stop()
     return {
         "jobs": jobs,
+        "warmup_jobs": warmup_jobs,
         "samples_per_job_new": samples_per_job,
         "num_classes": num_classes,
         "device": device,
-        "update_latency_s": Percentiles.of(latencies).as_dict(),
-        "latencies_s": latencies,
-        "train_seconds": train_seconds,
+        "warmup_latencies_s": latencies[:warmup_jobs],
+        "update_latency_s": Distribution.of(latencies[warmup_jobs:]).as_dict(),
+        "train_seconds": Distribution.of(train_seconds[warmup_jobs:]).as_dict(),
+        "latencies_s": latencies[warmup_jobs:],
     }
