@@ -162,6 +162,7 @@ def run_report(
     render_only: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     echo: Callable[[str], None] = print,
+    readme: Path | None = None,
 ) -> tuple[Path, list[Path], list[RunOutcome]]:
     """Runs the chosen benches one after the other (none with ``render_only``), records
     how they went, and renders the document from whatever results exist."""
@@ -176,5 +177,5 @@ def run_report(
             detail = f": {outcome.reason}" if outcome.reason else ""
             echo(f"bench {name}: {outcome.status} in {outcome.seconds:.0f} s{detail}")
             record_runs(results_dir, outcomes)
-    markdown, images = render_report(results_dir, docs_dir)
+    markdown, images = render_report(results_dir, docs_dir, readme)
     return markdown, images, outcomes

@@ -202,6 +202,7 @@ def bench_report(
     timeout: float = typer.Option(1800.0, help="seconds one bench may run"),
     results: Path = typer.Option(Path("bench/results"), help="result JSON directory"),
     docs: Path = typer.Option(Path("docs"), help="where benchmarks.md and img/ go"),
+    readme: Path = typer.Option(Path("README.md"), help="README whose benchmark table to render"),
 ) -> None:
     """Run every benchmark (each its own process), then write docs/benchmarks.md and its
     plots. A bench that fails or has no result is shown as missing with the reason."""
@@ -217,6 +218,7 @@ def bench_report(
             render_only=render_only,
             timeout=timeout,
             echo=typer.echo,
+            readme=readme if readme.is_file() else None,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

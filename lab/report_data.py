@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,8 @@ class Result:
     data: dict[str, Any] | None
     missing: str | None = None
     run: dict[str, Any] | None = None
+    #: Why the result no longer measures today's code (:mod:`lab.freshness`), or None.
+    stale: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -79,8 +80,9 @@ def _read(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return data, None
 
 
-def load_report(results_dir: Path) -> Report:
-    """Every benchmark's result (or the reason it has none) from ``results_dir``."""
+def load_report(results_dir: Path, repo: Path | None = None) -> Report:
+    """Every benchmark's result (or the reason it has none) from ``results_dir``; with
+    ``repo`` (a git checkout) each result is also checked against the code it measures."""
     runs, _ = _read(results_dir / RUNS_FILE)
     run_of = (runs or {}).get("runs", {})
     results: dict[str, Result] = {}
@@ -92,7 +94,12 @@ def load_report(results_dir: Path) -> Report:
             missing = f"the last run failed: {run.get('reason', 'no reason recorded')}"
         elif data is None:
             missing = f"{missing}: run `{command}`"
-        results[name] = Result(name, command, data, missing, run)
+        stale = None
+        if repo is not None and data is not None:
+            from lab.freshness import stale_reason
+
+            stale = stale_reason(repo, name, conditions_of(data))
+        results[name] = Result(name, command, data, missing, run, stale)
     gpu = []
     for file in sorted(results_dir.glob("train-*.json")):
         data, _ = _read(file)
@@ -100,8 +107,13 @@ def load_report(results_dir: Path) -> Report:
         if data is not None and device.startswith("cuda"):
             gpu.append(Result(file.stem, GPU_COMMAND, data))
     main_job, _ = _read(results_dir / MAIN_JOB_FILE)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return Report(results, gpu, stamp, main_job)
+    # the newest result's time, not the clock: the same files always render the same page
+    stamps = [
+        str(r.data.get("measured_at") or r.data.get("created_at"))
+        for r in [*results.values(), *gpu]
+        if r.data is not None and (r.data.get("measured_at") or r.data.get("created_at"))
+    ]
+    return Report(results, gpu, max(stamps, default="—"), main_job)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -184,15 +196,40 @@ def flatten(data: Any, prefix: str = "", limit: int = 80) -> list[tuple[str, Any
 def provenance(result: Result) -> tuple[str, str, str]:
     """(measured at, machine, load) of a result file."""
     data = result.data or {}
-    machine = data.get("machine") or {}
+    cond = data.get("conditions") or {}
+    machine = cond.get("machine") or data.get("machine") or {}
     env = data.get("environment") or {}
     when = data.get("measured_at") or data.get("created_at") or "—"
-    cores = machine.get("cpu_count") or env.get("cpu_count")
-    host = machine.get("host") or env.get("device_name") or ""
+    cores = machine.get("cores") or machine.get("cpu_count") or env.get("cpu_count")
+    host = machine.get("cpu_model") or machine.get("host") or env.get("device_name") or ""
     what = f"{cores} cores" if cores else "—"
-    if env.get("device", "").startswith("cuda"):
+    if str(env.get("device", "")).startswith("cuda"):
         what = f"{env.get('device_name')} ({what})"
     elif host:
         what = f"{host}, {what}"
-    load = data.get("loadavg_start") or env.get("loadavg_start") or dig(result.run, "loadavg")
-    return str(when), what, ", ".join(num(v) for v in load) if load else "—"
+    before = cond.get("loadavg_before") or data.get("loadavg_start") or env.get("loadavg_start")
+    before = before or dig(result.run, "loadavg")
+    after = cond.get("loadavg_after")
+    load = ", ".join(num(v) for v in before) if before else "—"
+    if after:
+        load += " → " + ", ".join(num(v) for v in after)
+    return str(when), what, load
+
+
+def conditions_of(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A result's conditions (older files kept ``commit``/``dirty`` at the top level)."""
+    data = data or {}
+    cond = dict(data.get("conditions") or {})
+    for key in ("commit", "dirty", "command"):
+        if key not in cond and key in data:
+            cond[key] = data[key]
+    return cond
+
+
+def commit_of(result: Result) -> str:
+    """The short commit a result was measured at, ``+dirty`` when the tree was, or —."""
+    cond = conditions_of(result.data)
+    commit = cond.get("commit")
+    if not commit:
+        return "—"
+    return f"{commit[:7]}{'+dirty' if cond.get('dirty') else ''}"

@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lab.measure import describe
 from lab.report_data import (
     GPU_COMMAND,
     Report,
     Result,
+    commit_of,
     dig,
     flatten,
     num,
@@ -25,12 +27,18 @@ def missing_note(result: Result) -> str:
 
 
 def stale_note(result: Result) -> str:
+    notes = ""
     if result.run and result.run.get("status") == "failed" and result.data is not None:
-        return (
+        notes += (
             f"\n\n> The last run of `{result.command}` failed ({result.run.get('reason')}); "
             "the numbers below are from the earlier result file.\n"
         )
-    return ""
+    if result.stale and result.data is not None:
+        notes += (
+            f"\n\n> **Stale**: {result.stale}; the numbers below were measured at "
+            f"{commit_of(result)}. Re-run `{result.command}`.\n"
+        )
+    return notes
 
 
 # --------------------------------------------------------------------------- sections
@@ -45,9 +53,20 @@ def section_runs(report: Report) -> str:
         if run.get("status") == "failed":
             status = "last run failed" + ("; older result shown" if r.ok else "")
         took = f" ({num(float(run['seconds']), 3)} s)" if run.get("seconds") else ""
-        rows.append([r.name, status + took, when, machine, load, f"`{r.command}`"])
+        if r.stale and r.ok:
+            status += f"; **stale**: {r.stale}"
+        rows.append([r.name, status + took, when, commit_of(r), machine, load, f"`{r.command}`"])
     return "## Runs\n\n" + table(
-        ["benchmark", "status", "measured at", "machine", "load (1/5/15 min)", "reproduce"], rows
+        [
+            "benchmark",
+            "status",
+            "measured at",
+            "commit",
+            "machine",
+            "load before → after (1/5/15 min)",
+            "reproduce",
+        ],
+        rows,
     )
 
 
@@ -90,7 +109,7 @@ def section_train(report: Report, img: str | None) -> str:
                 "paper img/s (Titan Xp)",
                 "CPU samples/s",
                 "CPU × paper",
-                "CPU util. of sgemm",
+                "CPU util. of sgemm (exact FLOPs)",
                 "GPU samples/s",
                 "GPU × paper",
             ],
@@ -98,10 +117,16 @@ def section_train(report: Report, img: str | None) -> str:
         )
     if cpu.ok:
         env = cpu.data.get("environment", {}) if cpu.data else {}
+        cfg, peak = dig(cpu.data, "config") or {}, dig(cpu.data, "peak") or {}
+        _, _, load = provenance(cpu)
         body += (
             f"\n\nCPU: {env.get('device_name', '?')}, {env.get('threads', '?')} threads, "
-            f"torch {env.get('torch', '?')}; load {num(env.get('loadavg_start'))} → "
-            f"{num(env.get('loadavg_end'))}. Reproduce: `{cpu.command}`."
+            f"torch {env.get('torch', '?')}; load {load}. Each level: the median of "
+            f"{num(cfg.get('rounds'))} rounds, each a ceiling window then a training slice; "
+            f"utilisation = exact FLOPs/sample ({cfg.get('flops_convention', '?')}) x samples/s "
+            f"÷ the best of {num(peak.get('windows'))} ceiling windows of the run "
+            f"({num((peak.get('min_flops_per_s') or 0) / 1e9)}–"
+            f"{num((peak.get('flops_per_s') or 0) / 1e9)} GFLOP/s). Reproduce: `{cpu.command}`."
         )
     if gpu is not None and gpu.data is not None:
         env = gpu.data.get("environment", {})
@@ -271,11 +296,14 @@ def section_transport(report: Report) -> str:
     else:
         rows.append(["codec", missing_note(codec), f"`{codec.command}`"])
     if kafka.ok:
+        k = kafka.data or {}
         rows.append(
             [
-                "raw aiokafka produce→consume, freeze6 10-sample pushes",
-                f"{num(dig(kafka.data, 'samples_s'))} samples/s "
-                f"({num(dig(kafka.data, 'mb_s'))} MB/s)",
+                "raw aiokafka produce→consume, freeze6 10-sample pushes, 50 keys on 6 partitions",
+                f"median {num(k.get('samples_s_median', k.get('samples_s')))} samples/s over "
+                f"{num(k.get('repeats', len(k.get('runs', []))))} runs after a warm-up run "
+                f"({num(k.get('samples_s_min'))}–{num(k.get('samples_s_best'))}; "
+                f"{num(k.get('mb_s_median', k.get('mb_s')))} MB/s)",
                 f"`{kafka.command}`",
             ]
         )
@@ -288,55 +316,51 @@ def find(data: Any, *words: str) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in flatten(data, limit=400) if all(w in k.lower() for w in words)]
 
 
+def pipeline_rows(p: Result) -> list[list[Any]]:
+    """Ingestion ratio (interleaved pairs) and the latency distributions, each with its n."""
+    a = (p.data or {}).get("agents", {})
+    u = (p.data or {}).get("update", {})
+    tp = a.get("throughput") or {}
+    cold = tp.get("cold_ratio")
+    broker = dig(p.data, "conditions", "broker", "source") or "?"
+    ratio = (
+        f"agents {num(a.get('agents_samples_s'))} vs raw {num(a.get('raw_kafka_samples_s'))} "
+        f"samples/s (medians): **ratio {num(tp.get('ratio_median'))}** (median of "
+        f"{num(tp.get('pairs'))} interleaved pairs, {num(tp.get('ratio_min'))}–"
+        f"{num(tp.get('ratio_max'))}); warm-up pair {num(cold)}; broker {broker}"
+    )
+    sustained = a.get("sustained") or {}
+    return [
+        ["ingestion: agents vs raw Kafka, same records", ratio],
+        ["trigger latency, idle worker", describe(a.get("idle_trigger_latency_s"))],
+        [
+            f"trigger latency, sustained load ({num(sustained.get('pushes_s'))} pushes/s)",
+            describe(sustained.get("trigger_latency_s")),
+        ],
+        ["trigger latency, flood (includes the backlog)", describe(a.get("trigger_latency_s"))],
+        [
+            f"update latency (trigger → model update, {u.get('device', '?')}, "
+            f"{u.get('num_classes', '?')} classes; {num(u.get('warmup_jobs'))} warm-up job apart)",
+            describe(u.get("update_latency_s")),
+        ],
+    ]
+
+
 def section_pipeline(report: Report) -> str:
     p, fleet = report.results["pipeline"], report.results["fleet"]
     out = "## Pipeline\n\n" + stale_note(p)
     rows: list[list[Any]] = []
     if p.ok and p.data is not None:
-        a = p.data.get("agents", {})
-        u = p.data.get("update", {})
-        rows += [
-            [
-                "ingestion: samples/s through the agents vs raw Kafka (same run)",
-                f"{num(a.get('samples_s'))} vs {num(a.get('raw_kafka_samples_s'))}: "
-                f"**ratio {num(a.get('ratio_to_raw_kafka'))}**",
-                f"`{p.command}`",
-            ],
-            [
-                "trigger latency p50 / p99: idle",
-                f"{seconds(dig(a, 'idle_trigger_latency_s', 'p50'))} / "
-                f"{seconds(dig(a, 'idle_trigger_latency_s', 'p99'))}",
-                f"`{p.command}`",
-            ],
-            [
-                "trigger latency p50 / p99: sustained load",
-                f"{seconds(dig(a, 'sustained', 'trigger_latency_s', 'p50'))} / "
-                f"{seconds(dig(a, 'sustained', 'trigger_latency_s', 'p99'))}",
-                f"`{p.command}`",
-            ],
-            [
-                "trigger latency p50 / p99: flood (backlog)",
-                f"{seconds(dig(a, 'trigger_latency_s', 'p50'))} / "
-                f"{seconds(dig(a, 'trigger_latency_s', 'p99'))}",
-                f"`{p.command}`",
-            ],
-            [
-                f"update latency p50 / p99 (trigger → model update, {u.get('device', '?')}, "
-                f"{u.get('num_classes', '?')} classes)",
-                f"{seconds(dig(u, 'update_latency_s', 'p50'))} / "
-                f"{seconds(dig(u, 'update_latency_s', 'p99'))}",
-                f"`{p.command}`",
-            ],
-        ]
+        rows += [[what, value, f"`{p.command}`"] for what, value in pipeline_rows(p)]
     else:
         rows.append(["ingestion, trigger and update latency", missing_note(p), f"`{p.command}`"])
     fan = dig(fleet.data, "fanout")
     specific = {
         "fan-out": (
-            f"model update → every one of {num(fan.get('devices'))} devices: p50 "
-            f"{seconds(dig(fan, 'fanout_from_ack_s', 'p50'))}, p99 "
-            f"{seconds(dig(fan, 'fanout_from_ack_s', 'p99'))} from the broker's ack"
-            if isinstance(fan, Mapping) and "fanout_from_ack_s" in fan
+            f"model update → head swapped, per device of {num(fan.get('devices'))} over "
+            f"{num(fan.get('updates'))} versions, transfer {fan.get('transfer', '?')}: "
+            f"{describe(fan.get('per_device_from_ack_s'))}"
+            if isinstance(fan, Mapping) and "per_device_from_ack_s" in fan
             else None
         ),
         "freshness": main_job_freshness(report.main_job),
@@ -419,14 +443,16 @@ def section_fleet(report: Report) -> str:
         if not isinstance(s, Mapping):
             continue
         lag = dig(s, "loop_lag_ms", "p99") or s.get("loop_lag_p99_max_ms")
+        n = dig(s, "loop_lag_ms", "n")
         rows.append(
             [
                 label,
                 num(s.get("devices")),
                 num(s.get("processes", 1)),
                 num(s.get("rss_peak_mb") or s.get("rss_max_mb")),
+                num(s.get("rss_steady_mb")),
                 num(s.get("rss_total_mb", s.get("rss_peak_mb"))),
-                f"{num(lag)} ms" if lag is not None else "—",
+                (f"{num(lag)} ms" + (f" (n={num(n)})" if n else "")) if lag is not None else "—",
                 num(dig(s, "sustained", "pushes_s")),
                 num(dig(s, "sustained", "samples_s")),
             ]
@@ -436,7 +462,8 @@ def section_fleet(report: Report) -> str:
             "run",
             "devices",
             "processes",
-            "RSS/process MB (max)",
+            "peak RSS/process MB, VmHWM (max)",
+            "steady RSS MB",
             "RSS total MB",
             "loop lag p99",
             "sustained pushes/s",
@@ -444,15 +471,19 @@ def section_fleet(report: Report) -> str:
         ],
         rows,
     )
-    fan = d.get("fanout")
-    if isinstance(fan, Mapping):
+    for key, label in (
+        ("fanout", "with each device's download"),
+        ("fanout_transfer_off", "transfer off"),
+    ):
+        fan = d.get(key)
+        if not isinstance(fan, Mapping):
+            continue
         out += (
-            f"\n\nFan-out of {num(fan.get('updates'))} model versions to "
+            f"\n\nFan-out {label}: {num(fan.get('updates'))} versions to "
             f"{num(fan.get('devices'))} devices ({fan.get('source', '?')} checkpoints of "
-            f"{num(fan.get('checkpoint_bytes'))} B): from the broker's ack, p50 "
-            f"{seconds(dig(fan, 'fanout_from_ack_s', 'p50'))}, p99 "
-            f"{seconds(dig(fan, 'fanout_from_ack_s', 'p99'))}; from the version's creation, "
-            f"p99 {seconds(dig(fan, 'fanout_from_create_s', 'p99'))}."
+            f"{num(fan.get('checkpoint_bytes'))} B, transfer {fan.get('transfer', '?')}). Per "
+            f"device, broker ack → head swapped: {describe(fan.get('per_device_from_ack_s'))}; "
+            f"to 99% of the devices, per version: {describe(fan.get('fanout_from_ack_s'))}."
         )
     density = fleet_density(d)
     if density:

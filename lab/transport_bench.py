@@ -114,6 +114,7 @@ def run_codec_bench(
     freeze6 = rows[0]
     result = {
         "pinned_core": core,
+        "repeats": repeats,
         "rows": rows,
         "target": {"decode_samples_s": DECODE_TARGET_SAMPLES_S},
         "meets_target": freeze6["decode_samples_s"] >= DECODE_TARGET_SAMPLES_S,

@@ -118,11 +118,22 @@ def results(tmp_path: Path) -> Path:
         {
             "benchmark": "pipeline",
             "agents": {
-                "samples_s": 33_338.3,
+                "agents_samples_s": 33_338.3,
                 "raw_kafka_samples_s": 114_146.0,
-                "ratio_to_raw_kafka": 0.292,
+                "throughput": {
+                    "pairs": 5,
+                    "ratio_median": 0.292,
+                    "ratio_min": 0.25,
+                    "ratio_max": 0.31,
+                    "cold_ratio": 0.21,
+                },
+                "idle_trigger_latency_s": {"n": 100, "p50": 0.04, "p99": 0.06, "max": 0.07},
             },
-            "update": {"update_latency_s": {"p50": 0.7714, "p99": 1.2779}},
+            "update": {
+                "warmup_jobs": 1,
+                "update_latency_s": {"n": 20, "p50": 0.7714, "p99": None, "max": 1.2779},
+            },
+            "conditions": {"broker": {"source": "started by the bench"}},
         },
     )
     write(out / "fleet.json", {"benchmark": "fleet", "fanout_p99_s": 0.0421, "devices": 100_000})
@@ -143,12 +154,16 @@ def test_tables_carry_the_numbers_of_the_result_files(results: Path, tmp_path: P
     assert "| 0% | 0 | 0.432 ± 0.01 | 0.9 |" in markdown
     assert "| 100% | 512 | 0.876 ± 0.01 | 0.9 |" in markdown
     # pipeline and fleet
-    assert "33,338 vs 114,146: **ratio 0.292**" in markdown
-    assert "771 ms / 1.28 s" in markdown
+    assert "agents 33,338 vs raw 114,146 samples/s (medians): **ratio 0.292**" in markdown
+    assert "(median of 5 interleaved pairs, 0.25–0.31); warm-up pair 0.21" in markdown
+    assert "broker started by the bench" in markdown
+    assert "p50 0.04 s, p99 0.06 s, max 0.07 s (n=100)" in markdown
+    # a p99 over 20 values is never printed: the max stands in, and says so
+    assert "p50 0.771 s, max 1.28 s (n=20: too few for a p99, the max is given)" in markdown
     assert "fanout_p99_s = 0.0421" in markdown
     assert "| `devices` | 100,000 |" in markdown
     # provenance: timestamp, cores, load
-    assert "| push | ok | 2026-01-02T03:04:05Z | box, 2 cores | 0.25, 0.5, 0.75 |" in markdown
+    assert "| push | ok | 2026-01-02T03:04:05Z | — | box, 2 cores | 0.25, 0.5, 0.75 |" in markdown
     assert {p.name for p in images} == {"train.png", "push.png", "datafraction.png"}
     for path in images:
         assert path.read_bytes()[:8] == PNG
@@ -252,7 +267,8 @@ FLEET = {
     "one_process": {
         "devices": 10_000,
         "rss_peak_mb": 851.75,
-        "loop_lag_ms": {"p99": 7.94},
+        "loop_lag_ms": {"p99": 7.94, "n": 1500},
+        "rss_steady_mb": 700.5,
         "sustained": {"pushes_s": 69.7, "samples_s": 2826.4},
     },
     "multi_process": {
@@ -268,8 +284,9 @@ FLEET = {
         "updates": 5,
         "source": "inline",
         "checkpoint_bytes": 33_024,
-        "fanout_from_ack_s": {"p50": 0.0038, "p99": 0.00774},
-        "fanout_from_create_s": {"p99": 0.0216},
+        "transfer": "network tiers",
+        "per_device_from_ack_s": {"n": 200_000, "p50": 0.21, "p99": 1.42, "max": 3.1},
+        "fanout_from_ack_s": {"n": 20, "p50": 1.38, "p99": None, "max": 1.5},
     },
 }
 
@@ -313,11 +330,17 @@ def test_fleet_and_fedavg_tables_and_plot(results: Path, tmp_path: Path) -> None
     write(results / "fleet.json", FLEET)
     write(results / "fedavg.json", FEDAVG)
     markdown, images = render(load_report(results), tmp_path / "docs")
-    assert "| one process | 10,000 | 1 | 851.8 | 851.8 | 7.94 ms | 69.7 | 2,826 |" in markdown
     assert (
-        "| many processes | 100,000 | 10 | 898.6 | 8,911 | 50.1 ms | 1,270 | 51,015 |" in markdown
+        "| one process | 10,000 | 1 | 851.8 | 700.5 | 851.8 | 7.94 ms (n=1,500) | 69.7 | 2,826 |"
+        in markdown
     )
-    assert "p50 3.8 ms, p99 7.74 ms from the broker's ack" in markdown
+    assert (
+        "| many processes | 100,000 | 10 | 898.6 | — | 8,911 | 50.1 ms | 1,270 | 51,015 |"
+        in markdown
+    )
+    assert "Per device, broker ack → head swapped: p50 0.21 s, p99 1.42 s, max 3.1 s" in markdown
+    assert "(n=200,000)" in markdown
+    assert "per version: p50 1.38 s, max 1.5 s (n=20: too few for a p99" in markdown
     assert "10,000 devices in one process at 851.8 MB peak RSS (87.2 KB/device)" in markdown
     assert "freshness | **missing** — fleet.json has no freshness field" in markdown
     assert "| FedEx | 0.91 | 1 | 33,500 | 33,100 | 66,600 | 0 ms | 4.2 s |" in markdown

@@ -1,0 +1,72 @@
+"""Whether a result still measures today's code: its commit against the last commit that
+changed the code its benchmark measures (git, read-only).
+
+A result is *stale* when that last change is not an ancestor of (or equal to) the commit
+the result was measured at, or when the result was measured on a dirty tree or records
+no commit at all. The renderer marks such results; it never hides them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+#: The code each benchmark measures (the bench's own module and what it drives).
+BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
+    "codec": ("pipeline/codec", "lab/transport_bench.py"),
+    "kafka": ("pipeline/clients.py", "lab/transport_bench.py", "lab/bench_broker.py"),
+    "pipeline": (
+        "agents",
+        "pipeline/codec",
+        "pipeline/clients.py",
+        "trainer",
+        "lab/pipeline_bench.py",
+        "lab/update_latency.py",
+        "lab/measure.py",
+    ),
+    "train": ("trainer/recipe.py", "pipeline/zoo.py", "lab/train_bench.py", "lab/measure.py"),
+    "push": ("pipeline/server.py", "pipeline/http_api.py", "pipeline/codec", "lab/push_bench.py"),
+    "datafraction": ("device_sim", "trainer/recipe.py", "lab/datafraction_bench.py"),
+    "fleet": ("device_sim", "lab/fleet_bench.py", "lab/subscription_bench.py"),
+    "fedavg": ("lab/fedavg_bench.py", "lab/fedavg_devices.py", "lab/fedavg_server.py", "trainer"),
+    "chaos": ("agents", "trainer", "pipeline/samples.py", "lab/chaos.py", "lab/chaos_bench.py"),
+}
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def last_change(repo: Path, paths: Sequence[str]) -> str | None:
+    """The newest commit that touched any of ``paths``."""
+    done = _git(repo, "log", "-1", "--format=%H", "--", *paths)
+    return done.stdout.strip() or None if done and done.returncode == 0 else None
+
+
+def stale_reason(repo: Path, name: str, conditions: dict[str, Any] | None) -> str | None:
+    """Why the result of bench ``name`` measured under ``conditions`` is stale, or None."""
+    paths = BENCH_CODE.get(name)
+    if paths is None or _git(repo, "rev-parse", "--git-dir") is None:
+        return None
+    commit = (conditions or {}).get("commit")
+    if not commit:
+        return "no commit recorded"
+    if (conditions or {}).get("dirty"):
+        return f"measured on a dirty tree at {commit[:7]}"
+    changed = last_change(repo, paths)
+    if changed is None:
+        return None
+    known = _git(repo, "cat-file", "-e", f"{commit}^{{commit}}")
+    if known is None or known.returncode != 0:
+        return f"commit {commit[:7]} is not in this repository"
+    ancestor = _git(repo, "merge-base", "--is-ancestor", changed, commit)
+    if ancestor is not None and ancestor.returncode == 0:
+        return None
+    return f"code changed since (last change {changed[:7]})"
