@@ -71,6 +71,10 @@ class Recipe:
     weight_decay: float = 1e-4
     batch_size: int = 128
 
+    def fit_kwargs(self, seed: int) -> dict[str, Any]:
+        """The recipe as the keyword arguments of ``train_base_head`` and ``fit_head``."""
+        return {**asdict(self), "seed": seed}
+
 
 @dataclass(frozen=True, slots=True)
 class Point:
@@ -199,15 +203,7 @@ def sweep_model(
         pretrain_val_rows=int(pre_val[1].size),
     )
     for seed in seeds:
-        base = train_base_head(
-            bank,
-            model_id,
-            epochs=recipe.epochs,
-            lr=recipe.lr,
-            weight_decay=recipe.weight_decay,
-            batch_size=recipe.batch_size,
-            seed=seed,
-        )
+        base = train_base_head(bank, model_id, **recipe.fit_kwargs(seed))
         v0 = new_head(bank.backbone, bank.cut, bank.num_classes, seed=seed)
         load_head_state(v0, base.state_dict)
         v0.eval()
@@ -222,15 +218,7 @@ def sweep_model(
                     device_acc, pretrain_acc, trained = v0_device, v0_pretrain, 0
                 else:
                     head = copy.deepcopy(v0)
-                    fit_head(
-                        head,
-                        *bank.take(rows),
-                        epochs=recipe.epochs,
-                        lr=recipe.lr,
-                        weight_decay=recipe.weight_decay,
-                        batch_size=recipe.batch_size,
-                        seed=seed,
-                    )
+                    fit_head(head, *bank.take(rows), **recipe.fit_kwargs(seed))
                     device_acc = head_accuracy(head, *device_val)
                     pretrain_acc = head_accuracy(head, *pre_val)
                     trained = int(rows.size)

@@ -40,10 +40,13 @@ def plot_train(report: Report, path: Path) -> bool:
         ax.bar(xs, [values[lv] for lv in levels if lv in values], width, label=label)
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(levels))], levels)
     ax.set_yscale("log")
-    ax.set_ylabel("training samples/s (log)")
-    ax.set_title("Head training throughput per freeze level")
-    ax.legend()
-    return _save(fig, path)
+    return _finish(
+        fig,
+        ax,
+        path,
+        title="Head training throughput per freeze level",
+        y="training samples/s (log)",
+    )
 
 
 def plot_push(report: Report, path: Path) -> bool:
@@ -90,9 +93,22 @@ def plot_datafraction(data: Mapping[str, Any] | None, path: Path) -> bool:
     ax.set_xscale("symlog", linthresh=2)
     ax.set_xlim(-0.2, 130)
     ax.set_xticks([100 * r["fraction"] for r in first], [f"{r['fraction']:.0%}" for r in first])
-    ax.set_xlabel("fraction of additional user data")
-    ax.set_ylabel("validation accuracy (device held-out)")
-    ax.set_title("Accuracy vs fraction of additional data")
+    return _finish(
+        fig,
+        ax,
+        path,
+        title="Accuracy vs fraction of additional data",
+        x="fraction of additional user data",
+        y="validation accuracy (device held-out)",
+    )
+
+
+def _finish(fig: Any, ax: Any, path: Path, *, title: str, y: str, x: str | None = None) -> bool:
+    """A one-axes plot's axis labels, title and legend, then :func:`_save`."""
+    if x is not None:
+        ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
     ax.legend()
     return _save(fig, path)
 
@@ -125,8 +141,11 @@ def plot_fedavg(data: Mapping[str, Any] | None, path: Path) -> bool:
     if base is not None:
         ax.axhline(base, color="grey", ls=":", label="base v0")
     ax.set_xscale("log")
-    ax.set_xlabel("bytes per device (log)")
-    ax.set_ylabel("mean device accuracy")
-    ax.set_title("FedAvg vs FedEx: accuracy against communication")
-    ax.legend()
-    return _save(fig, path)
+    return _finish(
+        fig,
+        ax,
+        path,
+        title="FedAvg vs FedEx: accuracy against communication",
+        x="bytes per device (log)",
+        y="mean device accuracy",
+    )
