@@ -24,6 +24,7 @@ import contextlib
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from pipeline.clients import make_admin
 from pipeline.publishing import build_update, make_update_producer, publish_update
 from pipeline.records import (
     ModelMetrics,
+    ModelUpdate,
     OffsetRange,
     TrainingTrigger,
     TriggerReason,
@@ -124,22 +126,11 @@ async def measure_fanout(
         )
         topics = Topics(settings.topic_prefix)
         await ensure_topics(bootstrap, topic_specs(settings))
+        spec = FanoutSpec(
+            devices, updates, quantile, prefer_http, real_pull_fraction, transfer_s, network, seed
+        )
         try:
-            return await _run(
-                settings=settings,
-                topics=topics,
-                bank=bank,
-                model_id=model_id,
-                devices=devices,
-                updates=updates,
-                quantile=quantile,
-                prefer_http=prefer_http,
-                real_pull_fraction=real_pull_fraction,
-                transfer_s=transfer_s,
-                network=network,
-                seed=seed,
-                timeout=timeout,
-            )
+            return await _run(settings, topics, bank, model_id, spec, timeout)
         finally:
             admin = make_admin(bootstrap=bootstrap)
             await admin.start()
@@ -152,161 +143,232 @@ async def measure_fanout(
     raise AssertionError("unreachable")
 
 
-async def _run(
-    *,
+@dataclass(frozen=True)
+class FanoutSpec:
+    devices: int
+    updates: int
+    quantile: float
+    prefer_http: bool
+    real_pull_fraction: float
+    transfer_s: npt.ArrayLike | None
+    network: bool
+    seed: int
+
+    @property
+    def uses_server(self) -> bool:
+        return self.prefer_http or self.real_pull_fraction > 0
+
+
+@dataclass
+class Timings:
+    """What one fan-out run measured, version by version."""
+
+    from_ack: list[float] = field(default_factory=list)
+    from_create: list[float] = field(default_factory=list)
+    per_device: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    evals: list[float] = field(default_factory=list)
+    covered: int = 0
+    size: int = 0
+
+
+class Activations:
+    """Stamps when a version became active (every device of the process swaps its head in
+    one vectorised step), and which version each device runs."""
+
+    def __init__(self, devices: int) -> None:
+        self.active = np.full(devices, -1, dtype=np.int64)
+        self.at: dict[str, float] = {}
+
+    def on_version(self, event: VersionEvent) -> None:
+        if event.activated:
+            self.active[:] = int(event.version[1:])
+            self.at[event.version] = time.time()
+
+    @staticmethod
+    def on_refused(refused: RefusedVersion) -> None:
+        raise RuntimeError(f"bench version refused: {refused}")
+
+
+async def _start_subscriber(
+    stack: contextlib.AsyncExitStack,
+    settings: Settings,
+    topics: Topics,
+    model_id: str,
+    held_out: HeldOutSet,
+    spec: FanoutSpec,
+    activations: Activations,
+    store: LocalCheckpointStore,
+    timeout: float,
+) -> tuple[ModelSubscriber, str]:
+    """The subscriber (and a model server, when the spec pulls over HTTP); its server URL."""
+    server_url, token = settings.server_url, None
+    if spec.uses_server:
+        server = ModelServer.from_settings(settings, secret=BENCH_SECRET, port=0, store=store)
+        await stack.enter_async_context(server)
+        await server.wait_ready(timeout)
+        server_url = server.url
+        token = issue_token(BENCH_SECRET, "fanout-bench", [model_id], 3600, time.time())
+    subscriber = ModelSubscriber(
+        bootstrap=settings.bootstrap,
+        models_topic=topics.models,
+        triggers_topic=topics.triggers,
+        held_out={model_id: held_out},
+        on_version=activations.on_version,
+        on_refused=activations.on_refused,
+        server_url=server_url if spec.uses_server else None,
+        token=token,
+        prefer_http=spec.prefer_http,
+        real_pull_fraction=spec.real_pull_fraction,
+        client_id="fanout-bench",
+    )
+    await stack.enter_async_context(subscriber)
+    await subscriber.wait_caught_up(timeout)
+    return subscriber, server_url
+
+
+def _version_update(
+    store: LocalCheckpointStore,
+    settings: Settings,
+    bank: FeatureBank,
+    model_id: str,
+    n: int,
+    state: dict[str, Any],
+    server_url: str,
+) -> ModelUpdate:
+    return build_update(
+        store=store,
+        model_id=model_id,
+        version=f"v{n}",
+        state_dict=state,
+        backbone=bank.backbone,
+        cut=bank.cut,
+        num_classes=bank.num_classes,
+        metrics=ModelMetrics(0.0, None, 0, 0, 0.0, 0),
+        is_best=True,
+        parent_version=f"v{n - 1}" if n else None,
+        trigger_id=f"{model_id}:{n}" if n else None,
+        server_url=server_url,
+        max_message_bytes=settings.max_message_bytes,
+    )
+
+
+async def _publish_versions(
+    producer: Any,
+    subscriber: ModelSubscriber,
     settings: Settings,
     topics: Topics,
     bank: FeatureBank,
     model_id: str,
-    devices: int,
-    updates: int,
-    quantile: float,
-    prefer_http: bool,
-    real_pull_fraction: float,
-    transfer_s: npt.ArrayLike | None,
-    network: bool,
-    seed: int,
+    spec: FanoutSpec,
+    activations: Activations,
+    store: LocalCheckpointStore,
+    server_url: str,
     timeout: float,
-) -> dict[str, Any]:
+) -> Timings:
+    """Publishes v0 (warm-up, not counted) … v<updates>, each after the last is active."""
     import torch
 
     from device_sim.network import TierArrays, assign_tiers, tier_names
 
-    tiers = assign_tiers(devices, np.random.default_rng(seed)) if network else None
+    tiers = assign_tiers(spec.devices, np.random.default_rng(spec.seed)) if spec.network else None
     links = TierArrays.of(tier_names())
-
-    store = LocalCheckpointStore(settings.checkpoint_dir)
-    started = time.perf_counter()
-    vendors, identities = random_devices(bank, model_id, devices, seed=seed)
-    held_out = HeldOutSet.for_devices(bank, model_id, vendors, identities)
-    held_out_seconds = time.perf_counter() - started
+    generator = torch.Generator().manual_seed(spec.seed)
     base = {
         k: v.float()
         for k, v in new_head(bank.backbone, bank.cut, bank.num_classes).state_dict().items()
     }
-
-    active = np.full(devices, -1, dtype=np.int64)
-    activated_at: dict[str, float] = {}
-
-    def on_version(event: VersionEvent) -> None:
-        if event.activated:
-            active[:] = int(event.version[1:])  # every device of the process swaps its head
-            activated_at[event.version] = time.time()
-
-    def on_refused(refused: RefusedVersion) -> None:
-        raise RuntimeError(f"bench version refused: {refused}")
-
-    async with contextlib.AsyncExitStack() as stack:
-        server_url = settings.server_url
-        token = None
-        use_server = prefer_http or real_pull_fraction > 0
-        if use_server:
-            server = ModelServer.from_settings(settings, secret=BENCH_SECRET, port=0, store=store)
-            await stack.enter_async_context(server)
-            await server.wait_ready(timeout)
-            server_url = server.url
-            token = issue_token(BENCH_SECRET, "fanout-bench", [model_id], 3600, time.time())
-        subscriber = ModelSubscriber(
-            bootstrap=settings.bootstrap,
-            models_topic=topics.models,
-            triggers_topic=topics.triggers,
-            held_out={model_id: held_out},
-            on_version=on_version,
-            on_refused=on_refused,
-            server_url=server_url if use_server else None,
-            token=token,
-            prefer_http=prefer_http,
-            real_pull_fraction=real_pull_fraction,
-            client_id="fanout-bench",
+    timings = Timings()
+    for n in range(spec.updates + 1):
+        state = {
+            k: v + 0.01 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
+        update = _version_update(store, settings, bank, model_id, n, state, server_url)
+        timings.size = update.size
+        if n:  # as in the product: the trigger is on its topic before its version
+            ranges = (OffsetRange(0, 100 * (n - 1), 100 * n),)
+            trigger = TrainingTrigger(model_id, f"{model_id}:{n}", ranges, 100, TriggerReason.COUNT)
+            await producer.send_and_wait(
+                topics.triggers, codec.encode_trigger(trigger), key=codec.encode_key(model_id)
+            )
+        await publish_update(producer, topics.models, update)
+        acked = time.time()
+        outcome = await subscriber.wait_version(model_id, update.version, timeout)
+        assert isinstance(outcome, VersionEvent)
+        if n == 0:
+            continue  # warm-up
+        timings.covered += bool(outcome.covers)
+        transfer = (
+            links.download_seconds(update.size, tiers) if tiers is not None else spec.transfer_s
         )
-        await stack.enter_async_context(subscriber)
-        await subscriber.wait_caught_up(timeout)
+        times = activation_times(activations.at[update.version], transfer, spec.devices)
+        timings.per_device.append(times - acked)
+        timings.from_ack.append(fanout_seconds(acked, times, spec.quantile))
+        timings.from_create.append(fanout_seconds(outcome.produced_at, times, spec.quantile))
+        timings.evals.append(outcome.eval_seconds)
+    return timings
+
+
+async def _run(
+    settings: Settings,
+    topics: Topics,
+    bank: FeatureBank,
+    model_id: str,
+    spec: FanoutSpec,
+    timeout: float,
+) -> dict[str, Any]:
+    store = LocalCheckpointStore(settings.checkpoint_dir)
+    started = time.perf_counter()
+    vendors, identities = random_devices(bank, model_id, spec.devices, seed=spec.seed)
+    held_out = HeldOutSet.for_devices(bank, model_id, vendors, identities)
+    held_out_seconds = time.perf_counter() - started
+    activations = Activations(spec.devices)
+    async with contextlib.AsyncExitStack() as stack:
+        subscriber, server_url = await _start_subscriber(
+            stack, settings, topics, model_id, held_out, spec, activations, store, timeout
+        )
         producer = make_update_producer(settings, client_id="fanout-bench")
         await producer.start()
         stack.push_async_callback(producer.stop)
         lag = _LoopLag()
         lag.start()
         stack.push_async_callback(lag.stop)
-
-        generator = torch.Generator().manual_seed(seed)
-        from_ack: list[float] = []
-        from_create: list[float] = []
-        per_device: list[npt.NDArray[np.float64]] = []
-        evals: list[float] = []
-        size = 0
-        covered = 0
-        for n in range(updates + 1):
-            version = f"v{n}"
-            state = {
-                k: v + 0.01 * torch.randn(v.shape, generator=generator)
-                if v.is_floating_point()
-                else v
-                for k, v in base.items()
-            }
-            update = build_update(
-                store=store,
-                model_id=model_id,
-                version=version,
-                state_dict=state,
-                backbone=bank.backbone,
-                cut=bank.cut,
-                num_classes=bank.num_classes,
-                metrics=ModelMetrics(0.0, None, 0, 0, 0.0, 0),
-                is_best=True,
-                parent_version=f"v{n - 1}" if n else None,
-                trigger_id=f"{model_id}:{n}" if n else None,
-                server_url=server_url,
-                max_message_bytes=settings.max_message_bytes,
-            )
-            size = update.size
-            if n:  # as in the product: the trigger is on its topic before its version
-                trigger = TrainingTrigger(
-                    model_id,
-                    f"{model_id}:{n}",
-                    (OffsetRange(0, 100 * (n - 1), 100 * n),),
-                    100,
-                    TriggerReason.COUNT,
-                )
-                await producer.send_and_wait(
-                    topics.triggers, codec.encode_trigger(trigger), key=codec.encode_key(model_id)
-                )
-            await publish_update(producer, topics.models, update)
-            acked = time.time()
-            outcome = await subscriber.wait_version(model_id, version, timeout)
-            assert isinstance(outcome, VersionEvent)
-            if n == 0:
-                continue  # warm-up
-            covered += bool(outcome.covers)
-            transfer = (
-                links.download_seconds(update.size, tiers) if tiers is not None else transfer_s
-            )
-            times = activation_times(activated_at[version], transfer, devices)
-            per_device.append(times - acked)
-            from_ack.append(fanout_seconds(acked, times, quantile))
-            from_create.append(fanout_seconds(outcome.produced_at, times, quantile))
-            evals.append(outcome.eval_seconds)
+        timings = await _publish_versions(
+            producer,
+            subscriber,
+            settings,
+            topics,
+            bank,
+            model_id,
+            spec,
+            activations,
+            store,
+            server_url,
+            timeout,
+        )
         await subscriber.wait_pulls()
         stats = subscriber.stats
+        transfer = "off" if spec.transfer_s is None else "on"
         return {
-            "devices": devices,
-            "updates": updates,
-            "quantile": quantile,
+            "devices": spec.devices,
+            "updates": spec.updates,
+            "quantile": spec.quantile,
             "model_id": model_id,
-            "transfer": "network tiers" if network else "off" if transfer_s is None else "on",
-            "source": "http" if prefer_http else "inline",
-            "checkpoint_bytes": size,
+            "transfer": "network tiers" if spec.network else transfer,
+            "source": "http" if spec.prefer_http else "inline",
+            "checkpoint_bytes": timings.size,
             "held_out_rows": held_out.rows,
             "held_out_cells": held_out.cells,
             "held_out_build_s": held_out_seconds,
             "per_device_from_ack_s": Distribution.of(
-                np.concatenate(per_device).tolist() if per_device else []
+                np.concatenate(timings.per_device).tolist() if timings.per_device else []
             ).as_dict(),
-            "fanout_from_ack_s": Distribution.of(from_ack).as_dict(),
-            "fanout_from_create_s": Distribution.of(from_create).as_dict(),
-            "eval_s": Distribution.of(evals).as_dict(),
+            "fanout_from_ack_s": Distribution.of(timings.from_ack).as_dict(),
+            "fanout_from_create_s": Distribution.of(timings.from_create).as_dict(),
+            "eval_s": Distribution.of(timings.evals).as_dict(),
             "loop_lag_s": Distribution.of(lag.samples).as_dict(),
-            "all_devices_active": bool((active == updates).all()),
-            "versions_with_covers": covered,
+            "all_devices_active": bool((activations.active == spec.updates).all()),
+            "versions_with_covers": timings.covered,
             "stats": {
                 "versions": stats.versions,
                 "refused": stats.refused,
