@@ -3,12 +3,12 @@
 :func:`train_base_head` trains the thawed layers on the clean images of the pre-training
 identities only, so ``v0`` is good there and mediocre on the devices' (vendor-shifted,
 partly novel) data: personalization has something to gain. :func:`fit_head` and
-:func:`head_accuracy` are the plain AdamW loop and top-1 accuracy the benches share.
+:func:`head_accuracy` are the plain AdamW loop and top-1 accuracy the benches share (on
+:mod:`pipeline.head_loop`, the loop the trainer trains with).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from device_sim.bank import BankError, FeatureBank
 from device_sim.images import CLEAN_DOMAIN
+from pipeline.head_loop import CPU, accuracy, as_tensor, train_epochs, trainable_parameters
 from pipeline.records import Backbone, Cut
 from pipeline.zoo import build_backbone, head_state_dict, split
 
@@ -73,45 +74,31 @@ def fit_head(
     batch_size: int = 128,
     seed: int = 0,
 ) -> list[float]:
-    """Train ``head`` in place (AdamW, cross-entropy, shuffled minibatches from ``seed``);
-    returns the mean loss per epoch."""
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    """Train ``head`` in place (AdamW, cross-entropy, shuffled minibatches from ``seed``, a
+    batch of one skipped); returns the mean loss per epoch."""
+    x = as_tensor(features, CPU, torch.float32)
+    y = as_tensor(labels, CPU, torch.long)
     n = int(x.shape[0])
     if n < 2 or int(y.shape[0]) != n:
         raise BankError(f"need ≥ 2 samples and one label each, got {n} and {y.shape[0]}")
-    params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    head.train()
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            index = order[start : start + batch_size]
-            if index.numel() < 2:  # BatchNorm in train mode needs two samples
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(head(x[index]), y[index])
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * index.numel()
-        losses.append(total / n)
-    head.eval()
-    return losses
+    optimizer = torch.optim.AdamW(trainable_parameters(head), lr=lr, weight_decay=weight_decay)
+    epoch_losses = train_epochs(
+        head,
+        optimizer,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        tail="drop",
+        sum_dtype=torch.float64,
+    )
+    return list(epoch_losses)
 
 
-@torch.no_grad()
 def head_accuracy(head: nn.Module, features: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     """Top-1 accuracy in eval mode; NaN on an empty set."""
-    y = np.asarray(labels)
-    if y.size == 0:
-        return math.nan
-    head.eval()
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    predicted = torch.cat([head(x[i : i + 1024]).argmax(1) for i in range(0, len(x), 1024)])
-    return float((predicted.numpy() == y).mean())
+    return accuracy(head, features, labels)
 
 
 def train_base_head(

@@ -28,6 +28,7 @@ from torch import nn
 from device_sim.images import rng_for, stable_key
 from pipeline import codec
 from pipeline.errors import FedexError
+from pipeline.head_loop import CPU, as_tensor, train_epochs, trainable_parameters
 from pipeline.lifecycle import Service
 from pipeline.records import FeatureDType, RoundBroadcast, RoundUpdate, UpdateKind
 from pipeline.topics import Topics
@@ -82,47 +83,50 @@ def local_update(
     shuffled minibatches, or, with ``epochs = 0``, the full-batch loss gradient. ``loss``
     is the mean training loss of the last epoch (of the gradient pass)."""
     started = time.perf_counter()
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    x = as_tensor(features, CPU, torch.float32)
+    y = as_tensor(labels, CPU, torch.long)
     n = int(x.shape[0])
     if n == 0 or int(y.shape[0]) != n:
         raise FedAvgDeviceError(f"need samples and one label each, got {n} and {y.shape[0]}")
     before = {k: v.detach().clone() for k, v in head.state_dict().items() if v.is_floating_point()}
-    params = [p for p in head.parameters() if p.requires_grad]
-    head.train()
     if epochs == 0:
-        head.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(head(x), y)
-        loss.backward()
-        named = dict(head.named_parameters())
-        tensors: Arrays = {}
-        for name, value in before.items():
-            grad = named[name].grad if name in named else None
-            tensors[name] = (grad if grad is not None else torch.zeros_like(value)).numpy().copy()
-        head.eval()
-        return LocalResult(
-            tensors, UpdateKind.GRADIENT, float(loss.detach()), time.perf_counter() - started
-        )
-    optimizer = torch.optim.SGD(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    last = 0.0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            index = order[start : start + batch_size]
-            if index.numel() < 2 and n >= 2:  # BatchNorm in train mode needs two samples
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(head(x[index]), y[index])
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * index.numel()
-        last = total / n
-    head.eval()
+        tensors, loss = _full_batch_gradient(head, x, y, before)
+        return LocalResult(tensors, UpdateKind.GRADIENT, loss, time.perf_counter() - started)
+    optimizer = torch.optim.SGD(trainable_parameters(head), lr=lr)
+    epoch_losses = train_epochs(
+        head,
+        optimizer,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        tail="drop",
+        sum_dtype=torch.float64,
+    )
+    last = list(epoch_losses)[-1]
     after = head.state_dict()
     delta = {k: (after[k].detach() - v).numpy().astype(np.float32) for k, v in before.items()}
     return LocalResult(delta, UpdateKind.DELTA, last, time.perf_counter() - started)
+
+
+def _full_batch_gradient(
+    head: nn.Module, x: torch.Tensor, y: torch.Tensor, entries: Mapping[str, torch.Tensor]
+) -> tuple[Arrays, float]:
+    """FedSGD: the loss gradient of each of ``entries`` over the whole set (zeros for
+    entries that are not parameters or have none), and the loss; the head ends in eval
+    mode, unstepped."""
+    head.train()
+    head.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(head(x), y)
+    loss.backward()
+    named = dict(head.named_parameters())
+    tensors: Arrays = {}
+    for name, value in entries.items():
+        grad = named[name].grad if name in named else None
+        tensors[name] = (grad if grad is not None else torch.zeros_like(value)).numpy().copy()
+    head.eval()
+    return tensors, float(loss.detach())
 
 
 # --------------------------------------------------------------------------- the fleet

@@ -2,7 +2,8 @@
 
 No Kafka, no Faust, no settings object: the trainer process assembles a dataset from the
 feature log and calls these; the benchmark calls the very same step. The recipe trains the
-thawed layers with AdamW on shuffled minibatches of cross-entropy, warm-started from the
+thawed layers with AdamW on shuffled minibatches of cross-entropy (the shared loop of
+:mod:`pipeline.head_loop`, whose device helpers are re-exported here), warm-started from the
 champion's head by the caller (:func:`warm_start`), and validates champion and challenger on
 one deterministic split (:func:`pipeline.samples.split_train_val`,
 :func:`champion_challenger`).
@@ -10,9 +11,7 @@ one deterministic split (:func:`pipeline.samples.split_train_val`,
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,14 @@ import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
+from pipeline import head_loop
+from pipeline.head_loop import accuracy, train_epochs, trainable_parameters
+from pipeline.head_loop import as_tensor as as_tensor
+from pipeline.head_loop import autocast as autocast
+from pipeline.head_loop import batch_bounds as batch_bounds
+from pipeline.head_loop import configure_threads as configure_threads
+from pipeline.head_loop import resolve_device as resolve_device
+from pipeline.head_loop import train_step as train_step
 from pipeline.zoo import load_head_state
 
 
@@ -78,91 +85,19 @@ class TrainResult:
         return self.samples / self.seconds if self.seconds > 0 else math.inf
 
 
-# --------------------------------------------------------------------------- device
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else as torch reads it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def configure_threads(threads: int | None = None) -> int:
-    """Use every core this process may run on (torch defaults to physical cores, which
-    undercounts in containers with CPU quotas expressed as affinity). Returns the count."""
-    if threads is None:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            threads = os.cpu_count() or 1
-    threads = max(1, threads)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return threads
-
-
-def as_tensor(array: npt.ArrayLike | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """One conversion to ``dtype`` on ``device`` (float16 pushes become float32 once, not
-    per batch). Read-only arrays (views into decoded messages) are copied by that
-    conversion, never written."""
-    if isinstance(array, Tensor):
-        return array.to(device=device, dtype=dtype)
-    target = torch.empty((), dtype=dtype).numpy().dtype
-    host = np.asarray(array, dtype=target)
-    if not host.flags.writeable:
-        host = host.copy()
-    return torch.from_numpy(host).to(device=device)
-
-
-def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast on CUDA when ``amp``; a no-op elsewhere."""
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # --------------------------------------------------------------------------- training
 
 
 def make_optimizer(head: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the head's trainable parameters. The fused kernel (one pass over param,
     grad and both moments) on CUDA and CPU; where it is not available, the foreach one."""
-    params = [p for p in head.parameters() if p.requires_grad]
+    params = trainable_parameters(head)
     if not params:
         raise ValueError("the head has no trainable parameters")
     try:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-
-
-def train_step(
-    head: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: Tensor,
-    y: Tensor,
-    *,
-    amp: bool,
-) -> Tensor:
-    """One optimisation step; returns the detached loss without a host sync."""
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(x.device, amp):
-        logits = head(x)
-    loss = nn.functional.cross_entropy(logits.float(), y)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` of each minibatch. A last batch of one sample would break
-    BatchNorm in train mode, so it is folded into the previous one."""
-    stops = list(range(batch_size, n, batch_size))
-    if stops and n - stops[-1] == 1:
-        stops.pop()
-    starts = [0, *stops]
-    return list(zip(starts, [*stops, n], strict=True))
 
 
 def train_head(
@@ -176,8 +111,9 @@ def train_head(
     """Train ``head`` in place on ``features`` (N, *feature_shape) and ``labels`` (N,).
 
     The dataset is converted once to float32 on the training device and shuffled per epoch
-    by a generator seeded with ``cfg.seed`` (so runs repeat). Losses are accumulated on the
-    device and read once per epoch, so the GPU never waits for the host.
+    by a generator seeded with ``cfg.seed`` (so runs repeat); a last batch of one is folded
+    into the one before (:func:`pipeline.head_loop.train_epochs`). Losses are accumulated on
+    the device and read once per epoch, so the GPU never waits for the host.
     """
     device = resolve_device(cfg.device)
     if device.type == "cpu":
@@ -189,27 +125,27 @@ def train_head(
         raise ValueError(f"need as many labels as features, and some: {n} vs {y_all.shape[0]}")
     head.to(device).train()
     optimizer = make_optimizer(head, cfg, device)
-    generator = torch.Generator().manual_seed(cfg.seed)
     epochs: list[EpochStats] = []
-    started = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        total = torch.zeros((), device=device)
-        order = torch.randperm(n, generator=generator).to(device)
-        for start, stop in batch_bounds(n, cfg.batch_size):
-            index = order[start:stop]
-            loss = train_step(head, optimizer, x_all[index], y_all[index], amp=cfg.amp)
-            total += loss * index.numel()
-        mean_loss = float(total.item()) / n  # the one sync per epoch
+    started = t0 = time.perf_counter()
+    losses = train_epochs(
+        head,
+        optimizer,
+        x_all,
+        y_all,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        amp=cfg.amp,
+    )
+    for epoch, mean_loss in enumerate(losses):
         stats = EpochStats(epoch, mean_loss, n, time.perf_counter() - t0)
         epochs.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
-    head.eval()
+        t0 = time.perf_counter()
     return TrainResult(epochs=epochs, seconds=time.perf_counter() - started, samples=n * cfg.epochs)
 
 
-@torch.no_grad()
 def predict(
     head: nn.Module,
     features: npt.ArrayLike | Tensor,
@@ -218,13 +154,7 @@ def predict(
     device: str = "auto",
 ) -> Tensor:
     """Predicted class per sample (eval mode), on the CPU."""
-    dev = resolve_device(device)
-    x_all = as_tensor(features, dev, torch.float32)
-    head.to(dev).eval()
-    out = [
-        head(x_all[i : i + batch_size]).argmax(dim=1) for i in range(0, x_all.shape[0], batch_size)
-    ]
-    return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.long)
+    return head_loop.predict(head, features, batch_size=batch_size, device=resolve_device(device))
 
 
 def evaluate(
@@ -235,12 +165,10 @@ def evaluate(
     *,
     device: str = "auto",
 ) -> float:
-    """Top-1 accuracy of ``head`` in eval mode; NaN for an empty set (nothing to judge)."""
-    y = as_tensor(labels, torch.device("cpu"), torch.long)
-    if y.numel() == 0:
-        return math.nan
-    predicted = predict(head, features, batch_size=batch_size, device=device)
-    return float((predicted == y).float().mean().item())
+    """Top-1 accuracy of ``head`` in eval mode; NaN for an empty set (nothing to judge).
+    Rounded to float32, as the trainer has always measured and published it."""
+    exact = accuracy(head, features, labels, batch_size=batch_size, device=resolve_device(device))
+    return float(np.float32(exact))
 
 
 def warm_start(head: nn.Module, state_dict: Mapping[str, Tensor]) -> None:

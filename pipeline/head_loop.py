@@ -1,0 +1,184 @@
+"""The one loop that trains and judges a head on features.
+
+Shuffled minibatches of cross-entropy, one optimizer step each, bf16 autocast on CUDA when
+asked; top-1 accuracy in eval mode. Pure torch: no Kafka, no settings, no files. The
+trainer's recipe (``trainer.recipe``), the simulator's base heads (``device_sim.heads``)
+and the FedAvg baseline's devices (``lab.fedavg_devices``) all train through
+:func:`train_epochs` and judge through :func:`accuracy`; each brings its own optimizer and
+says what becomes of a batch of one sample (:data:`Tail`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+
+#: What becomes of a minibatch of one sample (BatchNorm in train mode cannot take it):
+#: ``"fold"`` adds a last batch of one to the batch before it; ``"drop"`` skips every batch
+#: of one, unless the whole set is one sample.
+Tail = Literal["fold", "drop"]
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- device
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Use every core this process may run on (torch defaults to physical cores, which
+    undercounts in containers with CPU quotas expressed as affinity). Returns the count."""
+    if threads is None:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            threads = os.cpu_count() or 1
+    threads = max(1, threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def as_tensor(array: npt.ArrayLike | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """One conversion to ``dtype`` on ``device`` (float16 pushes become float32 once, not
+    per batch). Read-only arrays (views into decoded messages) are copied by that
+    conversion, never written."""
+    if isinstance(array, Tensor):
+        return array.to(device=device, dtype=dtype)
+    target = torch.empty((), dtype=dtype).numpy().dtype
+    host = np.asarray(array, dtype=target)
+    if not host.flags.writeable:
+        host = host.copy()
+    return torch.from_numpy(host).to(device=device)
+
+
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on CUDA when ``amp``; a no-op elsewhere."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def trainable_parameters(head: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimizer of ``head`` steps (the thawed ones)."""
+    return [p for p in head.parameters() if p.requires_grad]
+
+
+def train_step(
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    amp: bool,
+) -> Tensor:
+    """One optimisation step; returns the detached loss without a host sync."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(x.device, amp):
+        logits = head(x)
+    loss = nn.functional.cross_entropy(logits.float(), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def batch_bounds(n: int, batch_size: int, *, tail: Tail = "fold") -> list[tuple[int, int]]:
+    """``[start, stop)`` of each minibatch of ``n`` samples, a batch of one treated as
+    ``tail`` says."""
+    if tail == "drop":
+        bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+        return [(a, b) for a, b in bounds if b - a >= 2 or n < 2]
+    stops = list(range(batch_size, n, batch_size))
+    if stops and n - stops[-1] == 1:
+        stops.pop()
+    starts = [0, *stops]
+    return list(zip(starts, [*stops, n], strict=True))
+
+
+def train_epochs(
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    amp: bool = False,
+    tail: Tail = "fold",
+    sum_dtype: torch.dtype = torch.float32,
+) -> Iterator[float]:
+    """Train ``head`` in place on ``x`` (N, ...) and ``y`` (N,), both on the head's device;
+    yields each epoch's mean loss as it ends, and leaves the head in eval mode after the last.
+
+    Every epoch visits the samples in a fresh order drawn from a generator seeded with
+    ``seed`` (so runs repeat). The epoch's loss is summed on the device in ``sum_dtype`` and
+    read once (the one host sync per epoch); it is divided by N, dropped batches included.
+    """
+    n = int(x.shape[0])
+    bounds = batch_bounds(n, batch_size, tail=tail)
+    generator = torch.Generator().manual_seed(seed)
+    head.train()
+    for _ in range(epochs):
+        total = torch.zeros((), device=x.device, dtype=sum_dtype)
+        order = torch.randperm(n, generator=generator).to(x.device)
+        for start, stop in bounds:
+            index = order[start:stop]
+            loss = train_step(head, optimizer, x[index], y[index], amp=amp)
+            total += loss.to(sum_dtype) * index.numel()
+        yield float(total.item()) / n
+    head.eval()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(
+    head: nn.Module,
+    features: npt.ArrayLike | Tensor,
+    *,
+    batch_size: int = 1024,
+    device: torch.device = CPU,
+) -> Tensor:
+    """Predicted class per sample (``head`` moved to ``device``, eval mode), on the CPU."""
+    x_all = as_tensor(features, device, torch.float32)
+    head.to(device).eval()
+    out = [
+        head(x_all[i : i + batch_size]).argmax(dim=1) for i in range(0, x_all.shape[0], batch_size)
+    ]
+    return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.long)
+
+
+def accuracy(
+    head: nn.Module,
+    features: npt.ArrayLike | Tensor,
+    labels: npt.ArrayLike | Tensor,
+    *,
+    batch_size: int = 1024,
+    device: torch.device = CPU,
+) -> float:
+    """Top-1 accuracy of ``head`` in eval mode, ``correct / N`` exactly (float64); NaN for
+    an empty set (nothing to judge)."""
+    y = as_tensor(labels, CPU, torch.long)
+    if y.numel() == 0:
+        return math.nan
+    predicted = predict(head, features, batch_size=batch_size, device=device)
+    return int((predicted == y).sum().item()) / y.numel()
