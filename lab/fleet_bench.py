@@ -83,6 +83,63 @@ class Sustained:
         }
 
 
+async def _one_process(live: Settings, config: FleetBenchConfig) -> dict[str, Any]:
+    """In a fresh worker process, so its RSS is the fleet's, not the bench's (which built
+    the bank and trained base heads)."""
+    sustained = Sustained(config.warmup_s)
+    started = time.monotonic()
+    report = await run_sharded(
+        live,
+        FleetConfig(count=config.devices, duration_s=config.seconds, register=False),
+        1,
+        on_progress=sustained,
+        prepare=False,
+    )
+    s = report.summary
+    proc = s["processes"][0]
+    return {
+        "devices": config.devices,
+        "seconds": s["wall_s"],
+        "setup_s": time.monotonic() - started - s["wall_s"],
+        "rss_peak_mb": proc["rss_peak_mb"],
+        "rss_steady_mb": proc.get("rss_steady_mb"),
+        "rss_peak_sampled_mb": proc.get("rss_peak_sampled_mb"),
+        "loop_lag_ms": proc["loop_lag_ms"],
+        "sustained": sustained.rates(),
+        "overall_pushes_s": s["totals"]["pushes_per_s"],
+        "pushes": s["totals"]["pushes"],
+        "samples_pushed": s["totals"]["samples_pushed"],
+        "retries": s["totals"]["retries"],
+        "versions": len(s["versions"]),
+    }
+
+
+async def _multi_process(live: Settings, config: FleetBenchConfig) -> dict[str, Any]:
+    sustained = Sustained(config.warmup_s)
+    started = time.monotonic()
+    big = await run_sharded(
+        live,
+        FleetConfig(count=config.big_devices, duration_s=config.big_seconds, register=False),
+        config.big_processes,
+        on_progress=sustained,
+        prepare=False,
+    )
+    b = big.summary
+    return {
+        "devices": config.big_devices,
+        "processes": config.big_processes,
+        "elapsed_s": time.monotonic() - started,
+        "seconds": b["wall_s"],
+        "sustained": sustained.rates(),
+        "pushes": b["totals"]["pushes"],
+        "samples_pushed": b["totals"]["samples_pushed"],
+        "per_process": b["processes"],
+        "rss_total_mb": sum(p["rss_peak_mb"] for p in b["processes"]),
+        "rss_max_mb": max(p["rss_peak_mb"] for p in b["processes"]),
+        "loop_lag_p99_max_ms": max(p["loop_lag_ms"]["p99"] for p in b["processes"]),
+    }
+
+
 async def _bench(
     settings: Settings, config: FleetBenchConfig, console: Console, keep: bool
 ) -> dict[str, Any]:
@@ -102,84 +159,25 @@ async def _bench(
         base = FleetConfig(register=False)
         bank = await asyncio.to_thread(load_bank, live, base, progress=True)
         await ensure_models(live, bank, list(base.world_config().models))
-
         console.print(
             f"[bold]1/3[/bold] {config.devices:,} devices in one process, {config.seconds:g} s"
         )
-        # In a fresh worker process, so its RSS is the fleet's, not the bench's (which
-        # built the bank and trained base heads).
-        sustained = Sustained(config.warmup_s)
-        started = time.monotonic()
-        report = await run_sharded(
-            live,
-            FleetConfig(count=config.devices, duration_s=config.seconds, register=False),
-            1,
-            on_progress=sustained,
-            prepare=False,
-        )
-        s = report.summary
-        proc = s["processes"][0]
-        result["one_process"] = {
-            "devices": config.devices,
-            "seconds": s["wall_s"],
-            "setup_s": time.monotonic() - started - s["wall_s"],
-            "rss_peak_mb": proc["rss_peak_mb"],
-            "rss_steady_mb": proc.get("rss_steady_mb"),
-            "rss_peak_sampled_mb": proc.get("rss_peak_sampled_mb"),
-            "loop_lag_ms": proc["loop_lag_ms"],
-            "sustained": sustained.rates(),
-            "overall_pushes_s": s["totals"]["pushes_per_s"],
-            "pushes": s["totals"]["pushes"],
-            "samples_pushed": s["totals"]["samples_pushed"],
-            "retries": s["totals"]["retries"],
-            "versions": len(s["versions"]),
-        }
-
+        result["one_process"] = await _one_process(live, config)
         console.print(f"[bold]2/3[/bold] fan-out to {config.fanout_devices:,} devices")
-        result["fanout"] = await measure_fanout(
-            bootstrap=bootstrap,
-            bank=bank,
-            devices=config.fanout_devices,
-            updates=config.fanout_versions,
-            network=True,
-        )
-        result["fanout_transfer_off"] = await measure_fanout(
-            bootstrap=bootstrap,
-            bank=bank,
-            devices=config.fanout_devices,
-            updates=config.fanout_versions,
-        )
-
+        for key, network in (("fanout", True), ("fanout_transfer_off", False)):
+            result[key] = await measure_fanout(
+                bootstrap=bootstrap,
+                bank=bank,
+                devices=config.fanout_devices,
+                updates=config.fanout_versions,
+                network=network,
+            )
         if config.big_devices > 0:
             console.print(
                 f"[bold]3/3[/bold] {config.big_devices:,} devices in "
                 f"{config.big_processes} processes, {config.big_seconds:g} s"
             )
-            big_sustained = Sustained(config.warmup_s)
-            started = time.monotonic()
-            big = await run_sharded(
-                live,
-                FleetConfig(
-                    count=config.big_devices, duration_s=config.big_seconds, register=False
-                ),
-                config.big_processes,
-                on_progress=big_sustained,
-                prepare=False,
-            )
-            b = big.summary
-            result["multi_process"] = {
-                "devices": config.big_devices,
-                "processes": config.big_processes,
-                "elapsed_s": time.monotonic() - started,
-                "seconds": b["wall_s"],
-                "sustained": big_sustained.rates(),
-                "pushes": b["totals"]["pushes"],
-                "samples_pushed": b["totals"]["samples_pushed"],
-                "per_process": b["processes"],
-                "rss_total_mb": sum(p["rss_peak_mb"] for p in b["processes"]),
-                "rss_max_mb": max(p["rss_peak_mb"] for p in b["processes"]),
-                "loop_lag_p99_max_ms": max(p["loop_lag_ms"]["p99"] for p in b["processes"]),
-            }
+            result["multi_process"] = await _multi_process(live, config)
     return result
 
 

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -49,6 +48,7 @@ from pipeline.records import (
     Cut,
     FeatureDType,
     FeaturePush,
+    ModelUpdate,
     RoundUpdate,
     UpdateKind,
 )
@@ -212,6 +212,28 @@ async def time_calls(
     return timings
 
 
+async def time_pairs(
+    a: Callable[[], Awaitable[object]],
+    b: Callable[[], Awaitable[object]],
+    *,
+    repeats: int,
+    warmup: int = 2,
+) -> tuple[list[float], list[float]]:
+    """Wall seconds of ``a`` and ``b`` timed in alternation (ABAB…), ``repeats`` each,
+    after ``warmup`` untimed calls of each: a busy moment of the machine hits both."""
+    for _ in range(warmup):
+        await a()
+        await b()
+    times_a: list[float] = []
+    times_b: list[float] = []
+    for _ in range(repeats):
+        for call, times in ((a, times_a), (b, times_b)):
+            started = time.perf_counter()
+            await call()
+            times.append(time.perf_counter() - started)
+    return times_a, times_b
+
+
 def _head_blobs(levels: Sequence[Cut], num_classes: int) -> dict[Cut, dict[str, Any]]:
     """Each level's head state dict (the zoo's InceptionResnetV1, random init)."""
     from pipeline.zoo import build_backbone, head_state_dict, split
@@ -265,6 +287,63 @@ async def _publish_models(
     return updates, fedavg
 
 
+async def _time_pushes(
+    kafka: Any,
+    http: Any,
+    server_url: str,
+    token: str,
+    features_topic: str,
+    cut: Cut,
+    *,
+    repeats: int,
+    num_classes: int,
+) -> dict[str, Any]:
+    """One level's push over Kafka (acks=all) and over HTTP, interleaved."""
+    from pipeline.download import push_over_http
+
+    push = bench_push(cut, num_classes=num_classes)
+    data = codec.encode_push(push)
+    key = codec.encode_key(push.model_id)
+    kafka_s, http_s = await time_pairs(
+        functools.partial(kafka.send_and_wait, features_topic, data, key=key),
+        functools.partial(push_over_http, http, server_url, token, data, model_id=push.model_id),
+        repeats=repeats,
+    )
+    return {
+        "level": cut.value,
+        "feature_shape": list(push.feature_shape),
+        "push_bytes": len(data),
+        "kafka_s": summarize(kafka_s),
+        "http_s": summarize(http_s),
+    }
+
+
+async def _time_pull(
+    http: Any, server_url: str, token: str, update: ModelUpdate, *, repeats: int
+) -> dict[str, Any]:
+    from pipeline.download import fetch_checkpoint
+
+    pull_s = await time_calls(
+        functools.partial(
+            fetch_checkpoint,
+            http,
+            server_url,
+            token,
+            update.model_id,
+            update.version,
+            expected_sha256=update.sha256,
+        ),
+        repeats=repeats,
+        warmup=1,
+    )
+    return {
+        "level": update.cut.value,
+        "checkpoint_bytes": update.size,
+        "encoding": update.encoding,
+        "http_s": summarize(pull_s),
+    }
+
+
 async def measure(
     bootstrap: str,
     *,
@@ -277,11 +356,10 @@ async def measure(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Publishes one bench model per level, starts a ModelServer on a free port, and times
-    Kafka produce and HTTP push per push level and HTTP pull per pull level."""
+    Kafka produce and HTTP push per push level (interleaved) and HTTP pull per pull level."""
     import aiohttp
 
     from pipeline import auth, clients
-    from pipeline.download import fetch_checkpoint, push_over_http
     from pipeline.server import ModelServer
     from pipeline.settings import Settings
     from pipeline.topics import Topics, ensure_topics, topic_specs
@@ -313,57 +391,28 @@ async def measure(
                 for update in updates.values():
                     await server.wait_for_version(update.model_id, update.version, 60)
                 for cut in levels:
-                    push = bench_push(cut, num_classes=num_classes)
-                    data = codec.encode_push(push)
-                    key = codec.encode_key(push.model_id)
-                    kafka_s = await time_calls(
-                        functools.partial(kafka.send_and_wait, features_topic, data, key=key),
+                    row = await _time_pushes(
+                        kafka,
+                        http,
+                        server.url,
+                        token,
+                        features_topic,
+                        cut,
                         repeats=repeats,
+                        num_classes=num_classes,
                     )
-                    http_s = await time_calls(
-                        functools.partial(
-                            push_over_http, http, server.url, token, data, model_id=push.model_id
-                        ),
-                        repeats=repeats,
-                    )
-                    result["levels"].append(
-                        {
-                            "level": cut.value,
-                            "feature_shape": list(push.feature_shape),
-                            "push_bytes": len(data),
-                            "kafka_s": summarize(kafka_s),
-                            "http_s": summarize(http_s),
-                        }
-                    )
+                    result["levels"].append(row)
                     log(
-                        f"{cut}: push {len(data):,} B, kafka p50 "
-                        f"{statistics.median(kafka_s):.4f} s, http p50 "
-                        f"{statistics.median(http_s):.4f} s"
+                        f"{cut}: push {row['push_bytes']:,} B, kafka p50 "
+                        f"{row['kafka_s']['p50']:.4f} s, http p50 {row['http_s']['p50']:.4f} s"
                     )
                 for cut in pull_levels:
-                    update = updates[cut]
-                    pull_s = await time_calls(
-                        functools.partial(
-                            fetch_checkpoint,
-                            http,
-                            server.url,
-                            token,
-                            update.model_id,
-                            update.version,
-                            expected_sha256=update.sha256,
-                        ),
-                        repeats=pull_repeats,
-                        warmup=1,
+                    row = await _time_pull(
+                        http, server.url, token, updates[cut], repeats=pull_repeats
                     )
-                    result["pull"].append(
-                        {
-                            "level": cut.value,
-                            "checkpoint_bytes": update.size,
-                            "encoding": update.encoding,
-                            "http_s": summarize(pull_s),
-                        }
-                    )
-                    log(f"{cut}: pull {update.size:,} B, p50 {statistics.median(pull_s):.4f} s")
+                    result["pull"].append(row)
+                    size, p50 = row["checkpoint_bytes"], row["http_s"]["p50"]
+                    log(f"{cut}: pull {size:,} B, p50 {p50:.4f} s")
         finally:
             await kafka.stop()
     finally:
@@ -419,13 +468,6 @@ def price(measured: Mapping[str, Any], tiers: Mapping[str, NetworkTier]) -> dict
     return {"levels": levels, "pull": pulls, "fedavg_push": fedavg}
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def run_push_bench(
     *,
     bootstrap: str,
@@ -441,7 +483,6 @@ def run_push_bench(
     # One access-log line per timed request would be most of the output (and some of the
     # time); failures still log at WARNING and above.
     logging.getLogger("pipeline.server.access").setLevel(logging.WARNING)
-    load_start = _loadavg()
     with tempfile.TemporaryDirectory(prefix="fedex-bench-push-") as home:
         measured = asyncio.run(
             measure(
@@ -474,12 +515,15 @@ def run_push_bench(
             "fedavg_push_s": PAPER_FEDAVG_PUSH_S,
             "pull_s": PAPER_PULL_S,
         },
-        "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
         **priced,
     }
     path = write_result("push", result, out)
-    names = list(tiers)
+    print_push_tables(priced, list(tiers))
+    print(f"wrote {path}")
+    return result
+
+
+def print_push_tables(priced: dict[str, Any], names: list[str]) -> None:
     for title, key, lead in (
         (
             f"push of {SAMPLES} float16 features per freeze level: loopback measured, "
@@ -510,5 +554,3 @@ def run_push_bench(
                 for r in priced[key]
             ],
         )
-    print(f"wrote {path}")
-    return result

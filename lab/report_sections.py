@@ -162,7 +162,8 @@ def section_push(report: Report, img: str | None) -> str:
         "feature push per level, encoded by the codec; **measured** on loopback as a Kafka "
         "produce (acks=all) and as an HTTP POST to the model server (which produces it with "
         "acks=all), p50 of "
-        f"{cfg.get('repeats', '?')} sequential pushes. **Modelled** per network tier: "
+        f"n={cfg.get('repeats', '?')} pushes each, Kafka and HTTP in alternation after two "
+        "untimed pushes of each. **Modelled** per network tier: "
         f"{data.get('model', '')}.\n\n"
     )
     out += "### Push of 10 features\n\n" + table(
@@ -191,7 +192,8 @@ def section_push(report: Report, img: str | None) -> str:
     out += (
         f"\n\n### Pull of the checkpoint\n\nA real GET of each level's head (and of the whole "
         f"model, `full`) from the model server, sha256-verified, p50 of "
-        f"{cfg.get('pull_repeats', '?')}; {cfg.get('num_classes', '?')} classes, fp16 "
+        f"n={cfg.get('pull_repeats', '?')} after one untimed pull; "
+        f"{cfg.get('num_classes', '?')} classes, fp16 "
         "safetensors.\n\n"
     )
     out += table(
@@ -207,8 +209,16 @@ def section_push(report: Report, img: str | None) -> str:
             for row in data.get("pull", [])
         ],
     )
+    out += fedavg_push_part(data, tiers)
+    if img:
+        out += f"\n\n![push and pull latency per freeze level and tier]({img})"
+    return out + f"\n\nReproduce: `{r.command}`."
+
+
+def fedavg_push_part(data: Mapping[str, Any], tiers: list[str]) -> str:
+    """The FedAvg push table and the network tiers' configuration."""
     fedavg = data.get("fedavg_push")
-    out += "\n\n### FedAvg push (one device, one round)\n\n"
+    out = "\n\n### FedAvg push (one device, one round)\n\n"
     if isinstance(fedavg, list) and fedavg:
         out += (
             "The encoded gradient record (`codec.encode_round_update`) of the thawed layers' "
@@ -238,9 +248,7 @@ def section_push(report: Report, img: str | None) -> str:
             for t in data.get("tiers", [])
         ],
     )
-    if img:
-        out += f"\n\n![push and pull latency per freeze level and tier]({img})"
-    return out + f"\n\nReproduce: `{r.command}`."
+    return out
 
 
 def section_datafraction(report: Report, img: str | None) -> str:

@@ -410,21 +410,37 @@ def run_train_bench(
             f"({r.samples_per_s_min:,.1f}–{r.samples_per_s_max:,.1f}, batch {r.batch_size})"
         )
     results = judged_against(results, max(peaks))
-    report: dict[str, Any] = {
+    config = {
+        "backbone": str(backbone),
+        "num_classes": num_classes,
+        "amp_bf16": use_amp,
+        "optimizer": "AdamW (fused)",
+        "seconds_per_level": budget,
+        "rounds": rounds,
+        "min_steps": min_steps,
+        "flops_convention": "exact: forward + weight grads + needed input grads, per layer",
+    }
+    report = build_report(dev, config, peak_dtype, peaks, results)
+    console.print(render_table(report))
+    path = out if out is not None else Path("bench/results") / f"train-{device_label(dev)}.json"
+    write_report(report, path)
+    console.log(f"wrote {path}")
+    return report
+
+
+def build_report(
+    dev: torch.device,
+    config: dict[str, Any],
+    peak_dtype: str,
+    peaks: list[float],
+    results: list[LevelResult],
+) -> dict[str, Any]:
+    return {
         "benchmark": "train",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "conditions": measure.conditions(),
         "environment": environment(dev),
-        "config": {
-            "backbone": str(backbone),
-            "num_classes": num_classes,
-            "amp_bf16": use_amp,
-            "optimizer": "AdamW (fused)",
-            "seconds_per_level": budget,
-            "rounds": rounds,
-            "min_steps": min_steps,
-            "flops_convention": "exact: forward + weight grads + needed input grads, per layer",
-        },
+        "config": config,
         "peak": {
             "dtype": peak_dtype,
             "flops_per_s": max(peaks),
@@ -433,14 +449,13 @@ def run_train_bench(
         },
         "levels": [asdict(r) for r in results],
     }
-    console.print(render_table(report))
-    path = out if out is not None else Path("bench/results") / f"train-{device_label(dev)}.json"
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(path)
-    console.log(f"wrote {path}")
-    return report
 
 
 def render_table(report: dict[str, Any]) -> Table:
