@@ -40,7 +40,16 @@ def render(report: Report, docs_dir: Path) -> tuple[str, list[Path]]:
         "and `docs/img/*.png` from those files without running anything. Every number comes "
         "from a result file, measured by the command beside it; rows marked *modelled* are "
         "computed from measured numbers by the stated model; a benchmark without results is "
-        "listed as missing with the reason. Paper = FedEx (HotMobile'20).",
+        "listed as missing with the reason. Paper = FedEx (HotMobile'20).\n\n"
+        "How every number is taken (`lab/measure.py`): each bench warms what it starts and "
+        "reports the warm-up apart; A/B comparisons are interleaved pairs (ABAB…, `--repeat`, "
+        "5 by default) reported as the median ratio with its min–max; every latency is the "
+        "exact distribution of all its values with its n, and a p99 is given only over 100 "
+        "values or more (otherwise the max, said so); each result file records its commit and "
+        "whether the tree was dirty, the exact command, CPU model, cores, memory, load before "
+        "and after, the broker (started by the bench, i.e. cold, or found running) and the "
+        "wall time. A result measured before the last change to the code it measures is "
+        "marked **stale** (`lab/freshness.py`). Benches delete the topics they create.",
         sec.section_runs(report),
         sec.section_train(report, train_img),
         sec.section_push(report, push_img),
