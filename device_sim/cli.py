@@ -23,7 +23,12 @@ def bank_build(
     images: Path | None = typer.Option(
         None, "--images", help="real faces: DIR/<identity>/*.jpg|png"
     ),
-    weights: Path | None = typer.Option(None, "--weights", help="local backbone state-dict file"),
+    weights: Path | None = typer.Option(
+        None,
+        "--weights",
+        help="local backbone state-dict file, or 'pretrained' (FaceNet CASIA-WebFace, "
+        "converted by `fedex weights convert`)",
+    ),
     seed: int = typer.Option(0, "--seed", help="seed of the synthetic world"),
     batch_size: int = typer.Option(32, help="images per prefix forward"),
     base_report: bool = typer.Option(
@@ -33,8 +38,16 @@ def bank_build(
     """Build (or find in $FEDEX_HOME/banks) the feature bank of the synthetic world."""
     from device_sim.bank_build import run_bank_build
 
+    settings = Settings()
+    if weights is not None and str(weights) == "pretrained":
+        from pipeline.facenet_weights import WeightsError, ensure_converted
+
+        try:
+            weights = ensure_converted(settings.home)
+        except WeightsError as exc:
+            raise typer.BadParameter(str(exc)) from exc
     run_bank_build(
-        out=Settings().bank_dir,
+        out=settings.bank_dir,
         cut=cut,
         backbone=backbone,
         images=images,

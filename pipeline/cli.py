@@ -16,6 +16,7 @@ import logging
 import typer
 
 from pipeline.cli_kafka import kafka_app, topics_app
+from pipeline.cli_weights import weights_app
 from pipeline.settings import Settings
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
+app.add_typer(weights_app, name="weights")
 models_app = typer.Typer(no_args_is_help=True, help="Models on the model topic.")
 app.add_typer(models_app, name="models")
 token_app = typer.Typer(no_args_is_help=True, help="Device bearer tokens for the model server.")

@@ -107,7 +107,9 @@ def load_weights(model: nn.Module, path: Path, *, skip_mismatched_logits: bool =
 
     facenet's VGGFace2 file carries an 8,631-way ``logits`` layer: when the model has another
     number of classes, those keys are skipped (the classifier is specific to the pre-training
-    identities) and returned. Any other missing, unexpected or misshapen key is a
+    identities) and returned. A file without a classifier (an embedding model such as
+    :mod:`pipeline.facenet_weights`' conversion) leaves ``logits`` as initialised; its keys
+    are returned too. Any other missing, unexpected or misshapen key is a
     :class:`ZooError`.
     """
     path = Path(path)
@@ -140,6 +142,8 @@ def load_weights(model: nn.Module, path: Path, *, skip_mismatched_logits: bool =
             continue
         filtered[key] = value
     result = _load_state(model, filtered, strict=False, what=f"weights file {path}")
+    no_classifier = [k for k in result.missing_keys if k.startswith("logits.")]
+    skipped += [k for k in no_classifier if k not in skipped]
     missing = [k for k in result.missing_keys if k not in skipped]
     if missing or result.unexpected_keys:
         raise ZooError(
