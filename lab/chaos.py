@@ -118,6 +118,34 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def random_push(
+    model_id: str,
+    device_id: str,
+    first_id: int,
+    n: int,
+    *,
+    backbone: Backbone,
+    num_classes: int,
+    seed: int,
+    timestamp_ms: int,
+) -> FeaturePush:
+    """A push of ``n`` samples with ids from ``first_id``, every label time
+    ``timestamp_ms``, and random labels (below ``num_classes``) and 512-d float16 features
+    at FREEZE6 drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return FeaturePush(
+        model_id=model_id,
+        device_id=device_id,
+        backbone=backbone,
+        cut=Cut.FREEZE6,
+        dtype=FeatureDType.FLOAT16,
+        sample_ids=np.arange(first_id, first_id + n, dtype=np.uint64),
+        labels=rng.integers(0, num_classes, n, dtype=np.int32),
+        timestamps_ms=np.full(n, timestamp_ms, np.int64),
+        features=rng.standard_normal((n, 512), dtype=np.float32).astype(np.float16),
+    )
+
+
 class Pushers:
     """Devices that push ``push_samples`` samples at a steady total rate and re-send a push,
     same sample ids, until the broker acknowledges it (at-least-once, like the fleet)."""
@@ -136,18 +164,15 @@ class Pushers:
         self.retries = 0
 
     def _push(self, model_id: str, device: int, first_id: int) -> FeaturePush:
-        n = self._config.push_samples
-        rng = np.random.default_rng(first_id * 1_000 + device)
-        return FeaturePush(
-            model_id=model_id,
-            device_id=f"{model_id}-dev-{device:03d}",
+        return random_push(
+            model_id,
+            f"{model_id}-dev-{device:03d}",
+            first_id,
+            self._config.push_samples,
             backbone=self._config.backbone,
-            cut=Cut.FREEZE6,
-            dtype=FeatureDType.FLOAT16,
-            sample_ids=np.arange(first_id, first_id + n, dtype=np.uint64),
-            labels=rng.integers(0, self._config.num_classes, n, dtype=np.int32),
-            timestamps_ms=np.full(n, int(time.time() * 1000), np.int64),
-            features=rng.standard_normal((n, 512), dtype=np.float32).astype(np.float16),
+            num_classes=self._config.num_classes,
+            seed=first_id * 1_000 + device,
+            timestamp_ms=int(time.time() * 1000),
         )
 
     async def start(self) -> None:

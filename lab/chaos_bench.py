@@ -32,14 +32,13 @@ from typing import Any
 import numpy as np
 
 from lab.benchio import write_result
-from lab.chaos import ChaosConfig, ChaosRun, Fault, FaultKind, model_ids
+from lab.chaos import ChaosConfig, ChaosRun, Fault, FaultKind, model_ids, random_push
 from pipeline import codec
 from pipeline.audit_log import audit_deployment
 from pipeline.kafka_local import LocalKafka, free_port
 from pipeline.records import (
     Backbone,
     Cut,
-    FeatureDType,
     FeaturePush,
     ModelMetrics,
     ModelUpdate,
@@ -159,21 +158,6 @@ async def run_scenario(
 # --------------------------------------------------------------------------- audit speed
 
 
-def _synthetic_push(model_id: str, device: int, first_id: int, n: int, seed: int) -> FeaturePush:
-    rng = np.random.default_rng(seed)
-    return FeaturePush(
-        model_id=model_id,
-        device_id=f"dev-{device:05d}",
-        backbone=Backbone.INCEPTION_RESNET_V1,
-        cut=Cut.FREEZE6,
-        dtype=FeatureDType.FLOAT16,
-        sample_ids=np.arange(first_id, first_id + n, dtype=np.uint64),
-        labels=rng.integers(0, 100, n, dtype=np.int32),
-        timestamps_ms=np.zeros(n, np.int64),
-        features=rng.standard_normal((n, 512), dtype=np.float32).astype(np.float16),
-    )
-
-
 async def measure_audit(
     settings: Settings, samples: int, libs_dir: Path | None, *, models: int = 4
 ) -> dict[str, Any]:
@@ -216,9 +200,23 @@ async def measure_audit(
     }
 
 
+def _template_push(model_id: str, *, seed: int) -> FeaturePush:
+    """The push every synthetic push of ``model_id`` copies, with its own device and ids."""
+    return random_push(
+        model_id,
+        "dev-00000",
+        0,
+        10,
+        backbone=Backbone.INCEPTION_RESNET_V1,
+        num_classes=100,
+        seed=seed,
+        timestamp_ms=0,
+    )
+
+
 async def _fill(settings: Settings, samples: int, models: int) -> float:
     from pipeline.clients import make_producer
-    from pipeline.publishing import model_partition, update_key
+    from pipeline.publishing import publish_update
 
     topics = Topics(settings.topic_prefix)
     producer = make_producer(bootstrap=settings.bootstrap, client_id="audit-bench", linger_ms=20)
@@ -226,16 +224,10 @@ async def _fill(settings: Settings, samples: int, models: int) -> float:
     started = time.perf_counter()
     try:
         names = model_ids(models)
-        partitions = sorted(await producer.partitions_for(topics.features))
         per_model = samples // models
-        template = {m: _synthetic_push(m, 0, 0, 10, seed=i) for i, m in enumerate(names)}
+        template = {m: _template_push(m, seed=i) for i, m in enumerate(names)}
         for m in names:
-            await producer.send_and_wait(
-                topics.models,
-                codec.encode_update(_update(m, "v0", None, (), 0, 0)),
-                key=update_key(m, "v0"),
-                partition=model_partition(m, len(partitions)),
-            )
+            await publish_update(producer, topics.models, _update(m, "v0", None, (), 0, 0))
         for model_id in names:
             base = template[model_id]
             keys: list[tuple[str, int]] = []
@@ -276,7 +268,7 @@ async def _answer(
     keys: Sequence[tuple[str, int]],
     settings: Settings,
 ) -> None:
-    from pipeline.publishing import model_partition, update_key
+    from pipeline.publishing import publish_update
 
     [partition] = {p for p, _ in positions}
     ranges = (
@@ -290,13 +282,7 @@ async def _answer(
     )
     val = int(split_train_val(keys, settings.val_fraction).sum())
     update = _update(model_id, f"v{seq}", trigger.trigger_id, ranges, len(keys) - val, val)
-    count = len(await producer.partitions_for(topics.models))
-    await producer.send_and_wait(
-        topics.models,
-        codec.encode_update(update),
-        key=update_key(model_id, update.version),
-        partition=model_partition(model_id, count),
-    )
+    await publish_update(producer, topics.models, update)
 
 
 def _update(
