@@ -21,11 +21,11 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-import signal
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from rich.console import Console
@@ -35,6 +35,9 @@ from device_sim.fleet import FleetConfig, run_fleet
 from device_sim.report import FleetProgress, write_json
 from pipeline.records import ModelUpdate
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from pipeline.supervisor import Supervisor
 
 #: What the README's first command runs.
 DEVICES = 1000
@@ -111,17 +114,44 @@ async def run_main_job(
     """Run the whole system once and return its report (see the module docstring).
     ``fleet_config`` replaces the fleet built from ``devices`` / ``models`` /
     ``duration_s`` (tests run a tiny world that way)."""
-    from device_sim.fleet_setup import ensure_models, load_bank
     from pipeline.kafka_local import free_port
     from pipeline.registry import RegistryFollower
     from pipeline.stack import stack_for
-    from pipeline.supervisor import Supervisor, child_env, cloud_children
     from pipeline.topics import Topics
 
     console = console or Console()
     started = time.monotonic()
-    server_port = free_port()
-    settings = settings.model_copy(
+    settings = _job_settings(settings, free_port())
+    config = replace(
+        fleet_config or FleetConfig(count=devices, models=models, duration_s=duration_s),
+        register=False,  # done below, before the cloud starts
+    )
+    model_ids = list(config.world_config().models)
+    report = MainJobReport(devices=config.count, models=model_ids)
+    async with stack_for(settings) as live:
+        assert live.kafka_bootstrap is not None
+        console.rule(f"FedEx Stream main job — Kafka at {live.kafka_bootstrap}")
+        await _register_base_heads(live, config, model_ids, console)
+        supervisor = _cloud(live, console)
+        follower = RegistryFollower(
+            bootstrap=live.kafka_bootstrap,
+            topic=Topics(live.topic_prefix).models,
+            on_update=_job_announcer(report, console, started),
+            client_id="fedex-demo",
+        )
+        report.prepare_s = time.monotonic() - started
+        async with supervisor, follower:
+            fleet = await run_fleet(
+                live, config, on_progress=_progress_printer(console), stop_event=stop_event
+            )
+            report.fleet = fleet.summary
+    report.wall_s = time.monotonic() - started
+    return report
+
+
+def _job_settings(settings: Settings, server_port: int) -> Settings:
+    """This run's own topic prefix, model server port and (unless set) auth secret."""
+    return settings.model_copy(
         update={
             "topic_prefix": f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
             "server_port": server_port,
@@ -129,16 +159,56 @@ async def run_main_job(
             "auth_secret": settings.auth_secret or secrets.token_hex(16),
         }
     )
-    config = replace(
-        fleet_config or FleetConfig(count=devices, models=models, duration_s=duration_s),
-        register=False,  # done below, before the cloud starts
+
+
+async def _register_base_heads(
+    live: Settings, config: FleetConfig, model_ids: list[str], console: Console
+) -> None:
+    """The feature bank (built or loaded) and every model's base head ``v0`` on the model
+    topic, before the cloud starts. The bank is let go on return: the fleet loads its own
+    view of it."""
+    from device_sim.fleet_setup import ensure_models, load_bank
+
+    console.print(f"feature bank of the default world ({config.cut}) …", highlight=False)
+    bank = await asyncio.to_thread(load_bank, live, config, progress=True)
+    console.print(
+        f"bank {bank.path.name}: {len(bank):,} features, "
+        f"{'from cache' if bank.from_cache else f'built in {bank.build_seconds:.0f} s'}; "
+        f"registering base heads v0 of {', '.join(model_ids)}",
+        highlight=False,
     )
-    model_ids = list(config.world_config().models)
-    report = MainJobReport(devices=config.count, models=model_ids)
+    await ensure_models(live, bank, model_ids)
+
+
+def _cloud(live: Settings, console: Console) -> Supervisor:
+    """The worker, a trainer and the model server as supervised children."""
+    from pipeline.kafka_local import free_port
+    from pipeline.supervisor import Supervisor, child_env, cloud_children
+
+    assert live.kafka_bootstrap is not None
+    return Supervisor(
+        cloud_children(trainers=["auto"]),
+        log_dir=live.log_dir,
+        env=child_env(live, live.kafka_bootstrap)
+        | {
+            "FEDEX_SERVER_PORT": str(live.server_port),
+            "FEDEX_SERVER_URL": live.server_url,
+            # Its own worker web port: the job runs beside any stack on this machine.
+            "FEDEX_WORKER_PORT": str(free_port()),
+            "FEDEX_AUTH_SECRET": live.auth_secret or "",
+        },
+        on_event=lambda m: console.print(f"[dim]{m}[/dim]", highlight=False),
+    )
+
+
+def _job_announcer(
+    report: MainJobReport, console: Console, started: float
+) -> Callable[[ModelUpdate], None]:
+    """The model topic's listener: each trained version into ``report.jobs``, and a line."""
 
     def on_update(update: ModelUpdate) -> None:
         if update.trigger_id is None:
-            return  # a base version, registered below
+            return  # a base version, registered before the cloud started
         job = TrainingJob.of(update, time.monotonic() - started)
         report.jobs.append(job)
         champion = job.champion_val_accuracy
@@ -150,59 +220,27 @@ async def run_main_job(
             highlight=False,
         )
 
-    async with stack_for(settings) as live:
-        assert live.kafka_bootstrap is not None
-        console.rule(f"FedEx Stream main job — Kafka at {live.kafka_bootstrap}")
-        console.print(f"feature bank of the default world ({config.cut}) …", highlight=False)
-        bank = await asyncio.to_thread(load_bank, live, config, progress=True)
+    return on_update
+
+
+def _progress_printer(console: Console) -> Callable[[FleetProgress], None]:
+    """The fleet's progress, one line every 10 wall seconds at most."""
+    last = [0.0]
+
+    def progress(p: FleetProgress) -> None:
+        if p.wall_s - last[0] < 10.0:
+            return
+        last[0] = p.wall_s
+        day, rest = divmod(p.sim_s, 86400.0)
         console.print(
-            f"bank {bank.path.name}: {len(bank):,} features, "
-            f"{'from cache' if bank.from_cache else f'built in {bank.build_seconds:.0f} s'}; "
-            f"registering base heads v0 of {', '.join(model_ids)}",
+            f"[{p.wall_s:4.0f} s | day {int(day)} {rest / 3600:4.1f} h] "
+            f"{p.online:,}/{p.devices:,} online, {p.pushes_per_s:,.0f} pushes/s, "
+            f"{p.samples_per_s:,.0f} samples/s, {p.samples:,} samples pushed, "
+            f"{p.versions} versions seen, mean accuracy {p.mean_accuracy:.1%}",
             highlight=False,
         )
-        await ensure_models(live, bank, model_ids)
-        del bank  # the fleet loads its own view of it
-        supervisor = Supervisor(
-            cloud_children(trainers=["auto"]),
-            log_dir=live.log_dir,
-            env=child_env(live, live.kafka_bootstrap)
-            | {
-                "FEDEX_SERVER_PORT": str(server_port),
-                "FEDEX_SERVER_URL": live.server_url,
-                # Its own worker web port: the job runs beside any stack on this machine.
-                "FEDEX_WORKER_PORT": str(free_port()),
-                "FEDEX_AUTH_SECRET": live.auth_secret or "",
-            },
-            on_event=lambda m: console.print(f"[dim]{m}[/dim]", highlight=False),
-        )
-        follower = RegistryFollower(
-            bootstrap=live.kafka_bootstrap,
-            topic=Topics(live.topic_prefix).models,
-            on_update=on_update,
-            client_id="fedex-demo",
-        )
-        report.prepare_s = time.monotonic() - started
-        async with supervisor, follower:
-            last = [0.0]
 
-            def progress(p: FleetProgress) -> None:
-                if p.wall_s - last[0] < 10.0:
-                    return
-                last[0] = p.wall_s
-                day, rest = divmod(p.sim_s, 86400.0)
-                console.print(
-                    f"[{p.wall_s:4.0f} s | day {int(day)} {rest / 3600:4.1f} h] "
-                    f"{p.online:,}/{p.devices:,} online, {p.pushes_per_s:,.0f} pushes/s, "
-                    f"{p.samples_per_s:,.0f} samples/s, {p.samples:,} samples pushed, "
-                    f"{p.versions} versions seen, mean accuracy {p.mean_accuracy:.1%}",
-                    highlight=False,
-                )
-
-            fleet = await run_fleet(live, config, on_progress=progress, stop_event=stop_event)
-            report.fleet = fleet.summary
-    report.wall_s = time.monotonic() - started
-    return report
+    return progress
 
 
 # --------------------------------------------------------------------------- the report
@@ -215,6 +253,23 @@ def _pct(x: float | None) -> str:
 def print_report(report: MainJobReport, console: Console) -> None:
     fleet = report.fleet
     versions = {(v["model_id"], v["version"]): v for v in fleet.get("versions", [])}
+    console.print(_versions_table(report, versions))
+    if not fleet:
+        console.print("[red]the fleet did not report[/red]")
+        return
+    _print_accuracy_gains(report, versions, console)
+    summary = Table(title="the run")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for name, value in _run_rows(report):
+        summary.add_row(name, value)
+    console.print(summary)
+    if report.path is not None:
+        console.print(f"report: {report.path}", highlight=False)
+
+
+def _versions_table(report: MainJobReport, versions: Mapping[tuple[str, str], Any]) -> Table:
+    """Per model its base head and every version trained, with what the devices saw."""
     table = Table(title="versions shipped")
     for col in (
         "model",
@@ -249,12 +304,14 @@ def print_report(report: MainJobReport, console: Console) -> None:
                 _pct(seen["accuracy_before"]) if seen else "",
                 _pct(seen["accuracy_after"]) if seen else "",
             )
-    console.print(table)
+    return table
 
-    if not fleet:
-        console.print("[red]the fleet did not report[/red]")
-        return
-    per_model = fleet["per_model"]
+
+def _print_accuracy_gains(
+    report: MainJobReport, versions: Mapping[tuple[str, str], Any], console: Console
+) -> None:
+    """Per model: the devices' mean accuracy with ``v0`` and at the end."""
+    per_model = report.fleet["per_model"]
     for model_id in report.models:
         base = versions.get((model_id, "v0"))
         final = per_model.get(model_id, {}).get("accuracy", math.nan)
@@ -265,13 +322,15 @@ def print_report(report: MainJobReport, console: Console) -> None:
             f"{_pct(final)} at the end ({gain:+.1%})",
             highlight=False,
         )
+
+
+def _run_rows(report: MainJobReport) -> list[tuple[str, str]]:
+    """The run's summary: size, times, samples, freshness, bytes, energy, jobs, retries."""
+    fleet = report.fleet
     totals, per_device, fresh = fleet["totals"], fleet["per_device"], fleet["freshness"]
     jobs = report.jobs
     train_s = [j.train_seconds for j in jobs]
-    summary = Table(title="the run")
-    summary.add_column("metric")
-    summary.add_column("value", justify="right")
-    rows = [
+    return [
         ("devices, models", f"{report.devices:,}, {len(report.models)}"),
         (
             "wall time (preparation, fleet)",
@@ -301,11 +360,6 @@ def print_report(report: MainJobReport, console: Console) -> None:
         ),
         ("retries, evictions", f"{totals['retries']:,}, {totals['evicted']:,}"),
     ]
-    for name, value in rows:
-        summary.add_row(name, value)
-    console.print(summary)
-    if report.path is not None:
-        console.print(f"report: {report.path}", highlight=False)
 
 
 def run_demo(
@@ -318,23 +372,23 @@ def run_demo(
 ) -> MainJobReport:
     """``fedex demo``: run the main job with Ctrl-C handling, print the report and save it
     as JSON to ``out`` (where ``fedex bench report`` finds the main job's freshness)."""
+    from pipeline.lifecycle import stop_on_signals
+
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)  # a log file: keep the tables whole
 
     async def main() -> MainJobReport:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        return await run_main_job(
-            settings,
-            devices=devices,
-            models=models,
-            duration_s=duration_s,
-            console=console,
-            stop_event=stop,
-        )
+        with stop_on_signals(stop.set):
+            return await run_main_job(
+                settings,
+                devices=devices,
+                models=models,
+                duration_s=duration_s,
+                console=console,
+                stop_event=stop,
+            )
 
     report = asyncio.run(main())
     report.path = write_json(orjson.loads(orjson.dumps(report.as_dict())), out)
