@@ -32,9 +32,9 @@ import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +52,11 @@ from pipeline.errors import FedexError
 from pipeline.records import FeatureDType, FeaturePush, ModelUpdate, RoundBroadcast
 from pipeline.settings import Settings
 from pipeline.topics import Topics
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+
+    from pipeline.supervisor import Supervisor
 
 
 class BenchError(FedexError):
@@ -174,30 +179,45 @@ async def wait_for_groups(bootstrap: str, groups: Sequence[str], timeout: float)
         await admin.close()
 
 
+# --------------------------------------------------------------------------- both arms' inputs
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """What either arm runs on: the broker's settings (a fresh topic prefix), the task
+    (bank, devices, base head, model), the recipes, the shared evaluation and the console."""
+
+    settings: Settings
+    bank: FeatureBank
+    devices: Sequence[Device]
+    base_state: dict[str, torch.Tensor]
+    model_id: str
+    cfg: BenchConfig
+    evaluate: Evaluator
+    console: Console
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.settings.topic_prefix)
+
+    def say(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
+
 # --------------------------------------------------------------------------- FedEx arm
 
 
-async def run_fedex_arm(
-    settings: Settings,
-    bank: FeatureBank,
-    devices: Sequence[Device],
-    base_state: dict[str, torch.Tensor],
-    model_id: str,
-    cfg: BenchConfig,
-    evaluate: Evaluator,
-    console: Console,
-) -> dict[str, Any]:
+async def run_fedex_arm(arm: Arm) -> dict[str, Any]:
+    """Every device pushes once; the worker and trainer (children) publish ``v1``; the
+    devices' accuracy with it, and what the run cost them."""
     from pipeline.checkpoints import LocalCheckpointStore, decode_checkpoint
-    from pipeline.clients import make_producer
-    from pipeline.kafka_local import free_port
     from pipeline.publishing import register_model
     from pipeline.registry import RegistryFollower
-    from pipeline.supervisor import Supervisor, child_env, cloud_children
 
-    topics = Topics(settings.topic_prefix)
+    settings, bank, model_id = arm.settings, arm.bank, arm.model_id
     store = LocalCheckpointStore(settings.checkpoint_dir)
     await register_model(
-        settings, model_id, bank.backbone, bank.cut, bank.num_classes, base_state, store=store
+        settings, model_id, bank.backbone, bank.cut, bank.num_classes, arm.base_state, store=store
     )
     arrived: asyncio.Future[ModelUpdate] = asyncio.get_running_loop().create_future()
 
@@ -205,79 +225,110 @@ async def run_fedex_arm(
         if update.model_id == model_id and update.parent_version and not arrived.done():
             arrived.set_result(update)
 
-    total = cfg.samples * len(devices)
+    supervisor = _fedex_cloud(arm)
+    follower = RegistryFollower(
+        bootstrap=settings.bootstrap, topic=arm.topics.models, on_update=on_update
+    )
+    async with supervisor, follower:
+        await wait_for_groups(
+            settings.bootstrap,
+            [f"{settings.topic_prefix}-agents", f"{settings.topic_prefix}-trainers"],
+            arm.cfg.ready_timeout_s,
+        )
+        arm.say("fedex: worker and trainer are consuming; devices push")
+        update, up, wall = await _push_and_await_version(arm, arrived)
+    blob = update.checkpoint if update.checkpoint is not None else store.get(update.checkpoint_uri)
+    state, _ = decode_checkpoint(blob, expected_sha256=update.sha256)
+    accuracy = arm.evaluate(state)
+    arm.say(
+        f"fedex: {update.version} accuracy {accuracy:.4f} in {wall:.1f} s "
+        f"(trained {update.metrics.train_seconds:.2f} s on {update.metrics.train_samples} samples)"
+    )
+    return _fedex_result(arm, update, accuracy, up, wall)
+
+
+def _fedex_cloud(arm: Arm) -> Supervisor:
+    """The worker and a CPU trainer as supervised children, the trainer's recipe this
+    bench's and its trigger due once every device has pushed."""
+    from pipeline.kafka_local import free_port
+    from pipeline.supervisor import Supervisor, child_env, cloud_children
+
+    settings, cfg = arm.settings, arm.cfg
     env = child_env(settings, settings.bootstrap)
     env.update(
-        FEDEX_MIN_SAMPLES=str(total),
+        FEDEX_MIN_SAMPLES=str(cfg.samples * len(arm.devices)),
         FEDEX_TRAIN_EPOCHS=str(cfg.fedex_epochs),
         FEDEX_TRAIN_LR=str(cfg.fedex_lr),
         FEDEX_TRAIN_BATCH_SIZE=str(cfg.fedex_batch_size),
         FEDEX_WORKER_PORT=str(free_port()),
     )
-    children = [c for c in cloud_children(trainers=["cpu"]) if c.name != "server"]
-    supervisor = Supervisor(
-        children,
+    return Supervisor(
+        [c for c in cloud_children(trainers=["cpu"]) if c.name != "server"],
         log_dir=settings.log_dir,
         env=env,
         grace=10,
-        on_event=lambda m: console.print(f"[dim]fedex: {m}[/dim]", highlight=False),
+        on_event=lambda m: arm.console.print(f"[dim]fedex: {m}[/dim]", highlight=False),
     )
-    follower = RegistryFollower(
-        bootstrap=settings.bootstrap, topic=topics.models, on_update=on_update
-    )
-    up: list[int] = []
-    async with supervisor, follower:
-        await wait_for_groups(
-            settings.bootstrap,
-            [f"{settings.topic_prefix}-agents", f"{settings.topic_prefix}-trainers"],
-            cfg.ready_timeout_s,
-        )
-        console.print("fedex: worker and trainer are consuming; devices push", highlight=False)
-        producer = make_producer(bootstrap=settings.bootstrap, client_id="fedex-bench-devices")
-        await producer.start()
+
+
+async def _push_and_await_version(
+    arm: Arm, arrived: asyncio.Future[ModelUpdate]
+) -> tuple[ModelUpdate, list[int], float]:
+    """Every device's push, then the trained version: that update, the pushes' encoded
+    sizes, and the wall time from the first push to the version's arrival."""
+    from pipeline.clients import make_producer
+
+    settings = arm.settings
+    producer = make_producer(bootstrap=settings.bootstrap, client_id="fedex-bench-devices")
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        up = await _push_every_device(arm, producer)
         try:
-            started = time.perf_counter()
-            now = int(time.time() * 1000)
-            sends = []
-            for device in devices:
-                features, labels = bank.take(device.train_rows)
-                value = codec.encode_push(
-                    FeaturePush(
-                        model_id=model_id,
-                        device_id=device.device_id,
-                        backbone=bank.backbone,
-                        cut=bank.cut,
-                        dtype=FeatureDType.FLOAT16,
-                        sample_ids=np.arange(len(labels), dtype=np.uint64),
-                        labels=labels,
-                        timestamps_ms=np.full(len(labels), now, dtype=np.int64),
-                        features=features,
-                    )
-                )
-                up.append(len(value))
-                sends.append(
-                    await producer.send(topics.features, value, key=codec.encode_key(model_id))
-                )
-            await asyncio.gather(*sends)
-            try:
-                update = await asyncio.wait_for(arrived, cfg.job_timeout_s)
-            except TimeoutError:
-                raise BenchError(
-                    f"no model version {cfg.job_timeout_s:g} s after the pushes; see "
-                    f"{settings.log_dir}/worker.log and trainer-0.log"
-                ) from None
-            wall = time.perf_counter() - started
-        finally:
-            await producer.stop()
-    blob = update.checkpoint if update.checkpoint is not None else store.get(update.checkpoint_uri)
-    state, _ = decode_checkpoint(blob, expected_sha256=update.sha256)
-    accuracy = evaluate(state)
-    down = [update.size] * len(devices)
-    console.print(
-        f"fedex: {update.version} accuracy {accuracy:.4f} in {wall:.1f} s "
-        f"(trained {update.metrics.train_seconds:.2f} s on {update.metrics.train_samples} samples)",
-        highlight=False,
-    )
+            update = await asyncio.wait_for(arrived, arm.cfg.job_timeout_s)
+        except TimeoutError:
+            raise BenchError(
+                f"no model version {arm.cfg.job_timeout_s:g} s after the pushes; see "
+                f"{settings.log_dir}/worker.log and trainer-0.log"
+            ) from None
+        wall = time.perf_counter() - started
+    finally:
+        await producer.stop()
+    return update, up, wall
+
+
+async def _push_every_device(arm: Arm, producer: AIOKafkaProducer) -> list[int]:
+    """One float16 feature push per device, all acknowledged; their encoded sizes."""
+    bank, topic, key = arm.bank, arm.topics.features, codec.encode_key(arm.model_id)
+    now = int(time.time() * 1000)
+    up: list[int] = []
+    sends = []
+    for device in arm.devices:
+        features, labels = bank.take(device.train_rows)
+        value = codec.encode_push(
+            FeaturePush(
+                model_id=arm.model_id,
+                device_id=device.device_id,
+                backbone=bank.backbone,
+                cut=bank.cut,
+                dtype=FeatureDType.FLOAT16,
+                sample_ids=np.arange(len(labels), dtype=np.uint64),
+                labels=labels,
+                timestamps_ms=np.full(len(labels), now, dtype=np.int64),
+                features=features,
+            )
+        )
+        up.append(len(value))
+        sends.append(await producer.send(topic, value, key=key))
+    await asyncio.gather(*sends)
+    return up
+
+
+def _fedex_result(
+    arm: Arm, update: ModelUpdate, accuracy: float, up: Sequence[int], wall: float
+) -> dict[str, Any]:
+    down = [update.size] * len(arm.devices)
+    cfg = arm.cfg
     return {
         "accuracy": accuracy,
         "version": update.version,
@@ -287,9 +338,7 @@ async def run_fedex_arm(
         "cloud_train_seconds": update.metrics.train_seconds,
         "checkpoint_encoding": update.encoding,
         "rounds": 1,
-        "bytes_up_per_device": per_device(up),
-        "bytes_down_per_device": per_device(down),
-        "bytes_per_device": per_device([u + d for u, d in zip(up, down, strict=True)]),
+        **_bytes_per_device(up, down),
         "device_compute_seconds_per_device": 0.0,
         "wall_seconds": wall,
         "recipe": {
@@ -297,131 +346,179 @@ async def run_fedex_arm(
             "lr": cfg.fedex_lr,
             "batch_size": cfg.fedex_batch_size,
             "optimizer": "AdamW (trainer.recipe)",
-            "val_fraction": settings.val_fraction,
+            "val_fraction": arm.settings.val_fraction,
         },
+    }
+
+
+def _bytes_per_device(up: Sequence[int], down: Sequence[int]) -> dict[str, dict[str, float]]:
+    """Bytes up, down and both, per device (mean, min, max)."""
+    return {
+        "bytes_up_per_device": per_device(up),
+        "bytes_down_per_device": per_device(down),
+        "bytes_per_device": per_device([u + d for u, d in zip(up, down, strict=True)]),
     }
 
 
 # --------------------------------------------------------------------------- FedAvg arm
 
 
-async def run_fedavg_arm(
-    settings: Settings,
-    bank: FeatureBank,
-    devices: Sequence[Device],
-    base_state: dict[str, torch.Tensor],
-    model_id: str,
-    cfg: BenchConfig,
-    evaluate: Evaluator,
-    target: float,
-    console: Console,
-    *,
-    workdir: Path,
-) -> dict[str, Any]:
-    from pipeline.processes import die_with_parent
-    from pipeline.supervisor import child_env
+@dataclass(slots=True)
+class Rounds:
+    """The FedAvg rounds as the devices see their broadcasts: the accuracy curve, the
+    protocol's wall clock (the harness's evaluations left out), the round that reached
+    ``target`` and the last broadcast with its accuracy and wall time."""
 
-    topics = Topics(settings.topic_prefix)
-    init = workdir / "fedavg-init.safetensors"
-    init.write_bytes(encode_checkpoint(base_state, dtype=CheckpointDType.FP32))
-    ids_file = workdir / "fedavg-devices.txt"
-    ids_file.write_text("".join(f"{d.device_id}\n" for d in devices))
-    data = {}
-    for device in devices:
-        features, labels = bank.take(device.train_rows)
-        data[device.device_id] = DeviceData(features, labels)
-    fleet = FedAvgFleet(
-        bootstrap=settings.bootstrap, topics=topics, model_id=model_id, devices=data, seed=cfg.seed
-    )
-    curve: list[dict[str, float]] = []
-    state: dict[str, Any] = {"start": None, "eval_s": 0.0, "reached": None, "last": None}
+    fleet: FedAvgFleet
+    arm: Arm
+    target: float
+    curve: list[dict[str, float]] = field(default_factory=list)
+    start: float | None = None
+    eval_s: float = 0.0
+    reached: int | None = None
+    last: tuple[RoundBroadcast, float, float] | None = None
 
-    def bytes_mean() -> float:
+    def bytes_mean(self) -> float:
         return float(
-            np.mean([ledger.bytes_up + ledger.bytes_down for ledger in fleet.ledgers.values()])
+            np.mean([ledger.bytes_up + ledger.bytes_down for ledger in self.fleet.ledgers.values()])
         )
 
-    async def on_broadcast(broadcast: RoundBroadcast, size: int) -> bool:
+    async def on_broadcast(self, broadcast: RoundBroadcast, size: int) -> bool:
+        """Record the round; True (stop) once its head reaches the target."""
         now = time.perf_counter()
-        if state["start"] is None:
-            state["start"] = now
+        if self.start is None:
+            self.start = now
         # wall time of the protocol: measuring accuracy is the harness's, not FedAvg's
-        elapsed = now - state["start"] - state["eval_s"]
-        accuracy = await asyncio.to_thread(evaluate, broadcast.tensors)
-        state["eval_s"] += time.perf_counter() - now
-        curve.append(
+        elapsed = now - self.start - self.eval_s
+        accuracy = await asyncio.to_thread(self.arm.evaluate, broadcast.tensors)
+        self.eval_s += time.perf_counter() - now
+        self.curve.append(
             {
                 "round": broadcast.round,
                 "accuracy": accuracy,
                 "wall_seconds": elapsed,
-                "bytes_per_device": bytes_mean(),
+                "bytes_per_device": self.bytes_mean(),
             }
         )
-        state["last"] = (broadcast, accuracy, elapsed)
+        self.last = (broadcast, accuracy, elapsed)
         if broadcast.round % 10 == 0:
-            console.print(
+            self.arm.say(
                 f"fedavg: round {broadcast.round} accuracy {accuracy:.4f} "
-                f"({bytes_mean() / 1e3:,.0f} kB per device so far)",
-                highlight=False,
+                f"({self.bytes_mean() / 1e3:,.0f} kB per device so far)"
             )
-        if accuracy >= target:
-            state["reached"] = broadcast.round
+        if accuracy >= self.target:
+            self.reached = broadcast.round
             return True
         return False
 
-    argv = [
+
+async def run_fedavg_arm(arm: Arm, target: float, *, workdir: Path) -> dict[str, Any]:
+    """The FedAvg server (a child process) and the devices (this process) run rounds until
+    the devices' accuracy reaches ``target`` or the round cap; what that cost them."""
+    argv = _fedavg_server_argv(arm, workdir)
+    data = {}
+    for device in arm.devices:
+        features, labels = arm.bank.take(device.train_rows)
+        data[device.device_id] = DeviceData(features, labels)
+    fleet = FedAvgFleet(
+        bootstrap=arm.settings.bootstrap,
+        topics=arm.topics,
+        model_id=arm.model_id,
+        devices=data,
+        seed=arm.cfg.seed,
+    )
+    rounds = Rounds(fleet, arm, target)
+    arm.settings.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = arm.settings.log_dir / "fedavg-server.log"
+    async with fleet:
+        process = await _start_fedavg_server(arm, argv, log_path)
+        arm.say(f"fedavg: server pid {process.pid} (log {log_path})")
+        last = await _serve_rounds(arm, rounds, process, log_path)
+    if last is None or rounds.last is None:
+        raise BenchError(f"the FedAvg server sent no round; see {log_path}")
+    return _fedavg_result(arm, rounds, rounds.last)
+
+
+def _fedavg_server_argv(arm: Arm, workdir: Path) -> list[str]:
+    """The server's command line; its inputs (``v0``, the device ids) written to
+    ``workdir``."""
+    bank, cfg = arm.bank, arm.cfg
+    init = workdir / "fedavg-init.safetensors"
+    init.write_bytes(encode_checkpoint(arm.base_state, dtype=CheckpointDType.FP32))
+    ids_file = workdir / "fedavg-devices.txt"
+    ids_file.write_text("".join(f"{d.device_id}\n" for d in arm.devices))
+    return [
         sys.executable,
         "-m",
         "lab.fedavg_server",
-        *("--model", model_id, "--backbone", bank.backbone.value, "--cut", bank.cut.value),
+        *("--model", arm.model_id, "--backbone", bank.backbone.value, "--cut", bank.cut.value),
         *("--num-classes", str(bank.num_classes), "--init", str(init)),
         *("--devices-file", str(ids_file), "--rounds", str(cfg.max_rounds)),
         *("--fraction", str(cfg.fraction), "--local-epochs", str(cfg.local_epochs)),
         *("--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr)),
         *("--deadline-s", str(cfg.deadline_s), "--seed", str(cfg.seed)),
     ]
-    settings.log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = settings.log_dir / "fedavg-server.log"
-    async with fleet:
-        with log_path.open("ab") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                env=child_env(settings, settings.bootstrap),
-                preexec_fn=die_with_parent(os.getpid()),
-            )
-        console.print(f"fedavg: server pid {process.pid} (log {log_path})", highlight=False)
-        devices_task = asyncio.create_task(
-            fleet.run(on_broadcast=on_broadcast, idle_timeout=cfg.ready_timeout_s)
+
+
+async def _start_fedavg_server(
+    arm: Arm, argv: Sequence[str], log_path: Path
+) -> asyncio.subprocess.Process:
+    from pipeline.processes import die_with_parent
+    from pipeline.supervisor import child_env
+
+    with log_path.open("ab") as log_file:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            env=child_env(arm.settings, arm.settings.bootstrap),
+            preexec_fn=die_with_parent(os.getpid()),
         )
-        server_task = asyncio.create_task(process.wait())
-        try:
-            await asyncio.wait({devices_task, server_task}, return_when=asyncio.FIRST_COMPLETED)
-            if not devices_task.done():
-                # the server exited: its final broadcast may still be on the way to us
-                done, _ = await asyncio.wait({devices_task}, timeout=10)
-                if not done:
-                    raise BenchError(
-                        f"the FedAvg server exited with code {process.returncode} before "
-                        f"the run ended; see {log_path}"
-                    )
-            last = devices_task.result()
-        finally:
-            for task in (devices_task, server_task):
-                task.cancel()
-            await asyncio.gather(devices_task, server_task, return_exceptions=True)
-            if process.returncode is None:
-                process.terminate()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), 15)
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    if last is None or state["last"] is None:
-        raise BenchError(f"the FedAvg server sent no round; see {log_path}")
-    final_broadcast, accuracy, wall = state["last"]
+
+
+async def _serve_rounds(
+    arm: Arm, rounds: Rounds, process: asyncio.subprocess.Process, log_path: Path
+) -> RoundBroadcast | None:
+    """The devices serve rounds until the run ends (or the server exits); the server is
+    stopped either way. Returns the devices' last broadcast."""
+    devices_task = asyncio.create_task(
+        rounds.fleet.run(on_broadcast=rounds.on_broadcast, idle_timeout=arm.cfg.ready_timeout_s)
+    )
+    server_task = asyncio.create_task(process.wait())
+    try:
+        await asyncio.wait({devices_task, server_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not devices_task.done():
+            # the server exited: its final broadcast may still be on the way to us
+            done, _ = await asyncio.wait({devices_task}, timeout=10)
+            if not done:
+                raise BenchError(
+                    f"the FedAvg server exited with code {process.returncode} before "
+                    f"the run ended; see {log_path}"
+                )
+        return devices_task.result()
+    finally:
+        for task in (devices_task, server_task):
+            task.cancel()
+        await asyncio.gather(devices_task, server_task, return_exceptions=True)
+        await _stop_process(process)
+
+
+async def _stop_process(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM, 15 s of grace, then SIGKILL."""
+    if process.returncode is None:
+        process.terminate()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), 15)
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+def _fedavg_result(
+    arm: Arm, rounds: Rounds, last: tuple[RoundBroadcast, float, float]
+) -> dict[str, Any]:
+    final_broadcast, accuracy, wall = last
     # Every device ends with the global head, shipped like FedEx's (fp16 safetensors).
     final_blob = len(
         encode_checkpoint(
@@ -429,24 +526,23 @@ async def run_fedavg_arm(
             dtype=CheckpointDType.FP16,
         )
     )
-    ledgers = [fleet.ledgers[d.device_id] for d in devices]
+    ledgers = [rounds.fleet.ledgers[d.device_id] for d in arm.devices]
     up = [ledger.bytes_up for ledger in ledgers]
     down = [ledger.bytes_down + final_blob for ledger in ledgers]
-    rounds = final_broadcast.round  # aggregations done when the reported head was broadcast
+    cfg = arm.cfg
     return {
         "accuracy": accuracy,
-        "target": target,
-        "reached": state["reached"] is not None,
-        "rounds": rounds,
-        "bytes_up_per_device": per_device(up),
-        "bytes_down_per_device": per_device(down),
-        "bytes_per_device": per_device([u + d for u, d in zip(up, down, strict=True)]),
+        "target": rounds.target,
+        "reached": rounds.reached is not None,
+        # aggregations done when the reported head was broadcast
+        "rounds": final_broadcast.round,
+        **_bytes_per_device(up, down),
         "device_compute_seconds_per_device": per_device([x.compute_seconds for x in ledgers]),
         "device_compute_seconds_total": float(sum(x.compute_seconds for x in ledgers)),
         "participations_per_device": per_device([x.rounds for x in ledgers]),
         "wall_seconds": wall,
         "final_download_bytes": final_blob,
-        "curve": curve,
+        "curve": rounds.curve,
         "recipe": {
             "fraction": cfg.fraction,
             "local_epochs": cfg.local_epochs,
@@ -486,22 +582,10 @@ async def run_side_by_side(
         live = settings.model_copy(update={"topic_prefix": prefix, "home": Path(tmp)})
         # the bank stays in the real home; logs and checkpoints of this run in a temp one
         await ensure_topics(live.bootstrap, [*topic_specs(live), *fedavg_topic_specs(live)])
+        arm = Arm(live, bank, devices, base.state_dict, model_id, cfg, evaluate, console)
         try:
-            fedex = await run_fedex_arm(
-                live, bank, devices, base.state_dict, model_id, cfg, evaluate, console
-            )
-            fedavg = await run_fedavg_arm(
-                live,
-                bank,
-                devices,
-                base.state_dict,
-                model_id,
-                cfg,
-                evaluate,
-                fedex["accuracy"],
-                console,
-                workdir=Path(tmp),
-            )
+            fedex = await run_fedex_arm(arm)
+            fedavg = await run_fedavg_arm(arm, fedex["accuracy"], workdir=Path(tmp))
         finally:
             kept = settings.log_dir / "fedavg-bench"
             kept.mkdir(parents=True, exist_ok=True)
