@@ -20,7 +20,7 @@ from agents.summarizer import MODEL_MISMATCH, UNKNOWN_MODEL, ModelSpec, Summariz
 from pipeline import codec
 from pipeline.records import BatchSummary, Cut, FeaturePush, TriggerReason
 from tests import factories
-from tests.unit.test_policy import T0, update
+from tests.unit.agents.test_policy import T0, update
 
 POLICY = TriggerPolicy(min_samples=30, age_floor_samples=5, max_age_s=60.0, job_timeout_s=300.0)
 TOPIC = "p.features"

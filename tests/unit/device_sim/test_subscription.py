@@ -38,7 +38,7 @@ from pipeline.records import (
     TriggerReason,
 )
 from pipeline.zoo import head_state_dict
-from tests.unit.test_bank import TINY, build_fast
+from tests.unit.device_sim.test_bank import TINY, build_fast
 
 
 @pytest.fixture(scope="module")

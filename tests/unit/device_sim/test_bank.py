@@ -21,7 +21,7 @@ from device_sim.images import CLEAN_DOMAIN, to_backbone_input
 from device_sim.world import World, WorldConfig
 from pipeline.records import Backbone, Cut
 from pipeline.zoo import build_backbone, load_head_state, split
-from tests.unit.test_world import write_faces
+from tests.unit.device_sim.test_world import write_faces
 
 TINY = WorldConfig(
     seed=3,
