@@ -35,16 +35,7 @@ class Record:
 
 def dead_letter(record: Record, reason: str, message: str, at: float) -> DeadLetter:
     """The dead letter of ``record``: its bytes, origin and why it was rejected."""
-    return DeadLetter.of(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        reason=reason,
-        message=message,
-        at_ms=int(at * 1000),
-    )
+    return DeadLetter.of(record, reason=reason, message=message, at_ms=int(at * 1000))
 
 
 @dataclass(slots=True)
@@ -114,7 +105,7 @@ class Aggregator:
                 out.last_record[state.model_id] = record
                 # Checked after every push, not once per summary: a count trigger then
                 # covers the same pushes however the ingest stage happened to batch them.
-                self._fire(out, state, now)
+                self._fire(out, state, self.policy.result(state, now))
         return out
 
     def _state(self, cache: dict[str, ModelState], model_id: str) -> ModelState:
@@ -150,7 +141,7 @@ class Aggregator:
         if self.policy.on_update(state, update):
             log.info("job %s answered by %s/%s", update.trigger_id, update.model_id, update.version)
         out.last_record[update.model_id] = record
-        self._fire(out, state, now)
+        self._fire(out, state, self.policy.result(state, now))
         return out
 
     def tick(self, states: Iterable[ModelState], now: float) -> Outcome:
@@ -158,11 +149,7 @@ class Aggregator:
         changed are returned for storing."""
         out = Outcome()
         for state in states:
-            trigger = self.policy.result(state, now)
-            if trigger is not None:
-                out.triggers.append(trigger)
-                out.states[state.model_id] = state
-                _log_trigger(trigger)
+            self._fire(out, state, self.policy.result(state, now))
         return out
 
     def take_over(self, states: Iterable[ModelState], now: float) -> Outcome:
@@ -178,16 +165,15 @@ class Aggregator:
                 trigger = self.policy.refire(state, now)
             if trigger is None:
                 trigger = self.policy.result(state, now)
-            if trigger is not None:
-                out.triggers.append(trigger)
-                out.states[state.model_id] = state
-                _log_trigger(trigger)
+            self._fire(out, state, trigger)
         return out
 
-    def _fire(self, out: Outcome, state: ModelState, now: float) -> None:
-        trigger = self.policy.result(state, now)
+    @staticmethod
+    def _fire(out: Outcome, state: ModelState, trigger: TrainingTrigger | None) -> None:
+        """Emit ``trigger``, if any, with the state that names it (stored)."""
         if trigger is not None:
             out.triggers.append(trigger)
+            out.states[state.model_id] = state
             _log_trigger(trigger)
 
 

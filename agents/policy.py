@@ -40,6 +40,19 @@ class InFlight:
     #: a new owner of the partition re-fires a job that is not.
     announced: bool = False
 
+    def trigger(self, model_id: str, reason: TriggerReason, now: float) -> TrainingTrigger:
+        """This job's trigger as emitted at ``now`` (seconds): its latest attempt."""
+        return TrainingTrigger(
+            model_id=model_id,
+            trigger_id=self.trigger_id,
+            ranges=self.ranges,
+            sample_count=self.sample_count,
+            reason=reason,
+            base_version=self.base_version,
+            attempt=self.attempt,
+            created_at_ms=int(now * 1000),
+        )
+
 
 @dataclass(slots=True)
 class ModelState:
@@ -231,16 +244,7 @@ class TriggerPolicy:
         flight.attempt += 1
         flight.emitted_at = now
         flight.announced = False
-        return TrainingTrigger(
-            model_id=state.model_id,
-            trigger_id=flight.trigger_id,
-            ranges=flight.ranges,
-            sample_count=flight.sample_count,
-            reason=TriggerReason.RETRY,
-            base_version=flight.base_version,
-            attempt=flight.attempt,
-            created_at_ms=int(now * 1000),
-        )
+        return flight.trigger(state.model_id, TriggerReason.RETRY, now)
 
     def due(self, state: ModelState, now: float) -> TriggerReason | None:
         """The reason a trigger is due now, or None."""
@@ -283,13 +287,4 @@ class TriggerPolicy:
         state.pending_ranges.clear()
         state.pending_devices.clear()
         state.oldest_pending_at = None
-        return TrainingTrigger(
-            model_id=state.model_id,
-            trigger_id=flight.trigger_id,
-            ranges=flight.ranges,
-            sample_count=flight.sample_count,
-            reason=reason,
-            base_version=flight.base_version,
-            attempt=1,
-            created_at_ms=int(now * 1000),
-        )
+        return flight.trigger(state.model_id, reason, now)

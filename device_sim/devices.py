@@ -243,16 +243,10 @@ class DeviceFleet:
         """The cache ring and the pinned push, one row per device."""
         n, p = self.n, self.params
         c, pm = p.cache_capacity, p.push_max
-        self.cache_rows = np.zeros((n, c), dtype=np.int64)
-        self.cache_labels = np.zeros((n, c), dtype=np.int32)
-        self.cache_ids = np.zeros((n, c), dtype=np.uint64)
-        self.cache_ts = np.zeros((n, c), dtype=np.float64)
+        self.cache_rows, self.cache_labels, self.cache_ids, self.cache_ts = _sample_slots(n, c)
         self.cache_head = np.zeros(n, dtype=np.int64)
         self.cache_count = np.zeros(n, dtype=np.int64)
-        self.push_rows = np.zeros((n, pm), dtype=np.int64)
-        self.push_labels = np.zeros((n, pm), dtype=np.int32)
-        self.push_ids = np.zeros((n, pm), dtype=np.uint64)
-        self.push_ts = np.zeros((n, pm), dtype=np.float64)
+        self.push_rows, self.push_labels, self.push_ids, self.push_ts = _sample_slots(n, pm)
         self.push_count = np.zeros(n, dtype=np.int64)
         self.push_state = np.zeros(n, dtype=np.int8)
         self.push_attempt = np.zeros(n, dtype=np.int64)
@@ -555,6 +549,18 @@ class DeviceFleet:
 
     def devices_of(self, model_index: int) -> I64:
         return np.flatnonzero(self.model_of == model_index).astype(np.int64)
+
+
+def _sample_slots(
+    n: int, width: int
+) -> tuple[I64, npt.NDArray[np.int32], npt.NDArray[np.uint64], F64]:
+    """``width`` empty sample slots per device: bank row, label, sample id, capture time."""
+    return (
+        np.zeros((n, width), dtype=np.int64),
+        np.zeros((n, width), dtype=np.int32),
+        np.zeros((n, width), dtype=np.uint64),
+        np.zeros((n, width), dtype=np.float64),
+    )
 
 
 def _static_draws(global_index: I64, seed: int, columns: int = 8) -> F64:

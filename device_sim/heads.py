@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from device_sim.bank import BankError, FeatureBank
 from device_sim.images import CLEAN_DOMAIN
-from pipeline.head_loop import CPU, accuracy, as_tensor, train_epochs, trainable_parameters
+from pipeline.head_loop import (
+    CPU,
+    Schedule,
+    accuracy,
+    as_tensor,
+    train_epochs,
+    trainable_parameters,
+)
 from pipeline.records import Backbone, Cut
 from pipeline.zoo import build_backbone, head_state_dict, split
 
@@ -82,18 +89,7 @@ def fit_head(
     if n < 2 or int(y.shape[0]) != n:
         raise BankError(f"need ≥ 2 samples and one label each, got {n} and {y.shape[0]}")
     optimizer = torch.optim.AdamW(trainable_parameters(head), lr=lr, weight_decay=weight_decay)
-    epoch_losses = train_epochs(
-        head,
-        optimizer,
-        x,
-        y,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        tail="drop",
-        sum_dtype=torch.float64,
-    )
-    return list(epoch_losses)
+    return list(train_epochs(head, optimizer, x, y, Schedule.plain(epochs, batch_size, seed)))
 
 
 def head_accuracy(head: nn.Module, features: npt.ArrayLike, labels: npt.ArrayLike) -> float:

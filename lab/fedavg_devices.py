@@ -28,7 +28,7 @@ from torch import nn
 from device_sim.images import rng_for, stable_key
 from pipeline import codec
 from pipeline.errors import FedexError
-from pipeline.head_loop import CPU, as_tensor, train_epochs, trainable_parameters
+from pipeline.head_loop import CPU, Schedule, as_tensor, train_epochs, trainable_parameters
 from pipeline.lifecycle import Service
 from pipeline.records import FeatureDType, RoundBroadcast, RoundUpdate, UpdateKind
 from pipeline.topics import Topics
@@ -93,18 +93,8 @@ def local_update(
         tensors, loss = _full_batch_gradient(head, x, y, before)
         return LocalResult(tensors, UpdateKind.GRADIENT, loss, time.perf_counter() - started)
     optimizer = torch.optim.SGD(trainable_parameters(head), lr=lr)
-    epoch_losses = train_epochs(
-        head,
-        optimizer,
-        x,
-        y,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        tail="drop",
-        sum_dtype=torch.float64,
-    )
-    last = list(epoch_losses)[-1]
+    schedule = Schedule.plain(epochs, batch_size, seed)
+    *_, last = train_epochs(head, optimizer, x, y, schedule)
     after = head.state_dict()
     delta = {k: (after[k].detach() - v).numpy().astype(np.float32) for k, v in before.items()}
     return LocalResult(delta, UpdateKind.DELTA, last, time.perf_counter() - started)
@@ -192,28 +182,20 @@ class FedAvgFleet(Service):
         if self._producer is not None:
             return
 
-        from pipeline.clients import make_producer, start_reader_at_end
+        from pipeline.clients import start_reader_and_producer
 
-        consumer = await start_reader_at_end(
+        self._consumer, self._producer = await start_reader_and_producer(
             bootstrap=self.bootstrap,
             topic=self.topics.fedavg_rounds,
             client_id="fedex-fedavg-devices",
         )
-        producer = make_producer(bootstrap=self.bootstrap, client_id="fedex-fedavg-devices")
-        try:
-            await producer.start()
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer, self._producer = consumer, producer
 
     async def stop(self) -> None:
+        from pipeline.clients import stop_clients
+
         consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
-        if producer is not None:
-            await producer.stop()
-        if consumer is not None:
-            await consumer.stop()
+        await stop_clients(producer, consumer)
 
     def _head_for(self, broadcast: RoundBroadcast) -> nn.Module:
         if self._head is None:

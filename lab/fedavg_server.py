@@ -302,29 +302,21 @@ class FedAvgServer(Service):
         if self._producer is not None:
             return
 
-        from pipeline.clients import make_producer, start_reader_at_end
+        from pipeline.clients import start_reader_and_producer
 
         # Positioned at the end before the first broadcast: updates sent after it are ours.
-        consumer = await start_reader_at_end(
+        self._consumer, self._producer = await start_reader_and_producer(
             bootstrap=self.bootstrap,
             topic=self.topics.fedavg_updates,
             client_id="fedex-fedavg-server",
         )
-        producer = make_producer(bootstrap=self.bootstrap, client_id="fedex-fedavg-server")
-        try:
-            await producer.start()
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer, self._producer = consumer, producer
 
     async def stop(self) -> None:
+        from pipeline.clients import stop_clients
+
         consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
-        if producer is not None:
-            await producer.stop()
-        if consumer is not None:
-            await consumer.stop()
+        await stop_clients(producer, consumer)
 
     def broadcast_for(self, round_no: int, selected: tuple[str, ...]) -> RoundBroadcast:
         cfg = self.config

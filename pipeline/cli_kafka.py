@@ -20,7 +20,7 @@ from rich.table import Table
 from pipeline import kafka_daemon, kafka_local
 from pipeline.errors import FedexError
 from pipeline.settings import Settings
-from pipeline.stack import broker_message_max_bytes
+from pipeline.stack import broker_message_max_bytes, own_broker
 
 T = TypeVar("T")
 
@@ -86,14 +86,7 @@ async def _run_foreground(settings: Settings, start_timeout: float) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with kafka_local.LocalKafka(
-        work_dir=paths.root,
-        port=settings.kafka_port,
-        heap=settings.kafka_heap,
-        message_max_bytes=broker_message_max_bytes(settings),
-        start_timeout=start_timeout,
-        pidfile=paths.pidfile,
-    ) as kafka:
+    async with own_broker(settings, start_timeout=start_timeout) as kafka:
         console.print(f"Kafka running on {kafka.bootstrap} (pid {kafka.pid}); Ctrl-C stops it")
         await stop.wait()
         console.print("stopping…")

@@ -121,6 +121,28 @@ async def start_reader_at_end(*, bootstrap: str, topic: str, client_id: str) -> 
     return consumer
 
 
+async def start_reader_and_producer(
+    *, bootstrap: str, topic: str, client_id: str
+) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+    """A started :func:`start_reader_at_end` consumer on ``topic`` and a started producer,
+    both named ``client_id``; neither is left running if the other fails to start."""
+    consumer = await start_reader_at_end(bootstrap=bootstrap, topic=topic, client_id=client_id)
+    producer = make_producer(bootstrap=bootstrap, client_id=client_id)
+    try:
+        await producer.start()
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer, producer
+
+
+async def stop_clients(*clients: AIOKafkaProducer | AIOKafkaConsumer | None) -> None:
+    """Stop each started client in turn, skipping the ``None`` ones."""
+    for client in clients:
+        if client is not None:
+            await client.stop()
+
+
 def metadata_probe(client: AIOKafkaProducer | AIOKafkaConsumer) -> Callable[[], Awaitable[object]]:
     """A probe for :class:`~pipeline.broker_health.BrokerHealth`: one metadata request over
     a started client's connections (raises when no broker answers)."""

@@ -4,8 +4,8 @@ Shuffled minibatches of cross-entropy, one optimizer step each, bf16 autocast on
 asked; top-1 accuracy in eval mode. Pure torch: no Kafka, no settings, no files. The
 trainer's recipe (``trainer.recipe``), the simulator's base heads (``device_sim.heads``)
 and the FedAvg baseline's devices (``lab.fedavg_devices``) all train through
-:func:`train_epochs` and judge through :func:`accuracy`; each brings its own optimizer and
-says what becomes of a batch of one sample (:data:`Tail`).
+:func:`train_epochs` and judge through :func:`accuracy`; each brings its own optimizer
+and :class:`Schedule` (what becomes of a batch of one sample, :data:`Tail`, among others).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -112,37 +113,47 @@ def batch_bounds(n: int, batch_size: int, *, tail: Tail = "fold") -> list[tuple[
     return list(zip(starts, [*stops, n], strict=True))
 
 
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """How :func:`train_epochs` goes over a set: ``epochs`` passes in minibatches of
+    ``batch_size``, shuffled from ``seed``; bf16 autocast on CUDA when ``amp``; a batch of
+    one as ``tail`` says; each epoch's loss summed on the device in ``sum_dtype``."""
+
+    epochs: int
+    batch_size: int
+    seed: int
+    amp: bool = False
+    tail: Tail = "fold"
+    sum_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def plain(cls, epochs: int, batch_size: int, seed: int) -> Schedule:
+        """The simulator's heads and FedAvg's devices: fp32, batches of one dropped, the
+        loss summed in float64 (as a Python float would)."""
+        return cls(epochs, batch_size, seed, tail="drop", sum_dtype=torch.float64)
+
+
 def train_epochs(
-    head: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: Tensor,
-    y: Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    amp: bool = False,
-    tail: Tail = "fold",
-    sum_dtype: torch.dtype = torch.float32,
+    head: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, schedule: Schedule
 ) -> Iterator[float]:
     """Train ``head`` in place on ``x`` (N, ...) and ``y`` (N,), both on the head's device;
     yields each epoch's mean loss as it ends, and leaves the head in eval mode after the last.
 
     Every epoch visits the samples in a fresh order drawn from a generator seeded with
-    ``seed`` (so runs repeat). The epoch's loss is summed on the device in ``sum_dtype`` and
-    read once (the one host sync per epoch); it is divided by N, dropped batches included.
+    ``schedule.seed`` (so runs repeat). The epoch's loss is read once (the one host sync per
+    epoch) and divided by N, dropped batches included.
     """
     n = int(x.shape[0])
-    bounds = batch_bounds(n, batch_size, tail=tail)
-    generator = torch.Generator().manual_seed(seed)
+    bounds = batch_bounds(n, schedule.batch_size, tail=schedule.tail)
+    generator = torch.Generator().manual_seed(schedule.seed)
     head.train()
-    for _ in range(epochs):
-        total = torch.zeros((), device=x.device, dtype=sum_dtype)
+    for _ in range(schedule.epochs):
+        total = torch.zeros((), device=x.device, dtype=schedule.sum_dtype)
         order = torch.randperm(n, generator=generator).to(x.device)
         for start, stop in bounds:
             index = order[start:stop]
-            loss = train_step(head, optimizer, x[index], y[index], amp=amp)
-            total += loss.to(sum_dtype) * index.numel()
+            loss = train_step(head, optimizer, x[index], y[index], amp=schedule.amp)
+            total += loss.to(schedule.sum_dtype) * index.numel()
         yield float(total.item()) / n
     head.eval()
 

@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -245,28 +246,35 @@ class DeadLetter:
 
     @classmethod
     def of(
-        cls,
-        *,
-        topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        reason: str,
-        message: str,
-        at_ms: int | None = None,
+        cls, record: Consumed, *, reason: str, message: str, at_ms: int | None = None
     ) -> DeadLetter:
         """The dead letter of a consumed record: its bytes, origin and why it was refused."""
         return cls(
-            original=bytes(value or b""),
-            topic=topic,
-            partition=partition,
-            offset=offset,
+            original=bytes(record.value or b""),
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
             reason=reason,
             message=message,
-            key=key,
+            key=record.key,
             at_ms=now_ms() if at_ms is None else at_ms,
         )
+
+
+class Consumed(Protocol):
+    """What a dead letter keeps of a consumed record (an aiokafka ``ConsumerRecord``, the
+    agents' ``Record``)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
 
 
 # ------------------------------------------------------------- FedAvg baseline (issue 5)

@@ -25,6 +25,20 @@ def broker_message_max_bytes(settings: Settings) -> int:
     )
 
 
+def own_broker(settings: Settings, *, start_timeout: float) -> kafka_local.LocalKafka:
+    """A broker under ``<home>/kafka`` owned by this process (it dies with it), configured
+    by ``settings``; not started."""
+    paths = kafka_local.KafkaPaths.under(settings.home)
+    return kafka_local.LocalKafka(
+        work_dir=paths.root,
+        port=settings.kafka_port,
+        heap=settings.kafka_heap,
+        message_max_bytes=broker_message_max_bytes(settings),
+        start_timeout=start_timeout,
+        pidfile=paths.pidfile,
+    )
+
+
 @asynccontextmanager
 async def kafka_for(settings: Settings, *, start_timeout: float = 120.0) -> AsyncIterator[str]:
     from pipeline.clients import wait_for_kafka
@@ -39,14 +53,7 @@ async def kafka_for(settings: Settings, *, start_timeout: float = 120.0) -> Asyn
         log.info("using the local broker of `fedex kafka start` on %s", daemon.bootstrap)
         yield daemon.bootstrap
         return
-    async with kafka_local.LocalKafka(
-        work_dir=paths.root,
-        port=settings.kafka_port,
-        heap=settings.kafka_heap,
-        message_max_bytes=broker_message_max_bytes(settings),
-        start_timeout=start_timeout,
-        pidfile=paths.pidfile,
-    ) as kafka:
+    async with own_broker(settings, start_timeout=start_timeout) as kafka:
         log.info("started a local broker on %s for this run", kafka.bootstrap)
         yield kafka.bootstrap
 

@@ -82,15 +82,7 @@ class TriggerLedger:
             "refusing the trigger at %s[%d]@%d: %s: %s",
             record.topic, record.partition, record.offset, reason, message,
         )  # fmt: skip
-        letter = DeadLetter.of(
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-            value=record.value,
-            reason=reason,
-            message=message,
-        )
+        letter = DeadLetter.of(record, reason=reason, message=message)
         assert producer is not None, "start the trainer first"
         await producer.send_and_wait(self._topic, codec.encode_dead_letter(letter), key=record.key)
         self._refused.labels(reason).inc()

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline import head_loop
-from pipeline.head_loop import accuracy, train_epochs, trainable_parameters
+from pipeline.head_loop import Schedule, accuracy, train_epochs, trainable_parameters
 from pipeline.head_loop import as_tensor as as_tensor
 from pipeline.head_loop import autocast as autocast
 from pipeline.head_loop import batch_bounds as batch_bounds
@@ -127,16 +127,8 @@ def train_head(
     optimizer = make_optimizer(head, cfg, device)
     epochs: list[EpochStats] = []
     started = t0 = time.perf_counter()
-    losses = train_epochs(
-        head,
-        optimizer,
-        x_all,
-        y_all,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        amp=cfg.amp,
-    )
+    schedule = Schedule(cfg.epochs, cfg.batch_size, cfg.seed, amp=cfg.amp)
+    losses = train_epochs(head, optimizer, x_all, y_all, schedule)
     for epoch, mean_loss in enumerate(losses):
         stats = EpochStats(epoch, mean_loss, n, time.perf_counter() - t0)
         epochs.append(stats)
