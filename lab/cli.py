@@ -236,6 +236,7 @@ def bench_fedavg(
     max_rounds: int = typer.Option(300, help="FedAvg: give up after this many rounds"),
     fedex_epochs: int = typer.Option(30, help="FedEx: trainer epochs for the one job"),
     seed: int = typer.Option(0, help="seed of devices, data draws and selection"),
+    keep: bool = typer.Option(False, "--keep", help=KEEP_HELP),
     out: Path | None = typer.Option(None, help=OUT_HELP),
 ) -> None:
     """FedEx vs FedAvg on one broker and the same task: accuracy, rounds, bytes and compute
@@ -253,7 +254,7 @@ def bench_fedavg(
         fedex_epochs=fedex_epochs,
         seed=seed,
     )
-    run_bench(Settings(), config, out)
+    run_bench(Settings(), config, out, keep=keep)
 
 
 @bench_app.command("fleet")

@@ -620,16 +620,19 @@ async def run_side_by_side(
     }
 
 
-def run_bench(settings: Settings, cfg: BenchConfig, out: Path | None = None) -> Path:
-    """The command: a broker (``kafka_for``), both arms, the table and the JSON."""
+def run_bench(
+    settings: Settings, cfg: BenchConfig, out: Path | None = None, *, keep: bool = False
+) -> Path:
+    """The command: a broker (:func:`lab.bench_broker.bench_kafka`: its topics deleted
+    after), both arms, the table and the JSON."""
+    from lab.bench_broker import bench_kafka
     from lab.benchio import write_result
     from lab.fedavg_report import print_report
-    from pipeline.stack import kafka_for
 
     console = Console()
 
     async def run() -> dict[str, Any]:
-        async with kafka_for(settings) as bootstrap:
+        async with bench_kafka(settings, keep=keep) as bootstrap:
             live = settings.model_copy(update={"kafka_bootstrap": bootstrap})
             return await run_side_by_side(live, cfg, console)
 
