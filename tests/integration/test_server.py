@@ -23,18 +23,12 @@ from pipeline.auth import issue_token
 from pipeline.checkpoints import LocalCheckpointStore, sha256_hex
 from pipeline.clients import make_consumer, make_producer
 from pipeline.download import DownloadError, fetch_checkpoint, push_over_http
-from pipeline.records import (
-    Backbone,
-    Cut,
-    FeatureDType,
-    FeaturePush,
-    ModelMetrics,
-    ModelUpdate,
-)
+from pipeline.records import FeaturePush, ModelMetrics, ModelUpdate
 from pipeline.server import ModelServer
 from pipeline.server_process import serve
 from pipeline.settings import Settings
 from pipeline.topics import Topics
+from tests import factories
 
 SECRET = "integration-secret"
 DEADLINE = 30.0
@@ -48,36 +42,21 @@ def blob_for(seed: int) -> bytes:
 def update(
     model_id: str, version: str, blob: bytes, *, inline: bool, sha: str | None = None
 ) -> ModelUpdate:
-    return ModelUpdate(
-        model_id=model_id,
-        version=version,
-        parent_version=None if version == "v0" else "v0",
+    return factories.served_update(
+        model_id,
+        version,
+        blob,
+        sha=sha,
+        inline=inline,
         trigger_id=None if version == "v0" else f"{model_id}:{version[1:]}",
-        backbone=Backbone.INCEPTION_RESNET_V1,
-        cut=Cut.FREEZE6,
         num_classes=8,
-        checkpoint_uri=f"ckpt://{model_id}/{version}",
-        sha256=sha or sha256_hex(blob),
-        size=len(blob),
-        encoding="safetensors",
         metrics=ModelMetrics(0.5, None, 100, 10, 0.1, 1),
-        is_best=True,
-        checkpoint=blob if inline else None,
     )
 
 
 def push(model_id: str, device_id: str, n: int = 5) -> FeaturePush:
-    return FeaturePush(
-        model_id=model_id,
-        device_id=device_id,
-        backbone=Backbone.INCEPTION_RESNET_V1,
-        cut=Cut.FREEZE6,
-        dtype=FeatureDType.FLOAT16,
-        sample_ids=np.arange(100, 100 + n, dtype=np.uint64),
-        labels=np.arange(n, dtype=np.int32) % 8,
-        timestamps_ms=np.full(n, 1_700_000_000_000, dtype=np.int64),
-        features=np.random.default_rng(1).standard_normal((n, 512)).astype(np.float16),
-    )
+    """``n`` samples (ids from 100) of one of the model's 8 classes each."""
+    return factories.push(model_id, device=device_id, n=n, first_id=100, num_classes=8, seed=1)
 
 
 async def announce(settings: Settings, *updates: ModelUpdate) -> None:

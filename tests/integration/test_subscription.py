@@ -138,76 +138,79 @@ async def harness(settings: Settings) -> AsyncIterator[Harness]:
             await producer.stop()
 
 
-@pytest.mark.usefixtures("kafka_topics")
+@pytest.fixture
+async def h(settings: Settings, kafka_topics: Topics) -> AsyncIterator[Harness]:
+    """The harness on this test's topics."""
+    async with harness(settings) as running:
+        yield running
+
+
 @pytest.mark.parametrize("mode", ["inline", "prefer_http", "by_reference"])
 async def test_a_model_update_reaches_every_subscribed_device(
-    settings: Settings, bank: FeatureBank, held_out: HeldOutSet, mode: str
+    h: Harness, bank: FeatureBank, held_out: HeldOutSet, mode: str
 ) -> None:
     inline = mode != "by_reference"
     prefer_http = mode == "prefer_http"
     v0_state, v1_state = random_state(bank, 0), trained_state(bank)
-    async with harness(settings) as h:
-        await h.publish(h.build(bank, "v0", v0_state, inline=inline))
-        events: list[VersionEvent] = []
-        refused: list[RefusedVersion] = []
-        subscriber = h.subscriber(
-            held_out,
-            on_version=events.append,
-            on_refused=refused.append,
-            prefer_http=prefer_http,
-            real_pull_fraction=0.02 if prefer_http else 0.0,
-        )
-        async with subscriber:
-            # v0 was on the topic before the process started: it is the current best.
-            await subscriber.wait_caught_up(DEADLINE)
-            assert [(e.version, e.replayed, e.activated) for e in events] == [("v0", True, True)]
+    await h.publish(h.build(bank, "v0", v0_state, inline=inline))
+    events: list[VersionEvent] = []
+    refused: list[RefusedVersion] = []
+    subscriber = h.subscriber(
+        held_out,
+        on_version=events.append,
+        on_refused=refused.append,
+        prefer_http=prefer_http,
+        real_pull_fraction=0.02 if prefer_http else 0.0,
+    )
+    async with subscriber:
+        # v0 was on the topic before the process started: it is the current best.
+        await subscriber.wait_caught_up(DEADLINE)
+        assert [(e.version, e.replayed, e.activated) for e in events] == [("v0", True, True)]
 
-            ranges = (OffsetRange(0, 0, 40), OffsetRange(1, 5, 9))
-            await h.trigger(TrainingTrigger(MODEL, f"{MODEL}:1", ranges, 44, TriggerReason.COUNT))
-            update = h.build(bank, "v1", v1_state, inline=inline)
-            assert (update.checkpoint is not None) == inline
-            before = time.time()
-            await h.publish(update)
-            v1 = await subscriber.wait_version(MODEL, "v1", DEADLINE)
-            assert isinstance(v1, VersionEvent), v1
-            assert subscriber.active[MODEL].version == "v1" and v1.activated and not v1.replayed
-            assert v1.source == ("http" if prefer_http or not inline else "inline")
-            assert v1.covers == ranges and v1.trigger_id == f"{MODEL}:1"
-            assert v1.size_bytes == update.size and v1.update.checkpoint is None
-            assert before - 1 <= v1.produced_at <= v1.received_at <= v1.ready_at
-            # Every device of the process has its accuracy under the new head.
-            assert v1.accuracy.shape == (DEVICES,) and np.isfinite(v1.accuracy).all()
-            np.testing.assert_allclose(v1.accuracy, expected_accuracy(held_out, bank, v1_state))
-            assert v1.mean_accuracy >= events[0].mean_accuracy + 0.3
-            active_state = subscriber.active[MODEL].state_dict
-            assert torch.equal(active_state["logits.weight"], update_tensor(v1_state))
+        ranges = (OffsetRange(0, 0, 40), OffsetRange(1, 5, 9))
+        await h.trigger(TrainingTrigger(MODEL, f"{MODEL}:1", ranges, 44, TriggerReason.COUNT))
+        update = h.build(bank, "v1", v1_state, inline=inline)
+        assert (update.checkpoint is not None) == inline
+        before = time.time()
+        await h.publish(update)
+        v1 = await subscriber.wait_version(MODEL, "v1", DEADLINE)
+        assert isinstance(v1, VersionEvent), v1
+        assert subscriber.active[MODEL].version == "v1" and v1.activated and not v1.replayed
+        assert v1.source == ("http" if prefer_http or not inline else "inline")
+        assert v1.covers == ranges and v1.trigger_id == f"{MODEL}:1"
+        assert v1.size_bytes == update.size and v1.update.checkpoint is None
+        assert before - 1 <= v1.produced_at <= v1.received_at <= v1.ready_at
+        # Every device of the process has its accuracy under the new head.
+        assert v1.accuracy.shape == (DEVICES,) and np.isfinite(v1.accuracy).all()
+        np.testing.assert_allclose(v1.accuracy, expected_accuracy(held_out, bank, v1_state))
+        assert v1.mean_accuracy >= events[0].mean_accuracy + 0.3
+        active_state = subscriber.active[MODEL].state_dict
+        assert torch.equal(active_state["logits.weight"], update_tensor(v1_state))
 
-            # A version that is not the best is measured and reported, not activated.
-            await h.publish(
-                h.build(bank, "v2", random_state(bank, 2), inline=inline, is_best=False)
-            )
-            v2 = await subscriber.wait_version(MODEL, "v2", DEADLINE)
-            assert isinstance(v2, VersionEvent) and not v2.activated and v2.covers == ()
-            assert subscriber.active[MODEL].version == "v1"
-            assert [e.version for e in events] == ["v0", "v1", "v2"] and not refused
+        # A version that is not the best is measured and reported, not activated.
+        await h.publish(h.build(bank, "v2", random_state(bank, 2), inline=inline, is_best=False))
+        v2 = await subscriber.wait_version(MODEL, "v2", DEADLINE)
+        assert isinstance(v2, VersionEvent) and not v2.activated and v2.covers == ()
+        assert subscriber.active[MODEL].version == "v1"
+        assert [e.version for e in events] == ["v0", "v1", "v2"] and not refused
 
-            stats = subscriber.stats
-            assert stats.versions == 3 and stats.activated == 2 and stats.refused == 0
-            if prefer_http or not inline:
-                assert stats.http_downloads == 3 and stats.bytes_downloaded > 0
-            else:
-                assert stats.http_downloads == 0 and stats.inline_bytes > 0
-            if prefer_http:  # 2% of 500 devices pulled v0 and v1 for real: 200, then 304
-                await subscriber.wait_pulls()
-                assert (stats.pulls_200, stats.pulls_304, stats.pull_errors) == (20, 20, 0)
+        stats = subscriber.stats
+        assert stats.versions == 3 and stats.activated == 2 and stats.refused == 0
+        if prefer_http or not inline:
+            assert stats.http_downloads == 3 and stats.bytes_downloaded > 0
+        else:
+            assert stats.http_downloads == 0 and stats.inline_bytes > 0
+        if prefer_http:  # 2% of 500 devices pulled v0 and v1 for real: 200, then 304
+            await subscriber.wait_pulls()
+            assert (stats.pulls_200, stats.pulls_304, stats.pull_errors) == (20, 20, 0)
 
-        # A process joining now activates the current best (v1) and downloads only it.
-        late: list[VersionEvent] = []
-        async with h.subscriber(held_out, on_version=late.append, prefer_http=prefer_http) as s:
-            await s.wait_caught_up(DEADLINE)
-            assert [(e.version, e.replayed, e.activated) for e in late] == [("v1", True, True)]
-            assert late[0].covers == ranges
-            np.testing.assert_allclose(late[0].accuracy, v1.accuracy)
+    # A process joining now activates the current best (v1) and downloads only it.
+    late: list[VersionEvent] = []
+    async with h.subscriber(held_out, on_version=late.append, prefer_http=prefer_http) as s:
+        await s.wait_caught_up(DEADLINE)
+        assert [(e.version, e.replayed, e.activated) for e in late] == [("v1", True, True)]
+        assert late[0].covers == ranges
+        np.testing.assert_allclose(late[0].accuracy, v1.accuracy)
 
 
 def update_tensor(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -215,69 +218,65 @@ def update_tensor(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return state["logits.weight"].to(torch.float16)
 
 
-@pytest.mark.usefixtures("kafka_topics")
 async def test_a_corrupted_checkpoint_is_refused_and_the_old_head_kept(
-    settings: Settings, bank: FeatureBank, held_out: HeldOutSet
+    h: Harness, bank: FeatureBank, held_out: HeldOutSet
 ) -> None:
-    async with harness(settings) as h:
-        refused: list[RefusedVersion] = []
-        events: list[VersionEvent] = []
+    refused: list[RefusedVersion] = []
+    events: list[VersionEvent] = []
 
-        async def on_refused(item: RefusedVersion) -> None:  # async callbacks are awaited
-            refused.append(item)
+    async def on_refused(item: RefusedVersion) -> None:  # async callbacks are awaited
+        refused.append(item)
 
-        subscriber = h.subscriber(
-            held_out, on_version=events.append, on_refused=on_refused, download_attempts=3
-        )
-        async with subscriber:
-            await subscriber.wait_caught_up(DEADLINE)
-            await h.publish(h.build(bank, "v0", random_state(bank, 0)))
-            assert isinstance(await subscriber.wait_version(MODEL, "v0", DEADLINE), VersionEvent)
+    subscriber = h.subscriber(
+        held_out, on_version=events.append, on_refused=on_refused, download_attempts=3
+    )
+    async with subscriber:
+        await subscriber.wait_caught_up(DEADLINE)
+        await h.publish(h.build(bank, "v0", random_state(bank, 0)))
+        assert isinstance(await subscriber.wait_version(MODEL, "v0", DEADLINE), VersionEvent)
 
-            # By reference: the store holds other bytes than the update announces.
-            good = h.build(bank, "v1", trained_state(bank), inline=False)
-            h.store.put(MODEL, "v1", encode_checkpoint(random_state(bank, 9)))
-            assert sha256_hex(h.store.get(f"ckpt://{MODEL}/v1")) != good.sha256
-            await h.publish(good)
-            bad = await subscriber.wait_version(MODEL, "v1", DEADLINE)
-            assert isinstance(bad, RefusedVersion) and bad.reason is RefusalReason.SHA256_MISMATCH
-            assert subscriber.stats.download_retries == 2  # 3 attempts, then refused
+        # By reference: the store holds other bytes than the update announces.
+        good = h.build(bank, "v1", trained_state(bank), inline=False)
+        h.store.put(MODEL, "v1", encode_checkpoint(random_state(bank, 9)))
+        assert sha256_hex(h.store.get(f"ckpt://{MODEL}/v1")) != good.sha256
+        await h.publish(good)
+        bad = await subscriber.wait_version(MODEL, "v1", DEADLINE)
+        assert isinstance(bad, RefusedVersion) and bad.reason is RefusalReason.SHA256_MISMATCH
+        assert subscriber.stats.download_retries == 2  # 3 attempts, then refused
 
-            # Inline: a flipped byte in the blob on the topic.
-            update = h.build(bank, "v2", trained_state(bank))
-            assert update.checkpoint is not None
-            flipped = bytearray(update.checkpoint)
-            flipped[-3] ^= 0xFF
-            await h.publish(dataclasses.replace(update, checkpoint=bytes(flipped)))
-            bad2 = await subscriber.wait_version(MODEL, "v2", DEADLINE)
-            assert isinstance(bad2, RefusedVersion) and bad2.reason is RefusalReason.SHA256_MISMATCH
+        # Inline: a flipped byte in the blob on the topic.
+        update = h.build(bank, "v2", trained_state(bank))
+        assert update.checkpoint is not None
+        flipped = bytearray(update.checkpoint)
+        flipped[-3] ^= 0xFF
+        await h.publish(dataclasses.replace(update, checkpoint=bytes(flipped)))
+        bad2 = await subscriber.wait_version(MODEL, "v2", DEADLINE)
+        assert isinstance(bad2, RefusedVersion) and bad2.reason is RefusalReason.SHA256_MISMATCH
 
-            # The devices keep v0; the fleet was told twice.
-            assert subscriber.active[MODEL].version == "v0"
-            assert [(r.version, r.reason) for r in refused] == [
-                ("v1", RefusalReason.SHA256_MISMATCH),
-                ("v2", RefusalReason.SHA256_MISMATCH),
-            ]
-            assert [e.version for e in events] == ["v0"]
-            assert subscriber.stats.refused == 2 and subscriber.stats.versions == 1
+        # The devices keep v0; the fleet was told twice.
+        assert subscriber.active[MODEL].version == "v0"
+        assert [(r.version, r.reason) for r in refused] == [
+            ("v1", RefusalReason.SHA256_MISMATCH),
+            ("v2", RefusalReason.SHA256_MISMATCH),
+        ]
+        assert [e.version for e in events] == ["v0"]
+        assert subscriber.stats.refused == 2 and subscriber.stats.versions == 1
 
-            # A good version after the bad ones is activated as usual.
-            await h.publish(h.build(bank, "v3", trained_state(bank)))
-            v3 = await subscriber.wait_version(MODEL, "v3", DEADLINE)
-            assert isinstance(v3, VersionEvent) and subscriber.active[MODEL].version == "v3"
+        # A good version after the bad ones is activated as usual.
+        await h.publish(h.build(bank, "v3", trained_state(bank)))
+        v3 = await subscriber.wait_version(MODEL, "v3", DEADLINE)
+        assert isinstance(v3, VersionEvent) and subscriber.active[MODEL].version == "v3"
 
 
-@pytest.mark.usefixtures("kafka_topics")
 async def test_updates_of_other_models_are_ignored(
-    settings: Settings, bank: FeatureBank, held_out: HeldOutSet
+    h: Harness, bank: FeatureBank, held_out: HeldOutSet
 ) -> None:
-    async with harness(settings) as h:
-        events: list[VersionEvent] = []
-        async with h.subscriber(held_out, on_version=events.append) as subscriber:
-            await subscriber.wait_caught_up(DEADLINE)
-            other = dataclasses.replace(h.build(bank, "v0", random_state(bank, 0)), model_id="m2")
-            await h.publish(other)
-            await h.publish(h.build(bank, "v0", random_state(bank, 0)))
-            await subscriber.wait_version(MODEL, "v0", DEADLINE)
-            assert [e.model_id for e in events] == [MODEL]
-            assert subscriber.stats.ignored == 1
+    events: list[VersionEvent] = []
+    async with h.subscriber(held_out, on_version=events.append) as subscriber:
+        await subscriber.wait_caught_up(DEADLINE)
+        other = dataclasses.replace(h.build(bank, "v0", random_state(bank, 0)), model_id="m2")
+        await h.publish(other)
+        await h.publish(h.build(bank, "v0", random_state(bank, 0)))
+        await subscriber.wait_version(MODEL, "v0", DEADLINE)
+        assert [e.model_id for e in events] == [MODEL]
+        assert subscriber.stats.ignored == 1

@@ -14,6 +14,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -125,6 +126,24 @@ async def send_trigger(
     return TopicPartition(topics.triggers, meta.partition), meta.offset
 
 
+async def register(settings: Settings, **kw: Any) -> ModelUpdate:
+    """Registers MODEL (its base version v0) as every test here trains it."""
+    return await register_model(
+        settings, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES, **kw
+    )
+
+
+async def push_and_trigger(
+    producer: object, topics: Topics, samples: int, seed: int
+) -> tuple[Dataset, list[OffsetRange], TopicPartition, int]:
+    """Pushes a synthetic dataset of ``samples`` and triggers trigger 1 on all of it; returns
+    the data, its offset ranges and where the trigger landed."""
+    data = synthetic_dataset(samples, CLASSES, seed=seed)
+    ranges = await push_dataset(producer, topics, data)
+    tp, offset = await send_trigger(producer, topics, ranges, len(data))
+    return data, ranges, tp, offset
+
+
 async def model_updates(settings: Settings, topics: Topics) -> list[ModelUpdate]:
     """Every update on the model topic, read from its start to its current end."""
     consumer = clients.make_consumer(bootstrap=settings.bootstrap, group_id=None)
@@ -167,12 +186,8 @@ def accuracy(state: dict[str, torch.Tensor], data: Dataset) -> float:
 async def test_trigger_publishes_a_better_v1_and_commits(
     tiny: Settings, kafka_topics: Topics, producer: object
 ) -> None:
-    v0 = await register_model(
-        tiny, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES, seed=0
-    )
-    data = synthetic_dataset(360, CLASSES, seed=7)
-    ranges = await push_dataset(producer, kafka_topics, data)
-    tp, offset = await send_trigger(producer, kafka_topics, ranges, len(data))
+    v0 = await register(tiny, seed=0)
+    data, ranges, tp, offset = await push_and_trigger(producer, kafka_topics, 360, seed=7)
 
     async with make_trainer(tiny) as trainer:
         assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
@@ -210,10 +225,8 @@ async def test_trigger_publishes_a_better_v1_and_commits(
 async def test_redelivered_trigger_publishes_no_second_version(
     tiny: Settings, kafka_topics: Topics, producer: object
 ) -> None:
-    await register_model(tiny, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES)
-    data = synthetic_dataset(200, CLASSES, seed=3)
-    ranges = await push_dataset(producer, kafka_topics, data)
-    await send_trigger(producer, kafka_topics, ranges, len(data))
+    await register(tiny)
+    data, ranges, _, _ = await push_and_trigger(producer, kafka_topics, 200, seed=3)
 
     async with make_trainer(tiny) as trainer:
         assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
@@ -264,10 +277,8 @@ HOLDING_TRAINER = textwrap.dedent(
 async def test_trainer_killed_mid_job_is_replaced_and_one_version_is_published(
     tiny: Settings, kafka_topics: Topics, producer: object, tmp_path: Path
 ) -> None:
-    await register_model(tiny, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES)
-    data = synthetic_dataset(240, CLASSES, seed=5)
-    ranges = await push_dataset(producer, kafka_topics, data)
-    tp, offset = await send_trigger(producer, kafka_topics, ranges, len(data))
+    await register(tiny)
+    _, _, tp, offset = await push_and_trigger(producer, kafka_topics, 240, seed=5)
 
     script, marker, log_path = tmp_path / "hold.py", tmp_path / "started", tmp_path / "hold.log"
     script.write_text(HOLDING_TRAINER.format(session_ms=SESSION_MS))
@@ -317,10 +328,8 @@ async def dead_letters(settings: Settings, topics: Topics) -> list[DeadLetter]:
 async def test_a_trigger_id_seen_with_other_ranges_is_refused_with_a_dead_letter(
     tiny: Settings, kafka_topics: Topics, producer: object
 ) -> None:
-    await register_model(tiny, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES)
-    data = synthetic_dataset(200, CLASSES, seed=11)
-    ranges = await push_dataset(producer, kafka_topics, data)
-    await send_trigger(producer, kafka_topics, ranges, len(data))
+    await register(tiny)
+    data, ranges, _, _ = await push_and_trigger(producer, kafka_topics, 200, seed=11)
     [r] = ranges
     shorter = [OffsetRange(r.partition, r.start, r.end - 1)]
     async with make_trainer(tiny) as trainer:
@@ -376,10 +385,8 @@ async def test_a_sample_re_sent_into_a_later_trigger_is_trained_once(
     """A device re-sends a push it got no acknowledgement for: the copy lands in the next
     trigger's ranges. The sample belongs to the job of its first copy, also for a trainer
     that never read that job's ranges."""
-    await register_model(tiny, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES)
-    first = synthetic_dataset(200, CLASSES, seed=13)
-    ranges1 = await push_dataset(producer, kafka_topics, first)
-    await send_trigger(producer, kafka_topics, ranges1, len(first))
+    await register(tiny)
+    first, _, _, _ = await push_and_trigger(producer, kafka_topics, 200, seed=13)
     async with make_trainer(tiny) as trainer:
         assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
     resent = first.take(np.arange(60))
@@ -423,13 +430,9 @@ async def test_a_champion_only_on_the_model_server_is_fetched_with_a_token(
         live = tiny.model_copy(
             update={"auth_secret": secret, "server_url": server.url, "max_message_bytes": 66_000}
         )
-        v0 = await register_model(
-            live, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES, store=server_store
-        )
+        v0 = await register(live, store=server_store)
         assert v0.checkpoint is None, "the base version must go by reference"
-        data = synthetic_dataset(200, CLASSES, seed=21)
-        ranges = await push_dataset(producer, kafka_topics, data)
-        await send_trigger(producer, kafka_topics, ranges, len(data))
+        await push_and_trigger(producer, kafka_topics, 200, seed=21)
         trainer_store = LocalCheckpointStore(tmp_path / "trainer-store")
         async with make_trainer(live, store=trainer_store) as trainer:
             assert not trainer_store.exists(checkpoint_uri(MODEL, "v0"))

@@ -18,16 +18,17 @@ from device_sim.bank import BankError, FeatureBank, _rebatch, build_bank
 from device_sim.bank_build import run_bank_build
 from device_sim.heads import fit_head, head_accuracy, new_head, train_base_head
 from device_sim.images import CLEAN_DOMAIN, to_backbone_input
-from device_sim.world import World, WorldConfig
+from device_sim.world import World
 from pipeline.records import Backbone, Cut
 from pipeline.zoo import build_backbone, load_head_state, split
-from tests.unit.device_sim.test_world import write_faces
+from tests.unit.device_sim.test_world import SMALL, write_faces
 
-TINY = WorldConfig(
+#: test_world's small world cut down further: 4 identities, 2 vendors, 2-3 per device.
+TINY = replace(
+    SMALL,
     seed=3,
     models=("m1", "m2"),
     identities=4,
-    pretrain_images=3,
     device_images=3,
     vendors=2,
     identities_per_device=(2, 3),

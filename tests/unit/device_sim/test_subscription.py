@@ -30,7 +30,6 @@ from device_sim.world import World
 from pipeline.checkpoints import encode_checkpoint, sha256_hex
 from pipeline.records import (
     Backbone,
-    Cut,
     ModelMetrics,
     ModelUpdate,
     OffsetRange,
@@ -38,6 +37,7 @@ from pipeline.records import (
     TriggerReason,
 )
 from pipeline.zoo import head_state_dict
+from tests import factories
 from tests.unit.device_sim.test_bank import TINY, build_fast
 
 
@@ -134,21 +134,16 @@ def test_for_devices_checks_its_input(bank: FeatureBank) -> None:
 
 
 def update_for(blob: bytes, *, sha: str | None = None, num_classes: int = 6) -> ModelUpdate:
-    return ModelUpdate(
-        model_id="m1",
-        version="v1",
-        parent_version="v0",
+    return factories.update(
+        "m1",
+        "v1",
         trigger_id="m1:1",
         backbone=Backbone.MOBILENET_V2,
-        cut=Cut.FREEZE6,
         num_classes=num_classes,
         checkpoint_uri="http://server/v1/models/m1/checkpoints/v1",
         sha256=sha or sha256_hex(blob),
-        size=len(blob),
-        encoding="safetensors-fp16",
         metrics=ModelMetrics(0.5, None, 10, 2, 0.1, 1),
-        is_best=True,
-        checkpoint=blob,
+        blob=blob,
     )
 
 

@@ -140,30 +140,39 @@ def results(tmp_path: Path) -> Path:
     return out
 
 
+def assert_says(markdown: str, *lines: str) -> None:
+    """Every one of ``lines`` stands in ``markdown``; a failure names all that do not."""
+    missing = [line for line in lines if line not in markdown]
+    assert not missing, missing
+
+
 def test_tables_carry_the_numbers_of_the_result_files(results: Path, tmp_path: Path) -> None:
     markdown, images = render(load_report(results), tmp_path / "docs")
-    # Table 1: ours beside the paper
-    assert "| freeze6 | 512 | 41,870 | 2,590 | 0.0619 | 50% | — | — |" in markdown
-    assert "| freeze5 | 1792 | 28,078 | 1,181 |" in markdown
-    assert "no GPU lent" in markdown
-    # Table 2: bytes, measured loopback, modelled tier, paper
-    assert "| freeze6 | 512 | 10,608 | 0.844 ms | 8.75 ms | 109 ms | 1.5 s |" in markdown
-    assert "| full | 55,000,123 | 140 ms | 111 s | 26 s |" in markdown
-    assert "| full | float32 | 111,222,333 | 222 s | — |" in markdown
-    # Figure 4 table
-    assert "| 0% | 0 | 0.432 ± 0.01 | 0.9 |" in markdown
-    assert "| 100% | 512 | 0.876 ± 0.01 | 0.9 |" in markdown
-    # pipeline and fleet
-    assert "agents 33,338 vs raw 114,146 samples/s (medians): **ratio 0.292**" in markdown
-    assert "(median of 5 interleaved pairs, 0.25–0.31); warm-up pair 0.21" in markdown
-    assert "broker started by the bench" in markdown
-    assert "p50 0.04 s, p99 0.06 s, max 0.07 s (n=100)" in markdown
-    # a p99 over 20 values is never printed: the max stands in, and says so
-    assert "p50 0.771 s, max 1.28 s (n=20: too few for a p99, the max is given)" in markdown
-    assert "fanout_p99_s = 0.0421" in markdown
-    assert "| `devices` | 100,000 |" in markdown
-    # provenance: timestamp, cores, load
-    assert "| push | ok | 2026-01-02T03:04:05Z | — | box, 2 cores | 0.25, 0.5, 0.75 |" in markdown
+    assert_says(
+        markdown,
+        # Table 1: ours beside the paper
+        "| freeze6 | 512 | 41,870 | 2,590 | 0.0619 | 50% | — | — |",
+        "| freeze5 | 1792 | 28,078 | 1,181 |",
+        "no GPU lent",
+        # Table 2: bytes, measured loopback, modelled tier, paper
+        "| freeze6 | 512 | 10,608 | 0.844 ms | 8.75 ms | 109 ms | 1.5 s |",
+        "| full | 55,000,123 | 140 ms | 111 s | 26 s |",
+        "| full | float32 | 111,222,333 | 222 s | — |",
+        # Figure 4 table
+        "| 0% | 0 | 0.432 ± 0.01 | 0.9 |",
+        "| 100% | 512 | 0.876 ± 0.01 | 0.9 |",
+        # pipeline and fleet
+        "agents 33,338 vs raw 114,146 samples/s (medians): **ratio 0.292**",
+        "(median of 5 interleaved pairs, 0.25–0.31); warm-up pair 0.21",
+        "broker started by the bench",
+        "p50 0.04 s, p99 0.06 s, max 0.07 s (n=100)",
+        # a p99 over 20 values is never printed: the max stands in, and says so
+        "p50 0.771 s, max 1.28 s (n=20: too few for a p99, the max is given)",
+        "fanout_p99_s = 0.0421",
+        "| `devices` | 100,000 |",
+        # provenance: timestamp, cores, load
+        "| push | ok | 2026-01-02T03:04:05Z | — | box, 2 cores | 0.25, 0.5, 0.75 |",
+    )
     assert {p.name for p in images} == {"train.png", "push.png", "datafraction.png"}
     for path in images:
         assert path.read_bytes()[:8] == PNG
@@ -185,15 +194,18 @@ def test_missing_and_failed_benches_are_reported_with_the_reason(
         ],
     )
     markdown, images = render(load_report(results), tmp_path / "docs")
-    assert "**Missing** — the last run failed: exit code 1: KafkaUnavailableError." in markdown
-    assert "**Missing** — no codec.json: run `fedex bench codec`." in markdown
-    assert "**Missing** — no fedavg.json: run `fedex bench fedavg`." in markdown
-    # A failed rerun does not hide the older result, and does not pass it off as fresh.
-    assert "The last run of `fedex bench datafraction` failed (exit code 1: boom)" in markdown
-    assert "| 100% | 512 | 0.876 ± 0.01 | 0.9 |" in markdown
+    assert_says(
+        markdown,
+        "**Missing** — the last run failed: exit code 1: KafkaUnavailableError.",
+        "**Missing** — no codec.json: run `fedex bench codec`.",
+        "**Missing** — no fedavg.json: run `fedex bench fedavg`.",
+        # A failed rerun does not hide the older result, and does not pass it off as fresh.
+        "The last run of `fedex bench datafraction` failed (exit code 1: boom)",
+        "| 100% | 512 | 0.876 ± 0.01 | 0.9 |",
+        "fleet density | **missing** — fleet.json has no fleet density field",
+    )
     assert "| freeze6 | 512 | 10,608 |" not in markdown
     assert "push.png" not in {p.name for p in images}
-    assert "fleet density | **missing** — fleet.json has no fleet density field" in markdown
 
 
 def test_a_cuda_result_fills_the_gpu_columns(results: Path, tmp_path: Path) -> None:

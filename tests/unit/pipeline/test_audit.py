@@ -9,74 +9,40 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
 from pipeline import codec
 from pipeline.audit import Auditor, AuditReport
-from pipeline.records import (
-    Backbone,
-    Cut,
-    DeadLetter,
-    FeatureDType,
-    FeaturePush,
-    ModelMetrics,
-    ModelUpdate,
-    OffsetRange,
-    TrainingTrigger,
-    TriggerReason,
-)
+from pipeline.records import DeadLetter, FeaturePush, ModelUpdate, OffsetRange, TrainingTrigger
 from pipeline.samples import split_train_val
+from tests import factories
 
 TOPIC = "p.features"
 VAL = 0.25
 
 
 def push(offset: int, *, device: str = "d0", ids: list[int] | None = None) -> FeaturePush:
-    sample_ids = np.asarray(ids if ids is not None else range(offset * 10, offset * 10 + 10))
-    n = len(sample_ids)
-    return FeaturePush(
-        model_id="m",
-        device_id=device,
-        backbone=Backbone.INCEPTION_RESNET_V1,
-        cut=Cut.FREEZE6,
-        dtype=FeatureDType.FLOAT16,
-        sample_ids=sample_ids.astype(np.uint64),
-        labels=(sample_ids % 10).astype(np.int32),
-        timestamps_ms=np.zeros(n, np.int64),
-        features=np.zeros((n, 512), np.float16),
+    """Offset ``offset``'s push: ten samples from id ``10 * offset`` (or ``ids``), no features."""
+    return factories.push(
+        "m", device=device, first_id=offset * 10, sample_ids=ids, value=0.0, timestamp_ms=0
     )
 
 
-def update(version: str, trigger: TrainingTrigger | None = None, **counts: int) -> ModelUpdate:
-    return ModelUpdate(
-        model_id="m",
-        version=version,
-        parent_version=None,
+def update(
+    version: str, trigger: TrainingTrigger | None = None, *, train: int = 0, val: int = 0
+) -> ModelUpdate:
+    return factories.update(
+        "m",
+        version,
         trigger_id=None if trigger is None else trigger.trigger_id,
-        backbone=Backbone.INCEPTION_RESNET_V1,
-        cut=Cut.FREEZE6,
-        num_classes=10,
-        checkpoint_uri="http://x",
-        sha256="0" * 64,
-        size=0,
-        encoding="safetensors-fp16",
-        metrics=ModelMetrics(0.5, None, counts.get("train", 0), counts.get("val", 0), 0.0, 1),
-        is_best=True,
         trigger_ranges=() if trigger is None else trigger.ranges,
+        train=train,
+        val=val,
     )
 
 
 def trigger(seq: int, start: int, end: int, samples: int, attempt: int = 1) -> TrainingTrigger:
-    return TrainingTrigger(
-        model_id="m",
-        trigger_id=f"m:{seq}",
-        ranges=(OffsetRange(0, start, end),),
-        sample_count=samples,
-        reason=TriggerReason.COUNT,
-        base_version="v0",
-        attempt=attempt,
-    )
+    return factories.trigger("m", seq, (OffsetRange(0, start, end),), samples, attempt=attempt)
 
 
 def trained(t: TrainingTrigger, pushes: list[FeaturePush]) -> ModelUpdate:

@@ -25,9 +25,16 @@ from pipeline.records import (
     ModelMetrics,
     ModelUpdate,
     OffsetRange,
+    RoundBroadcast,
+    RoundUpdate,
     TrainingTrigger,
     TriggerReason,
+    UpdateKind,
 )
+from tests import factories
+
+#: The epoch of every record here: times are T0 plus a few milliseconds.
+T0 = 1_795_000_000_000
 
 
 def make_push(
@@ -38,39 +45,36 @@ def make_push(
     dtype: FeatureDType = FeatureDType.FLOAT16,
     seed: int = 0,
 ) -> FeaturePush:
-    rng = np.random.default_rng(seed)
-    shape = FEATURE_SHAPES[backbone][cut]
-    return FeaturePush(
-        model_id="faces-1",
-        device_id="dev-000042",
+    """``n`` samples of ``dev-000042`` (ids from 100), labels over 1000 classes, each at
+    its own millisecond."""
+    labels = np.random.default_rng(seed).integers(0, 1000, n)
+    return factories.push(
+        device=42,
+        n=n,
+        first_id=100,
+        labels=labels,
         backbone=backbone,
         cut=cut,
         dtype=dtype,
-        sample_ids=np.arange(100, 100 + n, dtype=np.uint64),
-        labels=rng.integers(0, 1000, n).astype(np.int32),
-        timestamps_ms=np.full(n, 1_795_000_000_000, dtype=np.int64) + np.arange(n),
-        features=rng.standard_normal((n, *shape)).astype(dtype.numpy),
+        seed=seed,
+        timestamps_ms=T0 + np.arange(n),
     )
 
 
 def make_update(inline: bool = True) -> ModelUpdate:
-    blob = bytes(range(256)) * 4
-    return ModelUpdate(
-        model_id="faces-1",
-        version="v-trig-7",
+    return factories.update(
+        "faces-1",
+        "v-trig-7",
         parent_version="v-trig-3",
         trigger_id="trig-7",
-        backbone=Backbone.INCEPTION_RESNET_V1,
-        cut=Cut.FREEZE6,
         num_classes=1000,
         checkpoint_uri="ckpt://faces-1/v-trig-7",
         sha256="ab" * 32,
-        size=len(blob),
         encoding="safetensors",
         metrics=ModelMetrics(0.81, 0.74, 9000, 1000, 3.5, 5),
-        is_best=True,
-        created_at_ms=1_795_000_000_123,
-        checkpoint=blob if inline else None,
+        blob=bytes(range(256)) * 4,
+        inline=inline,
+        created_at_ms=T0 + 123,
     )
 
 
@@ -143,7 +147,7 @@ def test_trigger_round_trip(base_version: str | None) -> None:
         reason=TriggerReason.AGE,
         base_version=base_version,
         attempt=2,
-        created_at_ms=1_795_000_000_000,
+        created_at_ms=T0,
     )
     assert codec.decode_trigger(codec.encode_trigger(trigger)) == trigger
 
@@ -171,7 +175,7 @@ def test_dead_letter_round_trip(key: bytes | None) -> None:
         reason="non_finite",
         message="3 feature values are NaN or Inf",
         key=key,
-        at_ms=1_795_000_000_000,
+        at_ms=T0,
     )
     assert codec.decode_dead_letter(codec.encode_dead_letter(letter)) == letter
 
@@ -476,7 +480,7 @@ def make_summary(n: int = 4) -> BatchSummary:
         model_index=np.array([0, 1, 0, 1][:n], dtype=np.int32) % min(n, 2),
         offsets=np.array([5, 9, 10, 40][:n], dtype=np.int64),
         samples=np.array([10, 1, 7, 1024][:n], dtype=np.int32),
-        times_ms=np.array([1_795_000_000_000 + i for i in range(n)], dtype=np.int64),
+        times_ms=np.array([T0 + i for i in range(n)], dtype=np.int64),
         device_index=np.array([0, 1, 0, 2][:n], dtype=np.int32) % min(n, 3),
         devices=("dev-a", "dev-b", "dev:c@x")[: min(n, 3)],
     )
@@ -573,8 +577,6 @@ def test_fuzz_mutated_summaries_raise_only_codec_errors() -> None:
 
 # ------------------------------------------------------------- FedAvg baseline (issue 5)
 
-from pipeline.records import RoundBroadcast, RoundUpdate, UpdateKind  # noqa: E402
-
 
 def make_fedavg_tensors(dtype: FeatureDType, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -596,7 +598,7 @@ def make_round_update(dtype: FeatureDType = FeatureDType.FLOAT32) -> RoundUpdate
         dtype=dtype,
         tensors=make_fedavg_tensors(dtype),
         loss=0.25,
-        created_at_ms=1_795_000_000_123,
+        created_at_ms=T0 + 123,
     )
 
 
@@ -612,10 +614,10 @@ def make_broadcast(dtype: FeatureDType = FeatureDType.FLOAT32) -> RoundBroadcast
         local_epochs=5,
         batch_size=10,
         lr=0.05,
-        deadline_ms=1_795_000_030_000,
+        deadline_ms=T0 + 30_000,
         dtype=dtype,
         tensors=make_fedavg_tensors(dtype, seed=1),
-        created_at_ms=1_795_000_000_000,
+        created_at_ms=T0,
     )
 
 

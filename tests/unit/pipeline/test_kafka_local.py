@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -163,15 +164,13 @@ def test_port_is_free_sees_a_listener() -> None:
 # --------------------------------------------------------------------------- pidfile and processes
 
 
-@pytest.fixture
-def fake_broker(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
-    """A process whose command line looks like our broker's (kafka.Kafka + properties path):
-    a Python process blocked on stdin."""
-    props = tmp_path / "kafka" / "server.properties"
-    props.parent.mkdir(parents=True)
-    code = "import sys; print('ready', flush=True); sys.stdin.read()"
+@contextmanager
+def ready_child(setup: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """A Python process in its own session that runs ``setup``, says it is ready and then
+    blocks on stdin, with ``args`` on its command line; killed on the way out if alive."""
+    code = f"import sys; {setup}; print('ready', flush=True); sys.stdin.read()"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "kafka.Kafka", str(props)],
+        [sys.executable, "-c", code, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -180,11 +179,21 @@ def fake_broker(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        yield proc, props
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def fake_broker(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """A process whose command line looks like our broker's (kafka.Kafka + properties path):
+    a Python process blocked on stdin."""
+    props = tmp_path / "kafka" / "server.properties"
+    props.parent.mkdir(parents=True)
+    with ready_child("pass", "kafka.Kafka", str(props)) as proc:
+        yield proc, props
 
 
 def test_pidfile_round_trip(tmp_path: Path) -> None:
@@ -244,29 +253,11 @@ async def test_stop_daemon_terminates_our_process_and_removes_pidfile(
 
 
 def test_terminate_escalates_to_sigkill() -> None:
-    stubborn = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import signal,sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "print('ready', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert stubborn.stdout is not None
-        assert stubborn.stdout.readline().strip() == "ready"
+    with ready_child("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)") as stubborn:
         started = time.monotonic()
         assert processes.terminate_pid(stubborn.pid, timeout=0.5, group=True) is True
         assert time.monotonic() - started < 10
         assert stubborn.wait(timeout=10) == -9
-    finally:
-        if stubborn.poll() is None:
-            stubborn.kill()
-            stubborn.wait()
 
 
 def test_zombie_counts_as_gone() -> None:

@@ -177,9 +177,9 @@ def test_fp32_checkpoints(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- base model
 
 
-def test_base_update_is_v0_best_without_parent(tmp_path: Path) -> None:
-    store = LocalCheckpointStore(tmp_path)
-    given = build_base_update(
+def base_update(store: LocalCheckpointStore, **kw: Any) -> ModelUpdate:
+    """``faces-1``'s base version (v0) over 10 classes, under an 8 MiB message limit."""
+    return build_base_update(
         store=store,
         model_id="faces-1",
         backbone="inception_resnet_v1",
@@ -187,8 +187,13 @@ def test_base_update_is_v0_best_without_parent(tmp_path: Path) -> None:
         num_classes=10,
         server_url=SERVER,
         max_message_bytes=8 * MIB,
-        head_state=head_state(10),
+        **kw,
     )
+
+
+def test_base_update_is_v0_best_without_parent(tmp_path: Path) -> None:
+    store = LocalCheckpointStore(tmp_path)
+    given = base_update(store, head_state=head_state(10))
     assert given.version == BASE_VERSION == "v0"
     assert given.is_best and given.parent_version is None and given.trigger_id is None
     assert given.metrics == base_metrics()
@@ -197,16 +202,7 @@ def test_base_update_is_v0_best_without_parent(tmp_path: Path) -> None:
 
 def test_random_base_head_is_the_zoos_and_deterministic_in_the_seed(tmp_path: Path) -> None:
     def base(seed: int) -> ModelUpdate:
-        return build_base_update(
-            store=LocalCheckpointStore(tmp_path / str(seed)),
-            model_id="faces-1",
-            backbone="inception_resnet_v1",
-            cut="freeze6",
-            num_classes=10,
-            server_url=SERVER,
-            max_message_bytes=8 * MIB,
-            seed=seed,
-        )
+        return base_update(LocalCheckpointStore(tmp_path / str(seed)), seed=seed)
 
     a, b, c = base(1), base(1), base(2)
     assert a.sha256 == b.sha256 != c.sha256

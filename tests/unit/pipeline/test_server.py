@@ -22,15 +22,9 @@ from pipeline.auth import ANY_MODEL, issue_token
 from pipeline.checkpoints import LocalCheckpointStore, sha256_hex
 from pipeline.download import DownloadError, PushError, fetch_checkpoint, push_over_http
 from pipeline.http_ranges import ByteRange, RangeNotSatisfiable, parse_range
-from pipeline.records import (
-    Backbone,
-    Cut,
-    FeatureDType,
-    FeaturePush,
-    ModelMetrics,
-    ModelUpdate,
-)
+from pipeline.records import ModelMetrics, ModelUpdate
 from pipeline.server import ModelServer
+from tests import factories
 
 SECRET = "unit-secret"
 FEATURES = "t.features"
@@ -106,37 +100,21 @@ def make_update(
     best: bool = True,
     sha: str | None = None,
 ) -> ModelUpdate:
-    return ModelUpdate(
-        model_id=model_id,
-        version=version,
+    return factories.served_update(
+        model_id,
+        version,
+        blob,
+        inline=inline,
+        best=best,
+        sha=sha,
         parent_version=None,
-        trigger_id=None,
-        backbone=Backbone.INCEPTION_RESNET_V1,
-        cut=Cut.FREEZE6,
-        num_classes=10,
-        checkpoint_uri=f"ckpt://{model_id}/{version}",
-        sha256=sha or sha256_hex(blob),
-        size=len(blob),
-        encoding="safetensors",
         metrics=ModelMetrics(0.8, None, 100, 10, 1.5, 2),
-        is_best=best,
-        checkpoint=blob if inline else None,
     )
 
 
 def make_push(model_id: str = "m1", device_id: str = "dev-1", n: int = 4, label: int = 3) -> bytes:
     return codec.encode_push(
-        FeaturePush(
-            model_id=model_id,
-            device_id=device_id,
-            backbone=Backbone.INCEPTION_RESNET_V1,
-            cut=Cut.FREEZE6,
-            dtype=FeatureDType.FLOAT16,
-            sample_ids=np.arange(n, dtype=np.uint64),
-            labels=np.full(n, label, dtype=np.int32),
-            timestamps_ms=np.full(n, 1_700_000_000_000, dtype=np.int64),
-            features=np.ones((n, 512), dtype=np.float16),
-        )
+        factories.push(model_id, device=device_id, n=n, labels=[label] * n, value=1.0)
     )
 
 
