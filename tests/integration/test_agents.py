@@ -391,7 +391,9 @@ async def test_two_workers_share_the_work_and_the_survivor_takes_over(
 
         # b leaves: a takes its partitions over and restores their state from the changelog.
         await h.stop_worker(b)
-        await until(h.balanced, "the survivor owning every partition", 60)
+        # The takeover is bounded by Faust's changelog recovery, which on this machine
+        # sometimes waits ~60 s for its partitions before it resumes (see the session note).
+        await until(h.balanced, "the survivor owning every partition", 180)
         assert a.partitions == set(range(partitions))
         for model in models:
             state = h.state(model)
