@@ -169,7 +169,7 @@ def build_bank(
         "vendors": [c.name for c in world.cameras],
         "num_classes": world.config.identities,
         "feature_shape": list(shape),
-        "content_sha256": _content_sha256(columns),
+        "content_sha256": content_sha256(columns),
     }
     _write_atomically(path, columns, meta)
     bank = FeatureBank.load(path)
@@ -267,7 +267,7 @@ class _Bar:
         self._progress.stop()
 
 
-def _content_sha256(columns: Mapping[str, np.ndarray]) -> str:
+def content_sha256(columns: Mapping[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in _COLUMNS:
         array = np.ascontiguousarray(columns[name])
@@ -364,7 +364,7 @@ class FeatureBank:
         spec = meta.get("spec", {})
         if not isinstance(spec, dict) or spec.get("format") != BANK_FORMAT:
             raise BankError(f"{path} has bank format {spec}, this code reads {BANK_FORMAT}")
-        if verify and _content_sha256(columns) != meta.get("content_sha256"):
+        if verify and content_sha256(columns) != meta.get("content_sha256"):
             raise BankError(f"feature bank {path} does not match its content hash; rebuild it")
         return cls(
             path=path,
