@@ -71,7 +71,12 @@ def devices(
     max_pushes: int | None = typer.Option(None, "--max-pushes", help="stop after N acked pushes"),
     processes: int = typer.Option(1, "--processes", help="worker processes (count/P devices each)"),
     seed: int = typer.Option(0, "--seed", help="seed of the world and the devices"),
-    features: str = typer.Option("bank", "--features", help="bank, or live (small fleets)"),
+    features: str = typer.Option(
+        "fresh",
+        "--features",
+        help="fresh (a new draw of the fitted feature model per sample), bank (redraw bank "
+        "rows) or live (render + backbone per sample, small fleets)",
+    ),
     time_scale: float | None = typer.Option(
         None, "--time-scale", help="simulated s per wall s (default FEDEX_FLEET_TIME_SCALE)"
     ),

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-Features = Literal["bank", "live"]
+Features = Literal["fresh", "bank", "live"]
 ProgressCallback = Callable[[FleetProgress], Awaitable[None] | None]
 
 #: Default simulated seconds per wall second: one simulated day every 3 minutes.
@@ -82,7 +82,7 @@ class FleetConfig:
     duration_s: float | None = None
     max_pushes: int | None = None
     seed: int = 0
-    features: Features = "bank"
+    features: Features = "fresh"
     time_scale: float = DEFAULT_TIME_SCALE
     tick_s: float = 0.1
     params: DeviceParams = field(default_factory=DeviceParams)
@@ -109,8 +109,8 @@ class FleetConfig:
             raise ConfigError(f"shard {self.shard_index}/{self.shard_count} does not exist")
         if self.time_scale <= 0 or self.tick_s <= 0:
             raise ConfigError("time_scale and tick_s must be > 0")
-        if self.features not in ("bank", "live"):
-            raise ConfigError(f"features must be bank or live, got {self.features!r}")
+        if self.features not in ("fresh", "bank", "live"):
+            raise ConfigError(f"features must be fresh, bank or live, got {self.features!r}")
 
     def world_config(self) -> WorldConfig:
         from device_sim.world import WorldConfig
@@ -214,6 +214,15 @@ class FleetRunner(Service):
             fleet.release = self.live.release
             self._features = self.live.features
             self._draw = self.live.draw
+        elif cfg.features == "fresh":
+            from device_sim.fresh import FreshFeatures
+
+            fresh = await asyncio.to_thread(
+                FreshFeatures, bank, vendors=fleet.vendor, seed=cfg.seed * 65_537 + cfg.shard_index
+            )
+            self._draw = fresh.draw
+            self._features = fresh.features
+            fleet.seed_backlog(fresh.draw, self._rng, now=0.0)
         else:
             model_ids = list(world.model_ids)
 
