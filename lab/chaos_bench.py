@@ -46,7 +46,7 @@ from pipeline.records import (
     TrainingTrigger,
     TriggerReason,
 )
-from pipeline.samples import split_train_val
+from pipeline.samples import ValidationRule
 from pipeline.settings import Settings
 from pipeline.tables import print_table
 from pipeline.topics import Topics, ensure_topics, topic_specs
@@ -280,7 +280,8 @@ async def _answer(
     await producer.send_and_wait(
         topics.triggers, codec.encode_trigger(trigger), key=codec.encode_key(model_id)
     )
-    val = int(split_train_val(keys, settings.val_fraction).sum())
+    rule = ValidationRule(settings.val_fraction, settings.val_device_fraction)
+    val = int(rule.mask(model_id, keys).sum())
     update = _update(model_id, f"v{seq}", trigger.trigger_id, ranges, len(keys) - val, val)
     await publish_update(producer, topics.models, update)
 

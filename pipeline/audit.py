@@ -19,9 +19,11 @@ ones in ``docs/invariants.md``:
 4. One trigger id has one version (``versions_per_trigger``); a version is published once
    or identically (``version_republished``); versions are monotone (``versions_not_monotone``).
 5. The trainer's reported train/validation counts equal those rebuilt from the log with the
-   trainer's own rules (:mod:`pipeline.samples`: a sample belongs to the job whose ranges
-   hold its first copy) (``train_counts_differ``). Every sample is therefore in exactly one
-   version's train or validation set.
+   trainer's own rules (:mod:`pipeline.samples`: a sample is new in the job whose ranges
+   hold its first copy; it is validation by :class:`~pipeline.samples.ValidationRule`, its
+   device's hash or its key's) (``train_counts_differ``). Every sample is therefore new in
+   exactly one version, trained or held out there. Samples a job replays from earlier jobs
+   (``replay_samples`` in its metrics) are counted apart and are no violation.
 
 Checks on offsets below the log's start (retention) are skipped and counted as aged out.
 """
@@ -47,7 +49,7 @@ from pipeline.records import (
     TrainingTrigger,
     version_for_trigger,
 )
-from pipeline.samples import OTHER_MODEL, ModelFit, accept_push, split_train_val
+from pipeline.samples import OTHER_MODEL, ModelFit, ValidationRule, accept_push
 
 _VERSION = re.compile(r"v(?P<n>[0-9]+)")
 
@@ -84,6 +86,9 @@ class ModelAccount:
     versions: int = 0
     train_samples: int = 0
     val_samples: int = 0
+    #: Samples the versions trained again from earlier jobs (each sample counts once per
+    #: version that replayed it).
+    replay_samples: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,17 +134,20 @@ class Auditor:
     """Folds the topics of one deployment, in this order: :meth:`add_dead_letter`,
     :meth:`add_update` (model topic), :meth:`add_trigger`, :meth:`add_state` (the agents'
     changelog, last value per model wins), :meth:`add_feature_record`; then
-    :meth:`report`. ``log_start`` maps feature-log partitions to their first offset."""
+    :meth:`report`. ``log_start`` maps feature-log partitions to their first offset.
+    ``val_fraction`` and ``val_device_fraction`` must be the trainers' (their validation
+    rule is rebuilt)."""
 
     def __init__(
         self,
         *,
         features_topic: str,
         val_fraction: float,
+        val_device_fraction: float = 0.0,
         max_push_samples: int = codec.DEFAULT_MAX_SAMPLES,
     ) -> None:
         self.features_topic = features_topic
-        self.val_fraction = val_fraction
+        self.validation = ValidationRule(val_fraction, val_device_fraction)
         self.max_push_samples = max_push_samples
         self.log_start: dict[int, int] = {}
         self._fits: dict[str, ModelFit] = {}
@@ -425,9 +433,9 @@ class Auditor:
         triggers: Mapping[str, TrainingTrigger],
         device_names: Mapping[int, str],
     ) -> int:
-        """Rebuilds every trained job's sample set (first copy in its ranges) and compares
-        its train/val counts with the version's. Returns the triggers not checked because
-        their ranges begin before the log does."""
+        """Rebuilds every trained job's new samples (first copy in its ranges) and compares
+        its train/val counts (the trainers' validation rule) with the version's. Returns
+        the triggers not checked because their ranges begin before the log does."""
         account = self._account(model_id)
         if not rows.sample_push:
             return 0
@@ -454,10 +462,11 @@ class Auditor:
             rows_of_job = first[first_owner == i]
             account.trained_samples += len(rows_of_job)
             keys = [(device_names[int(device[r])], int(sample[r])) for r in rows_of_job.tolist()]
-            val = int(split_train_val(keys, self.val_fraction).sum()) if keys else 0
+            val = int(self.validation.mask(model_id, keys).sum()) if keys else 0
             train = len(keys) - val
             account.train_samples += update.metrics.train_samples
             account.val_samples += update.metrics.val_samples
+            account.replay_samples += update.metrics.replay_samples
             if self._aged_out(triggers[trigger_id].ranges):
                 aged += 1
                 continue
@@ -467,7 +476,8 @@ class Auditor:
                     model_id,
                     f"{update.version} ({trigger_id}) reports {update.metrics.train_samples} "
                     f"train / {update.metrics.val_samples} val samples; the log gives "
-                    f"{train} / {val} (first copies in its ranges)",
+                    f"{train} / {val} (first copies in its ranges, validation by device and "
+                    "sample hash)",
                 )
         return aged
 

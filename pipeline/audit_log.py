@@ -34,6 +34,7 @@ async def audit_deployment(settings: Settings) -> tuple[AuditReport, float]:
     auditor = Auditor(
         features_topic=topics.features,
         val_fraction=settings.val_fraction,
+        val_device_fraction=settings.val_device_fraction,
         max_push_samples=settings.max_push_samples,
     )
     bootstrap = settings.bootstrap
@@ -90,7 +91,7 @@ def print_report(report: AuditReport, seconds: float) -> None:
     table = Table(title=f"fedex audit: {report.feature_records:,} feature records")
     for column in (
         "model", "pushes", "samples", "distinct", "copies", "trained", "in flight", "pending",
-        "uncounted", "orphaned", "dead-lettered", "triggers", "versions", "train/val",
+        "uncounted", "orphaned", "dead-lettered", "triggers", "versions", "train/val/replay",
     ):  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
     for m in report.models:
@@ -108,7 +109,7 @@ def print_report(report: AuditReport, seconds: float) -> None:
             f"{m.dead_lettered:,}",
             f"{m.triggers:,}",
             f"{m.versions:,}",
-            f"{m.train_samples:,}/{m.val_samples:,}",
+            f"{m.train_samples:,}/{m.val_samples:,}/{m.replay_samples:,}",
         )
     console = Console()
     console.print(table)

@@ -192,7 +192,13 @@ class TrainingTrigger:
 
 @dataclass(frozen=True, slots=True)
 class ModelMetrics:
-    """Validation of challenger and champion on the same split, and the training cost."""
+    """Validation of challenger and champion on the same set, and the training cost.
+
+    ``train_samples`` and ``val_samples`` split the trigger's new samples (first copies in
+    its ranges) into trained and held out for validation; ``replay_samples`` are samples of
+    earlier jobs trained again next to them; ``eval_samples`` is the size of the model's
+    validation set both accuracies were measured on (0 in updates from before it existed).
+    """
 
     val_accuracy: float
     champion_val_accuracy: float | None
@@ -200,6 +206,8 @@ class ModelMetrics:
     val_samples: int
     train_seconds: float
     epochs: int
+    replay_samples: int = 0
+    eval_samples: int = 0
 
 
 @dataclass(frozen=True, slots=True)

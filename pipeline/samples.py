@@ -10,12 +10,16 @@ Pure, no Kafka and no torch: the rules that the trainer (assembling a job's data
   belongs to the trigger whose ranges hold its *first* occurrence (the lowest
   ``(partition, offset)``), and to no other: every sample is trained in exactly one version.
 * :func:`split_train_val` puts a sample in the validation split by a stable hash of its key.
+* :class:`ValidationRule` is the trainer's validation rule, whole devices held out as well
+  as samples: a sample is validation when its device is a validation device of the model
+  (:func:`device_unit_hash` of ``(model_id, device_id)`` below ``val_device_fraction``) or
+  its key's hash is below ``val_fraction``. Validation samples are never trained on.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,3 +91,48 @@ def split_train_val(
         dtype=np.bool_,
         count=len(sample_keys),
     )
+
+
+def device_unit_hash(model_id: str, device_id: str) -> float:
+    """A device's position in [0, 1) for one model: which devices a model holds out does
+    not depend on its other devices, and differs between models."""
+    digest = hashlib.blake2b(
+        f"device\x00{model_id}\x00{device_id}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationRule:
+    """Which of a model's samples are validation: every sample of a held-out device (a
+    share ``val_device_fraction`` of devices, by :func:`device_unit_hash`), and a share
+    ``val_fraction`` of the other devices' samples (by :func:`stable_unit_hash` of the key).
+    A sample's side depends on its key and model alone, so it never moves as the log grows.
+    """
+
+    val_fraction: float
+    val_device_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.val_device_fraction < 1.0:
+            raise ValueError(
+                f"val_device_fraction must be in [0, 1), got {self.val_device_fraction}"
+            )
+
+    def held_out_devices(self, model_id: str, device_ids: Iterable[str]) -> set[str]:
+        """The validation devices of ``model_id`` among ``device_ids``."""
+        return {
+            d for d in set(device_ids) if device_unit_hash(model_id, d) < self.val_device_fraction
+        }
+
+    def mask(self, model_id: str, sample_keys: Sequence[tuple[str, int]]) -> npt.NDArray[np.bool_]:
+        """Validation mask (True = validation) over ``(device_id, sample_id)`` keys of
+        ``model_id``."""
+        held = self.held_out_devices(model_id, (d for d, _ in sample_keys))
+        return np.fromiter(
+            (d in held or stable_unit_hash(d, int(s)) < self.val_fraction for d, s in sample_keys),
+            dtype=np.bool_,
+            count=len(sample_keys),
+        )

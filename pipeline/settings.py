@@ -106,7 +106,38 @@ class Settings(BaseSettings):
     train_lr: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
     train_weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
     val_fraction: float = Field(
-        default=0.1, gt=0, lt=1, description="share of samples (by hash of the sample id) held out."
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="share of the other devices' samples (by hash of device id + sample id) "
+        "held out for validation, besides the validation devices' samples; never trained on.",
+    )
+    val_device_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="share of a model's devices (by hash of model id + device id) whose samples "
+        "are all held out for validation (0 = none); never trained on.",
+    )
+    val_max_samples: int = Field(
+        default=2048,
+        ge=1,
+        description="size of a model's validation set: its first validation samples in log "
+        "order, the same for champion and challenger and across versions once full (until "
+        "then it grows with the log).",
+    )
+    replay_max_samples: int = Field(
+        default=4096,
+        ge=0,
+        description="samples of earlier jobs of the model replayed next to a job's new ones, at "
+        "most (label- and device-stratified, drawn from the retained log; 0 = new samples only).",
+    )
+    promote_margin: float = Field(
+        default=0.005,
+        ge=0,
+        lt=1,
+        description="validation accuracy a challenger must beat its champion by, strictly, to "
+        "become the best version (a tie is not a win).",
     )
     checkpoint_dtype: str = Field(
         default="float16",

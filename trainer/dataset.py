@@ -15,11 +15,15 @@ Rules, all deterministic so that any trainer assembles the same dataset for a tr
 * A sample is identified by ``(device_id, sample_id)``; when it occurs more than once (a
   device re-sent a push it got no acknowledgement for), the copy at the lowest
   ``(partition, offset)`` is the sample, whatever order the records were read in.
-* A job's dataset is every sample whose first occurrence lies inside the job's ranges
+* A job's *new* samples are those whose first occurrence lies inside the job's ranges
   (:meth:`FeatureCache.select`): a copy inside later ranges was trained by the earlier
-  job, so every sample is trained exactly once. The trainer therefore reads a model's
-  partitions from the start of the log (once; the cache keeps what it read). The dataset
-  is split into train and validation by a stable hash of the key (:meth:`Dataset.split`).
+  job, so every sample is new in exactly one job. The trainer therefore reads a model's
+  partitions from the start of the log (once; the cache keeps what it read).
+* A job's *window* is every sample held in its ranges' partitions below the ranges' ends,
+  in log order (:meth:`FeatureCache.window`): its new samples, the samples of earlier jobs
+  it may replay, and the model's validation set (:mod:`trainer.replay` plans the job;
+  :class:`pipeline.samples.ValidationRule` says which samples are validation, and
+  :meth:`FeatureCache.validation` keeps that per row so it is hashed once).
 """
 
 from __future__ import annotations
@@ -35,7 +39,13 @@ import numpy.typing as npt
 
 from pipeline import codec
 from pipeline.records import FEATURE_SHAPES, Backbone, Cut, FeaturePush, OffsetRange
-from pipeline.samples import OTHER_MODEL, ModelFit, accept_push, split_train_val
+from pipeline.samples import (
+    OTHER_MODEL,
+    ModelFit,
+    ValidationRule,
+    accept_push,
+    split_train_val,
+)
 
 # --------------------------------------------------------------------------- offsets
 
@@ -212,7 +222,13 @@ class FeatureCache:
         self._partitions = np.empty(0, np.int32)
         self._offsets = np.empty(0, np.int64)
         self._device_ids: list[str] = []
+        #: Per row, the index of its device in ``_devices`` (for stratified replay).
+        self._device_codes = np.empty(0, np.int64)
+        self._devices: dict[str, int] = {}
         self._rows: dict[tuple[str, int], int] = {}
+        #: Validation side of rows ``[0, len(_val))`` under ``_val_rule`` (hashed once).
+        self._val_rule: ValidationRule | None = None
+        self._val = np.empty(0, np.bool_)
 
     def __len__(self) -> int:
         return self._n
@@ -297,6 +313,7 @@ class FeatureCache:
         self._partitions[at:end] = partition
         self._offsets[at:end] = offset
         self._device_ids.extend([push.device_id] * k)
+        self._device_codes[at:end] = self._devices.setdefault(push.device_id, len(self._devices))
         self._n = end
 
     def _reserve(self, size: int) -> None:
@@ -315,6 +332,7 @@ class FeatureCache:
         self._sample_ids = grow(self._sample_ids)  # type: ignore[assignment]
         self._partitions = grow(self._partitions)  # type: ignore[assignment]
         self._offsets = grow(self._offsets)  # type: ignore[assignment]
+        self._device_codes = grow(self._device_codes)  # type: ignore[assignment]
 
     # ----------------------------------------------------------------- selecting
 
@@ -347,6 +365,54 @@ class FeatureCache:
                 device_ids=tuple(self._device_ids),
                 sample_ids=self._sample_ids[:n],
             )
+        return self.take(rows)
+
+    def window(
+        self, ranges: Sequence[OffsetRange]
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+        """A job's window: the rows held in the partitions of ``ranges`` below each one's
+        end, in log order (partition, offset, sample id), and which of them are the job's
+        new samples (first copy inside ``ranges``). Exact, like :meth:`select`, when the
+        cache holds those partitions from the log's start."""
+        n = self._n
+        partitions, offsets = self._partitions[:n], self._offsets[:n]
+        ends: dict[int, int] = {}
+        for r in ranges:
+            ends[r.partition] = max(r.end, ends.get(r.partition, r.end))
+        inside = np.zeros(n, dtype=np.bool_)
+        for partition, end in ends.items():
+            inside |= (partitions == partition) & (offsets < end)
+        rows = np.flatnonzero(inside)
+        order = np.lexsort((self._sample_ids[rows], offsets[rows], partitions[rows]))
+        rows = rows[order]
+        return rows, self._in_ranges(partitions[rows], offsets[rows], ranges)
+
+    def validation(self, rule: ValidationRule) -> npt.NDArray[np.bool_]:
+        """Per row held, whether ``rule`` makes it a validation sample of this model. Rows
+        keep their key, so each is hashed once (again only when the rule changes)."""
+        if rule != self._val_rule:
+            self._val_rule, self._val = rule, np.empty(0, np.bool_)
+        done = self._val.shape[0]
+        if done < self._n:
+            keys = list(
+                zip(
+                    self._device_ids[done : self._n],
+                    self._sample_ids[done : self._n].tolist(),
+                    strict=True,
+                )
+            )
+            self._val = np.concatenate([self._val, rule.mask(self.model_id, keys)])
+        return self._val[: self._n]
+
+    def labels_of(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.int64]:
+        return self._labels[rows]
+
+    def devices_of(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.int64]:
+        """Per row, an integer standing for its device (stable within this cache)."""
+        return self._device_codes[rows]
+
+    def take(self, rows: npt.NDArray[np.intp]) -> Dataset:
+        """The samples at ``rows`` (copies), in that order."""
         return Dataset(
             features=self._features[rows],
             labels=self._labels[rows],
@@ -373,6 +439,8 @@ class FeatureCache:
         self._sample_ids = self._sample_ids[keep]
         self._partitions = self._partitions[keep]
         self._offsets = self._offsets[keep]
+        self._device_codes = self._device_codes[keep]
+        self._val = self._val[keep[keep < self._val.shape[0]]]
         self._device_ids = [self._device_ids[i] for i in keep.tolist()]
         self._n = int(keep.shape[0])
         self._rows = {(self._device_ids[i], int(self._sample_ids[i])): i for i in range(self._n)}

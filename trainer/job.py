@@ -1,8 +1,9 @@
 """One training job, pure of Kafka: the candidate a trigger yields and how it is judged.
 
 :func:`train_candidate` warm-starts the head from the champion, evaluates the champion on
-the validation split, trains, evaluates the challenger and applies the recipe's
-champion/challenger rule. :class:`HeadCache` keeps built heads across jobs.
+the model's validation set, trains (the job's new samples and its replay, planned by
+:mod:`trainer.replay`), evaluates the challenger on the same set and applies the recipe's
+champion/challenger rule (a tie is not a win). :class:`HeadCache` keeps built heads across jobs.
 The trainer process (:mod:`trainer.worker`) is the I/O shell around this.
 """
 
@@ -51,7 +52,9 @@ class Outcome(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class JobReport:
-    """What one trigger came to. Accuracies are on the job's validation split."""
+    """What one trigger came to. Accuracies are on the model's validation set
+    (``eval_samples``); ``train_samples``/``val_samples`` split the trigger's new samples,
+    ``replay_samples`` were trained again from earlier jobs."""
 
     trigger_id: str
     model_id: str
@@ -61,6 +64,8 @@ class JobReport:
     offset: int = -1
     train_samples: int = 0
     val_samples: int = 0
+    replay_samples: int = 0
+    eval_samples: int = 0
     records_read: int = 0
     champion_version: str | None = None
     champion_accuracy: float | None = None
@@ -77,8 +82,9 @@ class JobReport:
             return f"{head} ({self.reason})" if self.reason else head
         inline = self.update is not None and self.update.checkpoint is not None
         return (
-            f"{head}; {self.train_samples} train / {self.val_samples} val samples "
-            f"({self.records_read} records read), val acc {_fmt(self.champion_accuracy)} "
+            f"{head}; {self.train_samples} new + {self.replay_samples} replayed train / "
+            f"{self.val_samples} held-out samples ({self.records_read} records read), val acc "
+            f"on {self.eval_samples} {_fmt(self.champion_accuracy)} "
             f"({self.champion_version}) -> {_fmt(self.challenger_accuracy)} "
             f"{'best' if self.is_best else 'not best'}; train {self.train_seconds:.2f} s, "
             f"{self.samples_per_s:,.0f} samples/s, job {self.seconds:.2f} s; "
@@ -96,7 +102,9 @@ def _fmt(value: float | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """A trained challenger next to its champion, judged on one validation split."""
+    """A trained challenger next to its champion, judged on one validation set.
+    ``train_samples`` new samples and ``replay_samples`` earlier ones were trained,
+    ``val_samples`` new ones held out; ``eval_samples`` is the validation set's size."""
 
     state_dict: dict[str, Tensor]
     champion_accuracy: float
@@ -105,6 +113,8 @@ class Candidate:
     result: TrainResult
     train_samples: int
     val_samples: int
+    replay_samples: int = 0
+    eval_samples: int = 0
 
     def metrics(self) -> ModelMetrics:
         # A NaN cannot travel (JSON): an empty validation split reads 0.0 with val_samples 0.
@@ -120,6 +130,8 @@ class Candidate:
             val_samples=self.val_samples,
             train_seconds=self.result.seconds,
             epochs=len(self.result.epochs),
+            replay_samples=self.replay_samples,
+            eval_samples=self.eval_samples,
         )
 
 
@@ -131,12 +143,22 @@ def train_candidate(
     cfg: TrainConfig,
     *,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    margin: float = 0.0,
+    replay_samples: int = 0,
+    held_out: int | None = None,
 ) -> Candidate:
     """Warm-start ``head`` from ``champion`` (None: train from the head as it is), evaluate
-    it, train it on ``train``, evaluate it again on the same ``val`` and judge. Pure apart
-    from ``head``, which ends trained."""
-    if len(train) == 0:
+    it on ``val``, train it on ``train``, evaluate it again on the same ``val`` and judge
+    (the challenger must beat the champion by more than ``margin``). The last
+    ``replay_samples`` of ``train`` are replayed earlier samples, the rest the job's new
+    ones; ``held_out`` counts the job's new samples that are validation (default: all of
+    ``val``). With nothing to train on (every new sample held out, nothing to replay) the
+    champion is republished unchanged and kept. Pure apart from ``head``, which ends
+    trained."""
+    if len(train) == 0 and champion is None:
         raise JobError("no training samples: every sample fell in the validation split")
+    if not 0 <= replay_samples <= len(train):
+        raise ValueError(f"replay_samples {replay_samples} is not within the {len(train)} trained")
     if champion is not None:
         warm_start(head, champion)
     device = str(resolve_device(cfg.device))
@@ -144,16 +166,26 @@ def train_candidate(
     champion_acc = math.nan
     if champion is not None and judged:
         champion_acc = evaluate(head, val.features, val.labels, device=device)
-    result = train_head(head, train.features, train.labels, cfg, on_epoch=on_epoch)
-    challenger_acc = evaluate(head, val.features, val.labels, device=device) if judged else math.nan
-    if champion is not None and not judged:
-        # The recipe reads a NaN champion as "no champion"; with nothing to judge on, the
-        # champion stays.
-        verdict = Verdict(False, "empty validation split: champion kept")
+    if len(train) == 0:
+        result = TrainResult()
+        challenger_acc = champion_acc
+        verdict = Verdict(False, "no training samples: every new sample is held out; champion kept")
     else:
-        verdict = champion_challenger(
-            challenger_acc, None if champion is None else champion_acc, val_samples=len(val)
+        result = train_head(head, train.features, train.labels, cfg, on_epoch=on_epoch)
+        challenger_acc = (
+            evaluate(head, val.features, val.labels, device=device) if judged else math.nan
         )
+        if champion is not None and not judged:
+            # The recipe reads a NaN champion as "no champion"; with nothing to judge on, the
+            # champion stays.
+            verdict = Verdict(False, "empty validation split: champion kept")
+        else:
+            verdict = champion_challenger(
+                challenger_acc,
+                None if champion is None else champion_acc,
+                val_samples=len(val),
+                margin=margin,
+            )
     state = {key: value.detach().to("cpu", copy=True) for key, value in head.state_dict().items()}
     return Candidate(
         state_dict=state,
@@ -161,8 +193,10 @@ def train_candidate(
         challenger_accuracy=challenger_acc,
         verdict=verdict,
         result=result,
-        train_samples=len(train),
-        val_samples=len(val),
+        train_samples=len(train) - replay_samples,
+        val_samples=len(val) if held_out is None else held_out,
+        replay_samples=replay_samples,
+        eval_samples=len(val),
     )
 
 

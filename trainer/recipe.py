@@ -4,9 +4,9 @@ No Kafka, no Faust, no settings object: the trainer process assembles a dataset 
 feature log and calls these; the benchmark calls the very same step. The recipe trains the
 thawed layers with AdamW on shuffled minibatches of cross-entropy (the shared loop of
 :mod:`pipeline.head_loop`, whose device helpers are re-exported here), warm-started from the
-champion's head by the caller (:func:`warm_start`), and validates champion and challenger on
-one deterministic split (:func:`pipeline.samples.split_train_val`,
-:func:`champion_challenger`).
+champion's head by the caller (:func:`warm_start`), and judges champion and challenger on one
+validation set (:func:`champion_challenger`: a tie is not a win). Which samples the job
+trains and validates on is :mod:`trainer.replay`'s.
 """
 
 from __future__ import annotations
@@ -183,26 +183,28 @@ def champion_challenger(
     champion_accuracy: float | None,
     *,
     val_samples: int,
-    min_delta: float = 0.0,
+    margin: float = 0.0,
 ) -> Verdict:
     """Decide whether the challenger becomes the best model.
 
-    Both accuracies must come from the same validation split. The challenger wins when
-    ``challenger ≥ champion + min_delta``. With the default ``min_delta = 0`` a tie promotes
-    the challenger: it was warm-started from the champion and has seen strictly more of the
-    users' recent data, so at equal measured accuracy it is the better bet. Set
-    ``min_delta > 0`` to require a real gain (fewer checkpoint downloads). With no champion
-    the challenger wins; with an empty validation split it cannot be judged and loses to an
-    existing champion.
+    Both accuracies must come from the same validation set. The challenger wins only when
+    it beats the champion by more than ``margin`` (``challenger > champion + margin``,
+    strictly): a tie is not a win, so a version that measures no better is not shipped to
+    every device (``promote_margin`` in the settings). With no champion the challenger wins;
+    with an empty validation set it cannot be judged and loses to an existing champion.
     """
+    if margin < 0 or math.isnan(margin):
+        raise ValueError(f"margin must be ≥ 0, got {margin}")
     if champion_accuracy is None or math.isnan(champion_accuracy):
         return Verdict(True, "no champion")
     if val_samples <= 0 or math.isnan(challenger_accuracy):
         return Verdict(False, "empty validation split: champion kept")
-    if challenger_accuracy >= champion_accuracy + min_delta:
+    if challenger_accuracy > champion_accuracy + margin:
         return Verdict(
-            True, f"challenger {challenger_accuracy:.4f} ≥ champion {champion_accuracy:.4f}"
+            True,
+            f"challenger {challenger_accuracy:.4f} > champion {champion_accuracy:.4f} + {margin:g}",
         )
     return Verdict(
-        False, f"challenger {challenger_accuracy:.4f} < champion {champion_accuracy:.4f}"
+        False,
+        f"challenger {challenger_accuracy:.4f} ≤ champion {champion_accuracy:.4f} + {margin:g}",
     )

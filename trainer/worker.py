@@ -15,12 +15,17 @@ trigger topic, one job at a time:
 2. A trigger whose id was seen with other ranges is refused (dead letter, metric). The
    trigger's partitions are read from the feature log's start to its ranges' ends into the
    model's :class:`~trainer.dataset.FeatureCache`, which only reads offsets it does not
-   hold; the job's samples are those whose first copy lies in its ranges.
+   hold; the job's new samples are those whose first copy lies in its ranges.
+   :mod:`trainer.replay` plans the job on the window the cache holds: the new samples that
+   are not validation, a label- and device-stratified replay of earlier jobs' samples
+   (``replay_max_samples``), and the model's fixed validation set (``val_fraction``,
+   ``val_device_fraction``, ``val_max_samples``), never trained on.
 3. The model's head is built by the zoo, warm-started from the best version's checkpoint
    (inline bytes kept from the model topic, the local checkpoint store, or the model server
-   over HTTP; safetensors, sha256-checked), evaluated on the validation split (champion),
-   trained in a worker thread (the event loop keeps heartbeating), evaluated again
-   (challenger) and judged by the recipe's champion/challenger rule.
+   over HTTP; safetensors, sha256-checked), evaluated on the validation set (champion),
+   trained in a worker thread (the event loop keeps heartbeating), evaluated again on the
+   same set (challenger) and judged by the recipe's champion/challenger rule: best only when
+   it beats the champion by more than ``promote_margin``.
 4. The thawed layers go to the checkpoint store and the update to the model topic; only
    once the broker acknowledged it is the trigger's offset committed. A trainer killed
    anywhere before the commit leaves the trigger to the next owner of its partition, which
@@ -42,6 +47,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter
 from torch import Tensor
 
@@ -68,9 +75,10 @@ from pipeline.records import (
     version_for_trigger,
 )
 from pipeline.registry import ModelEntry, Registry, RegistryFollower
+from pipeline.samples import ValidationRule
 from pipeline.topics import Topics
 from trainer.champions import Champions
-from trainer.dataset import Dataset
+from trainer.dataset import Dataset, FeatureCache
 from trainer.feature_log import FeatureLog
 from trainer.job import (
     Candidate,
@@ -87,6 +95,7 @@ from trainer.recipe import (
     EpochStats,
     TrainConfig,
 )
+from trainer.replay import JobPlan, plan_job
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -458,6 +467,8 @@ class Trainer(Service):
             offset=offset,
             train_samples=candidate.train_samples,
             val_samples=candidate.val_samples,
+            replay_samples=candidate.replay_samples,
+            eval_samples=candidate.eval_samples,
             records_read=records,
             champion_version=champion.version,
             champion_accuracy=candidate.champion_accuracy,
@@ -483,27 +494,46 @@ class Trainer(Service):
             entry.model_id, entry.backbone, entry.cut, entry.num_classes
         )
         records = await self._features.read(cache, trigger.ranges)
-        dataset = cache.select(trigger.ranges)
-        if len(dataset) == 0:
-            raise JobError(
-                f"no samples of {trigger.model_id!r} in {format_ranges(trigger.ranges)} "
-                f"({cache.stats.rejected_records} records rejected so far)"
-            )
-        train, val = dataset.split(self.settings.val_fraction)
+        seed = job_seed(trigger.trigger_id)
+        rows, plan = self._plan(cache, trigger, seed)
+        train, val = cache.take(rows[plan.trained]), cache.take(rows[plan.val])
         cfg = TrainConfig(
             epochs=self.settings.train_epochs,
             batch_size=self.settings.train_batch_size,
             lr=self.settings.train_lr,
             weight_decay=self.settings.train_weight_decay,
-            seed=job_seed(trigger.trigger_id),
+            seed=seed,
             device=self.device,
             threads=self._threads,
         )
         candidate = await asyncio.to_thread(
-            self._train, entry, trigger, champion_state, train, val, cfg
+            self._train, entry, trigger, champion_state, train, val, cfg, plan
         )
         self._trained = (trigger.trigger_id, candidate, records)
         return candidate, records
+
+    def _plan(
+        self, cache: FeatureCache, trigger: TrainingTrigger, seed: int
+    ) -> tuple[npt.NDArray[np.intp], JobPlan]:
+        """The job's window (cache rows, log order) and its plan: new training samples,
+        replay, the model's validation set."""
+        rows, new = cache.window(trigger.ranges)
+        if not new.any():
+            raise JobError(
+                f"no samples of {trigger.model_id!r} in {format_ranges(trigger.ranges)} "
+                f"({cache.stats.rejected_records} records rejected so far)"
+            )
+        rule = ValidationRule(self.settings.val_fraction, self.settings.val_device_fraction)
+        plan = plan_job(
+            new=new,
+            validation=cache.validation(rule)[rows],
+            labels=cache.labels_of(rows),
+            devices=cache.devices_of(rows),
+            val_max_samples=self.settings.val_max_samples,
+            replay_max_samples=self.settings.replay_max_samples,
+            seed=seed,
+        )
+        return rows, plan
 
     async def _publish(
         self,
@@ -549,15 +579,18 @@ class Trainer(Service):
         train: Dataset,
         val: Dataset,
         cfg: TrainConfig,
+        plan: JobPlan,
     ) -> Candidate:
         """Runs in a worker thread: builds the head, trains and judges it."""
         head = self._heads.get(entry.backbone, entry.cut, entry.num_classes)
         if self._on_job_started is not None:
             self._on_job_started(trigger)
         log.info(
-            "job %s: training %s/%s (%d classes) on %d samples, %d epochs, %s",
+            "job %s: training %s/%s (%d classes) on %d new + %d replayed samples "
+            "(%d new held out; validation set %d), %d epochs, %s",
             trigger.trigger_id, entry.backbone, entry.cut, entry.num_classes,
-            len(train), cfg.epochs, cfg.device,
+            len(plan.train), len(plan.replay), plan.held_out, len(val), cfg.epochs,
+            cfg.device,
         )  # fmt: skip
 
         def on_epoch(stats: EpochStats) -> None:
@@ -570,7 +603,17 @@ class Trainer(Service):
             if self._stopping:
                 raise _Abandoned("the trainer is stopping")
 
-        return train_candidate(head, champion, train, val, cfg, on_epoch=on_epoch)
+        return train_candidate(
+            head,
+            champion,
+            train,
+            val,
+            cfg,
+            on_epoch=on_epoch,
+            margin=self.settings.promote_margin,
+            replay_samples=len(plan.replay),
+            held_out=plan.held_out,
+        )
 
     # ----------------------------------------------------------------- registry & blobs
 

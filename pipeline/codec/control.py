@@ -119,6 +119,8 @@ def encode_update(update: ModelUpdate) -> bytes:
             "val_samples": m.val_samples,
             "train_seconds": m.train_seconds,
             "epochs": m.epochs,
+            "replay_samples": m.replay_samples,
+            "eval_samples": m.eval_samples,
         },
         "is_best": update.is_best,
         "created_at_ms": update.created_at_ms,
@@ -161,6 +163,9 @@ def decode_update(data: bytes | bytearray | memoryview) -> ModelUpdate:
         val_samples=_nonneg_int(raw, "val_samples"),
         train_seconds=float(_get(raw, "train_seconds", number, "a number")),
         epochs=_nonneg_int(raw, "epochs"),
+        # Absent from updates published before replay and the fixed validation set.
+        replay_samples=_nonneg_int(raw, "replay_samples") if "replay_samples" in raw else 0,
+        eval_samples=_nonneg_int(raw, "eval_samples") if "eval_samples" in raw else 0,
     )
     return ModelUpdate(
         model_id=_id(meta, "model_id"),

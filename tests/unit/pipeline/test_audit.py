@@ -14,17 +14,26 @@ import pytest
 from pipeline import codec
 from pipeline.audit import Auditor, AuditReport
 from pipeline.records import DeadLetter, FeaturePush, ModelUpdate, OffsetRange, TrainingTrigger
-from pipeline.samples import split_train_val
+from pipeline.samples import ValidationRule
 from tests import factories
 
 TOPIC = "p.features"
 VAL = 0.25
+#: With it, of the devices d0, d1, d2 of model m, d0 is a validation device.
+VAL_DEVICES = 0.2
+RULE = ValidationRule(VAL, VAL_DEVICES)
 
 
-def push(offset: int, *, device: str = "d0", ids: list[int] | None = None) -> FeaturePush:
-    """Offset ``offset``'s push: ten samples from id ``10 * offset`` (or ``ids``), no features."""
+def push(offset: int, *, device: str | None = None, ids: list[int] | None = None) -> FeaturePush:
+    """Offset ``offset``'s push: ten samples from id ``10 * offset`` (or ``ids``) of device
+    ``d<offset % 3>`` (or ``device``), no features."""
     return factories.push(
-        "m", device=device, first_id=offset * 10, sample_ids=ids, value=0.0, timestamp_ms=0
+        "m",
+        device=f"d{offset % 3}" if device is None else device,
+        first_id=offset * 10,
+        sample_ids=ids,
+        value=0.0,
+        timestamp_ms=0,
     )
 
 
@@ -48,7 +57,7 @@ def trigger(seq: int, start: int, end: int, samples: int, attempt: int = 1) -> T
 def trained(t: TrainingTrigger, pushes: list[FeaturePush]) -> ModelUpdate:
     """The version a correct trainer publishes for ``t`` over its first copies."""
     keys = list(dict.fromkeys((p.device_id, int(s)) for p in pushes for s in p.sample_ids))
-    val = int(split_train_val(keys, VAL).sum())
+    val = int(RULE.mask("m", keys).sum())
     return update(f"v{t.trigger_id.rpartition(':')[2]}", t, train=len(keys) - val, val=val)
 
 
@@ -75,7 +84,7 @@ class World:
         self.state: dict | None = state(pending=[[0, 5, 7]], next_offset=7)
 
     def audit(self) -> AuditReport:
-        auditor = Auditor(features_topic=TOPIC, val_fraction=VAL)
+        auditor = Auditor(features_topic=TOPIC, val_fraction=VAL, val_device_fraction=VAL_DEVICES)
         for letter in self.dead:
             auditor.add_dead_letter(letter)
         for u in self.updates:
@@ -138,9 +147,37 @@ def test_train_counts_that_do_not_match_the_log_are_flagged() -> None:
     assert kinds(world.audit()) == ["train_counts_differ"]
 
 
+def test_train_counts_follow_the_trainers_validation_rule_devices_included() -> None:
+    world = World()
+    [m] = world.audit().models
+    assert RULE.held_out_devices("m", ["d0", "d1", "d2"]) == {"d0"}
+    assert m.val_samples >= 20  # offsets 0 and 3 are d0's: all validation
+    # A trainer that held out samples by their hash alone reports other counts.
+    keys = [(p.device_id, int(s)) for p in world.pushes[:5] for s in p.sample_ids]
+    val = int(ValidationRule(VAL).mask("m", keys).sum())
+    world.updates[1] = replace(
+        world.updates[1],
+        metrics=replace(world.updates[1].metrics, train_samples=50 - val, val_samples=val),
+    )
+    assert kinds(world.audit()) == ["train_counts_differ"]
+
+
+def test_replayed_samples_are_counted_apart_and_are_no_violation() -> None:
+    world = World()
+    t2 = trigger(2, 5, 7, 20)
+    world.triggers.append(t2)
+    world.state = state(pending=[], next_offset=7)
+    v2 = trained(t2, world.pushes[5:7])
+    world.updates.append(replace(v2, metrics=replace(v2.metrics, replay_samples=25)))
+    report = world.audit()
+    assert report.clean, report.violations
+    [m] = report.models
+    assert (m.trained_samples, m.train_samples + m.val_samples, m.replay_samples) == (70, 70, 25)
+
+
 def test_a_re_sent_copy_counts_once_and_stays_with_the_job_of_its_first_copy() -> None:
     world = World()
-    world.pushes[5] = push(5, ids=list(range(10)))  # offset 0's samples, sent again
+    world.pushes[5] = push(5, device="d0", ids=list(range(10)))  # offset 0's, sent again
     report = world.audit()
     assert report.clean, report.violations
     [m] = report.models

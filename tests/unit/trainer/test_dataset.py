@@ -267,7 +267,38 @@ def test_empty_validation_split_keeps_the_champion() -> None:
     assert not candidate.verdict.is_best and math.isnan(candidate.challenger_accuracy)
     assert candidate.metrics().val_accuracy == 0.0 and candidate.metrics().val_samples == 0
     with pytest.raises(JobError, match="no training samples"):
-        train_candidate(_linear(2), champion, empty, data, cfg)
+        train_candidate(_linear(2), None, empty, data, cfg)
+
+
+def test_nothing_to_train_republishes_the_champion_and_keeps_it() -> None:
+    """Every new sample held out and nothing to replay: the trigger is still answered (its
+    samples are accounted for as validation), with the champion unchanged, not best."""
+    data = synthetic_dataset(40, CLASSES)
+    empty = data.take(np.zeros(len(data), dtype=np.bool_))
+    champion = {k: v.clone() for k, v in _linear(1).state_dict().items()}
+    cfg = TrainConfig(epochs=1, batch_size=16, device="cpu")
+    candidate = train_candidate(_linear(2), champion, empty, data, cfg, held_out=40)
+    assert (
+        not candidate.verdict.is_best and "every new sample is held out" in candidate.verdict.reason
+    )
+    assert torch.equal(candidate.state_dict["weight"], champion["weight"])
+    assert candidate.challenger_accuracy == candidate.champion_accuracy
+    metrics = candidate.metrics()
+    assert (metrics.train_samples, metrics.val_samples, metrics.epochs) == (0, 40, 0)
+
+
+def test_replayed_samples_are_counted_apart() -> None:
+    data = synthetic_dataset(120, CLASSES, seed=5)
+    train, val = data.take(np.arange(100)), data.take(np.arange(100, 120))
+    cfg = TrainConfig(epochs=1, batch_size=32, device="cpu")
+    candidate = train_candidate(
+        _linear(2), dict(_linear(1).state_dict()), train, val, cfg, replay_samples=30, held_out=3
+    )
+    metrics = candidate.metrics()
+    assert (metrics.train_samples, metrics.replay_samples) == (70, 30)
+    assert (metrics.val_samples, metrics.eval_samples) == (3, 20)
+    with pytest.raises(ValueError, match="replay_samples"):
+        train_candidate(_linear(2), None, train, val, cfg, replay_samples=101)
 
 
 def test_job_seed_is_stable() -> None:

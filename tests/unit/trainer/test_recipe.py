@@ -109,10 +109,16 @@ def test_split_is_deterministic_and_near_the_fraction() -> None:
         split_train_val(keys, 1.0)
 
 
-def test_champion_challenger() -> None:
-    assert champion_challenger(0.1, None, val_samples=10).is_best
+def test_champion_challenger_a_tie_is_not_a_win() -> None:
+    assert champion_challenger(0.1, None, val_samples=10).is_best  # the first candidate wins
+    assert champion_challenger(0.1, None, val_samples=10, margin=0.5).is_best
     assert champion_challenger(0.8, 0.7, val_samples=10).is_best
-    assert champion_challenger(0.7, 0.7, val_samples=10).is_best  # a tie keeps the fresher model
-    assert not champion_challenger(0.7, 0.7, val_samples=10, min_delta=0.01).is_best
+    assert not champion_challenger(0.7, 0.7, val_samples=10).is_best  # a tie keeps the champion
+    assert not champion_challenger(0.704, 0.7, val_samples=10, margin=0.005).is_best
+    assert not champion_challenger(0.705, 0.7, val_samples=10, margin=0.005).is_best  # strictly
+    verdict = champion_challenger(0.706, 0.7, val_samples=10, margin=0.005)
+    assert verdict.is_best and "0.7060 > champion 0.7000 + 0.005" in verdict.reason
     assert not champion_challenger(0.6, 0.7, val_samples=10).is_best
     assert not champion_challenger(math.nan, 0.7, val_samples=0).is_best
+    with pytest.raises(ValueError, match="margin"):
+        champion_challenger(0.8, 0.7, val_samples=10, margin=-0.01)
