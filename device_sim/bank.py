@@ -90,7 +90,7 @@ def bank_path(out: Path, spec: BankSpec) -> Path:
     return Path(out) / f"bank-{spec.backbone}-{spec.cut}-{spec.key[:16]}.safetensors"
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -132,7 +132,7 @@ def build_bank(
         world=world.fingerprint(),
         backbone=backbone.value,
         cut=cut.value,
-        weights_sha256=_file_sha256(weights) if weights is not None else None,
+        weights_sha256=file_sha256(weights) if weights is not None else None,
         backbone_seed=backbone_seed,
         calibration_images=calibration_images if weights is None else 0,
     )

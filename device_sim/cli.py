@@ -23,11 +23,11 @@ def bank_build(
     images: Path | None = typer.Option(
         None, "--images", help="real faces: DIR/<identity>/*.jpg|png"
     ),
-    weights: Path | None = typer.Option(
-        None,
+    weights: str = typer.Option(
+        "pretrained",
         "--weights",
-        help="local backbone state-dict file, or 'pretrained' (FaceNet CASIA-WebFace, "
-        "converted by `fedex weights convert`)",
+        help="'pretrained' (FaceNet CASIA-WebFace, converted by `fedex weights convert`), "
+        "'none' (random init, fast tests) or a local backbone state-dict file",
     ),
     seed: int = typer.Option(0, "--seed", help="seed of the synthetic world"),
     batch_size: int = typer.Option(32, help="images per prefix forward"),
@@ -37,21 +37,19 @@ def bank_build(
 ) -> None:
     """Build (or find in $FEDEX_HOME/banks) the feature bank of the synthetic world."""
     from device_sim.bank_build import run_bank_build
+    from pipeline.facenet_weights import WeightsError, resolve_weights
 
     settings = Settings()
-    if weights is not None and str(weights) == "pretrained":
-        from pipeline.facenet_weights import WeightsError, ensure_converted
-
-        try:
-            weights = ensure_converted(settings.home)
-        except WeightsError as exc:
-            raise typer.BadParameter(str(exc)) from exc
+    try:
+        weights_file = resolve_weights(settings.home, weights)
+    except WeightsError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     run_bank_build(
         out=settings.bank_dir,
         cut=cut,
         backbone=backbone,
         images=images,
-        weights=weights,
+        weights=weights_file,
         seed=seed,
         batch_size=batch_size,
         base_report=base_report,

@@ -83,6 +83,8 @@ class FleetConfig:
     max_pushes: int | None = None
     seed: int = 0
     features: Features = "fresh"
+    #: Backbone weights of the world's bank: ``pretrained``, ``none`` or a file.
+    weights: str = "pretrained"
     time_scale: float = DEFAULT_TIME_SCALE
     tick_s: float = 0.1
     params: DeviceParams = field(default_factory=DeviceParams)

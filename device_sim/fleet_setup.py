@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from device_sim.devices import DeviceFleet
 from pipeline.errors import ConfigError
-from pipeline.records import ModelMetrics
+from pipeline.records import Backbone, ModelMetrics
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -41,17 +42,34 @@ def parse_duration(text: str) -> float:
 
 
 def load_bank(settings: Settings, config: FleetConfig, *, progress: bool = False) -> FeatureBank:
-    """The feature bank of the run's world: from ``$FEDEX_HOME/banks``, built if missing."""
+    """The feature bank of the run's world: from ``$FEDEX_HOME/banks``, built if missing,
+    through the pretrained backbone unless the config says ``weights="none"``."""
     from device_sim.bank import build_bank
     from device_sim.world import World
+    from pipeline.facenet_weights import resolve_weights
 
+    weights = resolve_weights(settings.home, config.weights)
     return build_bank(
         World(config.world_config()),
         backbone=config.backbone,
         cut=config.cut,
+        weights=weights if Backbone(config.backbone) is Backbone.INCEPTION_RESNET_V1 else None,
         out=settings.bank_dir,
         progress=progress,
     )
+
+
+def bank_weights(settings: Settings, bank: FeatureBank) -> Path | None:
+    """The pretrained weights file the bank was built with (its thawed layers start from
+    it too), or ``None`` for a random-init bank or one built from another file."""
+    from device_sim.bank import file_sha256
+    from pipeline.facenet_weights import weights_path
+
+    digest = bank.spec.get("weights_sha256")
+    path = weights_path(settings.home)
+    if digest is None or not path.is_file() or file_sha256(path) != digest:
+        return None
+    return path
 
 
 async def ensure_models(settings: Settings, bank: FeatureBank, model_ids: list[str]) -> None:
@@ -72,8 +90,9 @@ async def ensure_models(settings: Settings, bank: FeatureBank, model_ids: list[s
         missing = [m for m in model_ids if m not in follower.registry]
     for model_id in sorted(set(model_ids) - set(missing)):
         log.info("model %s exists: its versions are left as they are", model_id)
+    weights = bank_weights(settings, bank)
     for model_id in missing:  # only these need a base head trained
-        base = await asyncio.to_thread(train_base_head, bank, model_id)
+        base = await asyncio.to_thread(train_base_head, bank, model_id, weights=weights)
         metrics = ModelMetrics(
             val_accuracy=base.pretrain_val_accuracy,
             champion_val_accuracy=None,

