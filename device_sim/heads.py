@@ -10,7 +10,7 @@ partly novel) data: personalization has something to gain. :func:`fit_head` and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,16 +80,19 @@ def fit_head(
     weight_decay: float = 1e-4,
     batch_size: int = 128,
     seed: int = 0,
+    swa_start: float | None = None,
 ) -> list[float]:
     """Train ``head`` in place (AdamW, cross-entropy, shuffled minibatches from ``seed``, a
-    batch of one skipped); returns the mean loss per epoch."""
+    batch of one skipped; weights averaged from ``swa_start`` of the steps on, see
+    :class:`pipeline.head_loop.Schedule`); returns the mean loss per epoch."""
     x = as_tensor(features, CPU, torch.float32)
     y = as_tensor(labels, CPU, torch.long)
     n = int(x.shape[0])
     if n < 2 or int(y.shape[0]) != n:
         raise BankError(f"need ≥ 2 samples and one label each, got {n} and {y.shape[0]}")
     optimizer = torch.optim.AdamW(trainable_parameters(head), lr=lr, weight_decay=weight_decay)
-    return list(train_epochs(head, optimizer, x, y, Schedule.plain(epochs, batch_size, seed)))
+    schedule = replace(Schedule.plain(epochs, batch_size, seed), swa_start=swa_start)
+    return list(train_epochs(head, optimizer, x, y, schedule))
 
 
 def head_accuracy(head: nn.Module, features: npt.ArrayLike, labels: npt.ArrayLike) -> float:

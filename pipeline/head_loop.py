@@ -117,7 +117,8 @@ def batch_bounds(n: int, batch_size: int, *, tail: Tail = "fold") -> list[tuple[
 class Schedule:
     """How :func:`train_epochs` goes over a set: ``epochs`` passes in minibatches of
     ``batch_size``, shuffled from ``seed``; bf16 autocast on CUDA when ``amp``; a batch of
-    one as ``tail`` says; each epoch's loss summed on the device in ``sum_dtype``."""
+    one as ``tail`` says; each epoch's loss summed on the device in ``sum_dtype``; the
+    weights averaged densely from ``swa_start`` of the steps on."""
 
     epochs: int
     batch_size: int
@@ -125,6 +126,14 @@ class Schedule:
     amp: bool = False
     tail: Tail = "fold"
     sum_dtype: torch.dtype = torch.float32
+    #: Dense weight averaging (SWA/SWAD): from this fraction of the steps on, the head's
+    #: trainable weights are averaged over every step and the head ends as that average
+    #: (BatchNorm statistics recomputed). ``None``: the last step's weights.
+    swa_start: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.swa_start is not None and not 0.0 <= self.swa_start < 1.0:
+            raise ValueError(f"swa_start must be in [0, 1), got {self.swa_start}")
 
     @classmethod
     def plain(cls, epochs: int, batch_size: int, seed: int) -> Schedule:
@@ -146,16 +155,68 @@ def train_epochs(
     n = int(x.shape[0])
     bounds = batch_bounds(n, schedule.batch_size, tail=schedule.tail)
     generator = torch.Generator().manual_seed(schedule.seed)
+    average = WeightAverage.of(head, schedule, steps=len(bounds) * schedule.epochs)
     head.train()
-    for _ in range(schedule.epochs):
+    for epoch in range(schedule.epochs):
         total = torch.zeros((), device=x.device, dtype=schedule.sum_dtype)
         order = torch.randperm(n, generator=generator).to(x.device)
         for start, stop in bounds:
             index = order[start:stop]
             loss = train_step(head, optimizer, x[index], y[index], amp=schedule.amp)
             total += loss.to(schedule.sum_dtype) * index.numel()
+            if average is not None:
+                average.step()
+        if average is not None and epoch == schedule.epochs - 1:
+            average.apply(head, x, schedule.batch_size)
         yield float(total.item()) / n
     head.eval()
+
+
+class WeightAverage:
+    """The running mean of a head's trainable weights over the steps from ``start`` on."""
+
+    def __init__(self, head: nn.Module, start: int) -> None:
+        self.start, self.seen, self.count = start, 0, 0
+        self.params = trainable_parameters(head)
+        self.mean = [p.detach().clone() for p in self.params]
+
+    @classmethod
+    def of(cls, head: nn.Module, schedule: Schedule, *, steps: int) -> WeightAverage | None:
+        if schedule.swa_start is None or steps == 0:
+            return None
+        return cls(head, min(steps - 1, math.floor(schedule.swa_start * steps)))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """After an optimizer step: fold the weights in once past ``start``."""
+        self.seen += 1
+        if self.seen <= self.start:
+            return
+        self.count += 1
+        weight = 1.0 / self.count
+        for mean, p in zip(self.mean, self.params, strict=True):
+            mean.lerp_(p.detach(), weight)
+
+    @torch.no_grad()
+    def apply(self, head: nn.Module, x: Tensor, batch_size: int) -> None:
+        """Load the mean into the head and recompute BatchNorm statistics on ``x``."""
+        if self.count == 0:
+            return
+        for mean, p in zip(self.mean, self.params, strict=True):
+            p.copy_(mean)
+        norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the pass
+        head.train()
+        for start in range(0, int(x.shape[0]), batch_size):
+            if int(x.shape[0]) - start >= 2:
+                head(x[start : start + batch_size])
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
 
 
 # --------------------------------------------------------------------------- evaluation
