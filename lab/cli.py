@@ -171,20 +171,30 @@ def bench_push(
 @bench_app.command("datafraction")
 def bench_datafraction(
     config: str = typer.Option("default", help="world and bank: default (the demo's) or small"),
+    scale: str | None = typer.Option(
+        None,
+        help="expanded world sampled from the bank's feature model: 'paper' (8,631 identities, "
+        "437,855 features) or a fraction of it such as 0.1; default the real bank itself",
+    ),
     seeds: int = typer.Option(5, help="seeds per point (mean ± std)"),
-    epochs: int = typer.Option(30, help="epochs of every head (base and retrained)"),
+    epochs: int = typer.Option(10, help="epochs of every head (base and retrained)"),
+    arm: list[str] | None = typer.Option(None, help="only this arm (repeatable)"),
     out: Path | None = typer.Option(None, help=OUT_HELP),
     plot: Path | None = typer.Option(Path("docs/img/datafraction.png"), help="PNG of the curve"),
 ) -> None:
     """Figure 4: validation accuracy vs fraction of additional user data (0-100%)."""
-    from lab.datafraction_bench import run_datafraction_bench
+    from lab.datafraction_bench import ARMS, parse_scale, run_datafraction_bench
 
     try:
+        settings = Settings()
         run_datafraction_bench(
-            bank_dir=Settings().bank_dir,
+            bank_dir=settings.bank_dir,
+            home=settings.home,
             config=config,
+            scale=parse_scale(scale),
             seeds=seeds,
             epochs=epochs,
+            arms=tuple(arm) if arm else ARMS,
             out=out,
             plot=plot,
         )

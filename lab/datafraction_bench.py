@@ -1,18 +1,26 @@
 """``fedex bench datafraction``: the paper's Figure 4 — validation accuracy of the
 personalised head against the fraction of additional user data it was retrained on.
 
-Per model of the world's feature bank and per seed:
+The world is the demo's real feature bank (rendered faces through the pretrained
+backbone), or with ``--scale S`` an expanded world sampled from a feature model fitted on
+it (:mod:`device_sim.expansion`): ``--scale paper`` is the paper's 8,631 identities and
+437,855 additional features, ``--scale 0.1`` a tenth of both. Per model and per seed:
 
 1. the base head ``v0`` is :func:`device_sim.heads.train_base_head` (clean images of the
    pre-training identities);
-2. the devices' training rows (every vendor's camera, train side) are shuffled once with
-   the seed, and fraction ``f`` takes the first ``round(f·n)`` of them, so the sets are
-   nested: 5% holds the 2%;
-3. the head is retrained from ``v0`` (:func:`device_sim.heads.fit_head`, the same recipe
-   for every fraction) in two arms: on the user data alone (what the trainer does:
-   warm start on the feature log) and on the pre-training data plus the user data;
-4. accuracy is measured on the devices' held-out rows (never trained on), and on the
-   pre-training identities' clean held-out rows (how much the head forgets).
+2. a fixed validation set is set aside from the devices' training rows (the trainer's
+   fixed per-model validation set: never trained on by any arm);
+3. the remaining device training rows (every vendor's camera) are shuffled once with the
+   seed, and fraction ``f`` takes the first ``round(f·n)`` of them (nested: 5% holds 2%);
+4. the head is retrained from ``v0`` (:func:`device_sim.heads.fit_head`, one recipe) in
+   the arms :data:`ARMS`: ``user`` (the user data alone), ``pretrain+user`` (with the
+   pre-training data), ``system`` (what the product ships: the ``user`` head only where it
+   beats the champion ``v0`` on the fixed validation set by the trainer's margin, else
+   ``v0``) and ``user+swa`` (the ``user`` recipe with dense weight averaging, the
+   server-side mitigation of vendor heterogeneity);
+5. accuracy is measured on the devices' held-out rows (never trained on), overall and per
+   vendor (spread = best - worst vendor), and on the pre-training identities' clean
+   held-out rows (how much the head forgets).
 
 At 0% nothing is retrained: the point is ``v0`` itself. Seeds give mean ± spread.
 """
@@ -33,18 +41,28 @@ import numpy as np
 import numpy.typing as npt
 
 from device_sim.bank import DEFAULT_BACKBONE, DEFAULT_CUT, FeatureBank, build_bank
-from device_sim.heads import fit_head, head_accuracy, new_head, train_base_head
+from device_sim.heads import fit_head, new_head, train_base_head
 from device_sim.images import CLEAN_DOMAIN
 from device_sim.world import World, WorldConfig
+from pipeline.head_loop import predict
 from pipeline.records import Backbone, Cut
 from pipeline.zoo import load_head_state
 
 #: Fractions of the additional user data (the paper's Figure 4 x axis).
 FRACTIONS: Final = (0.0, 0.02, 0.05, 0.10, 0.25, 0.50, 1.0)
-#: Training sets of the retrained head: the user data alone, or with the pre-training data.
+#: The arms (see the module docstring).
 ARM_USER: Final = "user"
 ARM_MIXED: Final = "pretrain+user"
-ARMS: Final = (ARM_USER, ARM_MIXED)
+ARM_SYSTEM: Final = "system"
+ARM_SWA: Final = "user+swa"
+ARMS: Final = (ARM_USER, ARM_MIXED, ARM_SYSTEM, ARM_SWA)
+#: The fixed validation set: this share of the device training rows, at most VAL_MAX.
+VAL_FRACTION: Final = 0.05
+VAL_MAX: Final = 2048
+#: The system arm promotes only a challenger this much better than v0 on validation.
+PROMOTE_MARGIN: Final = 0.005
+#: Where dense weight averaging starts (fraction of the steps) in the ``user+swa`` arm.
+SWA_START: Final = 0.5
 
 #: A world small enough for tests and smoke runs (MobileNetV2 bank in seconds).
 SMALL_WORLD: Final = WorldConfig(
@@ -66,14 +84,21 @@ CONFIGS: Final[dict[str, tuple[WorldConfig, Backbone, Cut]]] = {
 class Recipe:
     """How every head is trained: the base head and each retraining alike."""
 
-    epochs: int = 30
+    epochs: int = 10
     lr: float = 3e-3
     weight_decay: float = 1e-4
     batch_size: int = 128
+    swa_start: float | None = None
 
     def fit_kwargs(self, seed: int) -> dict[str, Any]:
-        """The recipe as the keyword arguments of ``train_base_head`` and ``fit_head``."""
+        """The recipe as the keyword arguments of ``fit_head``."""
         return {**asdict(self), "seed": seed}
+
+    def base_kwargs(self, seed: int) -> dict[str, Any]:
+        """... and of ``train_base_head`` (the base head is never weight-averaged)."""
+        kwargs = self.fit_kwargs(seed)
+        del kwargs["swa_start"]
+        return kwargs
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +114,13 @@ class Point:
     device_accuracy: float
     pretrain_accuracy: float
     seconds: float
+    #: Accuracy per vendor domain (JSON keys are strings), best - worst, the worst vendor.
+    vendor_accuracy: dict[str, float] = field(default_factory=dict)
+    vendor_spread: float = math.nan
+    worst_vendor: int = -1
+    #: Accuracy on the fixed validation set; for the system arm whether it promoted.
+    val_accuracy: float = math.nan
+    promoted: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +130,7 @@ class Sweep:
     model_id: str
     user_train_rows: int
     device_val_rows: int
+    fixed_val_rows: int
     pretrain_train_rows: int
     pretrain_val_rows: int
     points: list[Point] = field(default_factory=list)
@@ -140,30 +173,37 @@ def spread(values: Sequence[float]) -> dict[str, float | int]:
 
 
 def curves(points: Sequence[Point]) -> dict[str, list[dict[str, Any]]]:
-    """Per arm, per fraction: device and pre-training accuracy over seeds, each seed's
-    value first averaged over the models (every model weighs the same)."""
+    """Per arm, per fraction: device and pre-training accuracy, the vendor spread (best -
+    worst vendor) and the worst vendor's accuracy over seeds, each seed's value first
+    averaged over the models (every model weighs the same); for the system arm how many
+    (model, seed) points promoted."""
     out: dict[str, list[dict[str, Any]]] = {}
     arms = list(dict.fromkeys(p.arm for p in points))
     fractions = sorted({p.fraction for p in points})
+
+    def over_seeds(chosen: list[Point], value: Callable[[Point], float]) -> dict[str, Any]:
+        seeds = sorted({p.seed for p in chosen})
+        return spread([statistics.fmean(value(p) for p in chosen if p.seed == s) for s in seeds])
+
     for arm in arms:
         rows = []
         for f in fractions:
             chosen = [p for p in points if p.arm == arm and p.fraction == f]
-            seeds = sorted({p.seed for p in chosen})
-            device = [
-                statistics.fmean(p.device_accuracy for p in chosen if p.seed == s) for s in seeds
-            ]
-            pretrain = [
-                statistics.fmean(p.pretrain_accuracy for p in chosen if p.seed == s) for s in seeds
-            ]
-            rows.append(
-                {
-                    "fraction": f,
-                    "user_samples": _int_if_whole(statistics.fmean(p.user_samples for p in chosen)),
-                    "device_accuracy": spread(device),
-                    "pretrain_accuracy": spread(pretrain),
-                }
-            )
+            row: dict[str, Any] = {
+                "fraction": f,
+                "user_samples": _int_if_whole(statistics.fmean(p.user_samples for p in chosen)),
+                "device_accuracy": over_seeds(chosen, lambda p: p.device_accuracy),
+                "pretrain_accuracy": over_seeds(chosen, lambda p: p.pretrain_accuracy),
+            }
+            if all(p.vendor_accuracy for p in chosen):
+                row["vendor_spread"] = over_seeds(chosen, lambda p: p.vendor_spread)
+                row["worst_vendor_accuracy"] = over_seeds(
+                    chosen, lambda p: min(p.vendor_accuracy.values())
+                )
+            if arm == ARM_SYSTEM:
+                decided = [p.promoted for p in chosen if p.promoted is not None]
+                row["promoted"] = f"{sum(decided)}/{len(decided)}"
+            rows.append(row)
         out[arm] = rows
     return out
 
@@ -173,6 +213,49 @@ def _int_if_whole(value: float) -> float | int:
 
 
 # ------------------------------------------------------------------------ the sweep
+
+
+def fixed_validation(
+    rows: npt.NDArray[np.int64], *, fraction: float = VAL_FRACTION, cap: int = VAL_MAX
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The fixed validation rows (the same for every seed and arm) and the rest."""
+    order = np.random.default_rng(0x5A1).permutation(rows)
+    size = min(cap, max(1, round(fraction * rows.size))) if rows.size > 1 else 0
+    return np.sort(order[:size]), np.sort(order[size:])
+
+
+def promotes(challenger: float, champion: float, margin: float = PROMOTE_MARGIN) -> bool:
+    """The trainer's rule: a tie is not a win."""
+    return challenger > champion + margin
+
+
+def vendor_summary(
+    correct: npt.NDArray[np.bool_], domains: npt.NDArray[np.integer[Any]]
+) -> tuple[dict[str, float], float, int]:
+    """Accuracy per vendor, best - worst vendor, and the worst vendor."""
+    per = {str(int(v)): float(correct[domains == v].mean()) for v in np.unique(domains).tolist()}
+    if not per:
+        return {}, math.nan, -1
+    worst = min(per, key=lambda v: per[v])
+    return per, max(per.values()) - per[worst], int(worst)
+
+
+@dataclass(frozen=True)
+class _EvalSet:
+    """Features, labels and camera domains of one evaluation set."""
+
+    x: npt.NDArray[np.float16]
+    y: npt.NDArray[np.int32]
+    domains: npt.NDArray[np.uint8]
+
+    @classmethod
+    def of(cls, bank: FeatureBank, rows: npt.NDArray[np.int64]) -> _EvalSet:
+        x, y = bank.take(rows)
+        return cls(x, y, bank.domains[rows])
+
+    def correct(self, head: Any) -> npt.NDArray[np.bool_]:
+        predicted = predict(head, self.x).numpy()
+        return np.asarray(predicted == self.y.astype(np.int64))
 
 
 def sweep_model(
@@ -186,42 +269,54 @@ def sweep_model(
     log: Callable[[str], None] = lambda _: None,
 ) -> Sweep:
     """Every (seed, arm, fraction) point of ``model_id`` (see the module docstring)."""
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; use {', '.join(ARMS)}")
     vendors = list(bank.vendor_domains)
     pretrain_ids = bank.pretrain_identities(model_id)
-    user_rows = bank.select(model_id, domains=vendors, holdout=False)
-    device_val = bank.take(bank.select(model_id, domains=vendors, holdout=True))
+    fixed_val, user_rows = fixed_validation(bank.select(model_id, domains=vendors, holdout=False))
+    device_val = _EvalSet.of(bank, bank.select(model_id, domains=vendors, holdout=True))
+    val = _EvalSet.of(bank, fixed_val)
     pre_rows = bank.select(model_id, domains=[CLEAN_DOMAIN], identities=pretrain_ids, holdout=False)
-    pre_val = bank.take(
-        bank.select(model_id, domains=[CLEAN_DOMAIN], identities=pretrain_ids, holdout=True)
+    pre_val = _EvalSet.of(
+        bank, bank.select(model_id, domains=[CLEAN_DOMAIN], identities=pretrain_ids, holdout=True)
     )
     counts = fraction_counts(int(user_rows.size), fractions)
     sweep = Sweep(
         model_id=model_id,
         user_train_rows=int(user_rows.size),
-        device_val_rows=int(device_val[1].size),
+        device_val_rows=int(device_val.y.size),
+        fixed_val_rows=int(val.y.size),
         pretrain_train_rows=int(pre_rows.size),
-        pretrain_val_rows=int(pre_val[1].size),
+        pretrain_val_rows=int(pre_val.y.size),
     )
     for seed in seeds:
-        base = train_base_head(bank, model_id, **recipe.fit_kwargs(seed))
+        base = train_base_head(bank, model_id, **recipe.base_kwargs(seed))
         v0 = new_head(bank.backbone, bank.cut, bank.num_classes, seed=seed)
         load_head_state(v0, base.state_dict)
         v0.eval()
-        v0_device, v0_pretrain = head_accuracy(v0, *device_val), head_accuracy(v0, *pre_val)
+        v0_val = float(val.correct(v0).mean()) if val.y.size else math.nan
         for f, count, subset in zip(
             fractions, counts, user_subsets(user_rows, counts, seed), strict=True
         ):
+            trained: dict[str, tuple[Any, int, float]] = {}  # arm → head, samples, seconds
             for arm in arms:
-                rows = subset if arm == ARM_USER else np.concatenate([pre_rows, subset])
                 started = time.perf_counter()
-                if count == 0 or rows.size < 2:
-                    device_acc, pretrain_acc, trained = v0_device, v0_pretrain, 0
-                else:
-                    head = copy.deepcopy(v0)
-                    fit_head(head, *bank.take(rows), **recipe.fit_kwargs(seed))
-                    device_acc = head_accuracy(head, *device_val)
-                    pretrain_acc = head_accuracy(head, *pre_val)
-                    trained = int(rows.size)
+                head, samples, promoted = v0, 0, None
+                rows = subset if arm != ARM_MIXED else np.concatenate([pre_rows, subset])
+                if arm == ARM_SYSTEM:
+                    user = trained.get(ARM_USER) or _fit(v0, bank, subset, recipe, seed)
+                    trained.setdefault(ARM_USER, user)
+                    head, samples = user[0], user[1]
+                    if head is not v0:
+                        promoted = promotes(float(val.correct(head).mean()), v0_val)
+                        head = head if promoted else v0
+                elif count > 0 and rows.size >= 2:
+                    swa = SWA_START if arm == ARM_SWA else None
+                    trained[arm] = _fit(v0, bank, rows, replace(recipe, swa_start=swa), seed)
+                    head, samples = trained[arm][0], trained[arm][1]
+                correct = device_val.correct(head)
+                per_vendor, vendor_gap, worst = vendor_summary(correct, device_val.domains)
                 sweep.points.append(
                     Point(
                         model_id=model_id,
@@ -229,14 +324,34 @@ def sweep_model(
                         arm=arm,
                         fraction=f,
                         user_samples=count,
-                        train_samples=trained,
-                        device_accuracy=device_acc,
-                        pretrain_accuracy=pretrain_acc,
+                        train_samples=samples,
+                        device_accuracy=float(correct.mean()),
+                        pretrain_accuracy=float(pre_val.correct(head).mean()),
                         seconds=time.perf_counter() - started,
+                        vendor_accuracy=per_vendor,
+                        vendor_spread=vendor_gap,
+                        worst_vendor=worst,
+                        val_accuracy=float(val.correct(head).mean()) if val.y.size else math.nan,
+                        promoted=promoted,
                     )
                 )
-        log(f"{model_id} seed {seed}: v0 {v0_device:.3f} on device data")
+            log(
+                f"{model_id} seed {seed} {f:.0%}: "
+                + ", ".join(f"{p.arm} {p.device_accuracy:.3f}" for p in sweep.points[-len(arms) :])
+            )
     return sweep
+
+
+def _fit(
+    v0: Any, bank: FeatureBank, rows: npt.NDArray[np.int64], recipe: Recipe, seed: int
+) -> tuple[Any, int, float]:
+    """A head retrained from ``v0`` on ``rows`` (``v0`` itself when there are < 2)."""
+    if rows.size < 2:
+        return v0, 0, 0.0
+    started = time.perf_counter()
+    head = copy.deepcopy(v0)
+    fit_head(head, *bank.take(rows), **recipe.fit_kwargs(seed))
+    return head, int(rows.size), time.perf_counter() - started
 
 
 def run_sweeps(
@@ -270,22 +385,63 @@ def run_sweeps(
 # ------------------------------------------------------------------------ the command
 
 
-def load_bank(config: str, bank_dir: Path, *, seed: int = 0) -> FeatureBank:
-    """The bank of a named configuration: found in ``bank_dir`` or built there."""
+def load_bank(
+    config: str, bank_dir: Path, *, seed: int = 0, home: Path | None = None
+) -> FeatureBank:
+    """The real bank of a named configuration: found in ``bank_dir`` or built there, through
+    the pretrained backbone (from ``home``) where the configuration's backbone has it."""
+    from pipeline.facenet_weights import PRETRAINED, resolve_weights
+
     try:
         world_config, backbone, cut = CONFIGS[config]
     except KeyError:
         raise ValueError(f"unknown config {config!r}; use one of {', '.join(CONFIGS)}") from None
     world = World(replace(world_config, seed=seed))
-    return build_bank(world, backbone=backbone, cut=cut, out=bank_dir, progress=True)
+    weights = None
+    if home is not None and backbone is Backbone.INCEPTION_RESNET_V1:
+        weights = resolve_weights(home, PRETRAINED)
+    return build_bank(
+        world, backbone=backbone, cut=cut, weights=weights, out=bank_dir, progress=True
+    )
+
+
+def parse_scale(text: str | None) -> float | None:
+    """``--scale``: none (the real bank), ``paper`` (1.0) or a fraction in (0, 1]."""
+    if text is None or text == "none":
+        return None
+    if text == "paper":
+        return 1.0
+    try:
+        scale = float(text)
+    except ValueError:
+        raise ValueError(f"--scale must be 'paper' or a number in (0, 1], got {text!r}") from None
+    if not 0.0 < scale <= 1.0:
+        raise ValueError(f"--scale must be in (0, 1], got {scale}")
+    return scale
+
+
+def expanded_bank(real: FeatureBank, scale: float, *, seed: int = 0) -> tuple[FeatureBank, Any]:
+    """The expanded world at ``scale`` of the paper, sampled from a feature model fitted on
+    the train rows of ``real``'s first model; and that model."""
+    from device_sim.expansion import PAPER, expand
+    from device_sim.feature_model import fit
+
+    rows = real.select(real.model_ids[0], holdout=False)
+    model = fit(real.features[rows], real.labels[rows], real.domains[rows])
+    config = replace(PAPER.scaled(scale), seed=seed)
+    bank = expand(model, config, backbone=real.backbone, cut=real.cut, source=real.key)
+    return bank, model
 
 
 def run_datafraction_bench(
     *,
     bank_dir: Path,
+    home: Path | None = None,
     config: str = "default",
+    scale: float | None = None,
     seeds: int = 5,
-    epochs: int = 30,
+    epochs: int = 10,
+    arms: Sequence[str] = ARMS,
     out: Path | None = None,
     plot: Path | None = Path("docs/img/datafraction.png"),
 ) -> dict[str, Any]:
@@ -295,21 +451,32 @@ def run_datafraction_bench(
 
     started = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    bank = load_bank(config, bank_dir)
+    bank = real = load_bank(config, bank_dir, home=home)
+    fitted: dict[str, Any] | None = None
+    if scale is not None:
+        bank, model = expanded_bank(real, scale)
+        fitted = model.summary()
     bank_seconds = time.perf_counter() - started
     print(
-        f"bank {bank.path.name}: {len(bank):,} features {bank.feature_shape} "
-        f"({'cache' if bank.from_cache else f'built in {bank.build_seconds:.0f} s'})"
+        f"bank {bank.path.name}: {len(bank):,} features {bank.feature_shape}, "
+        f"{bank.num_classes:,} identities "
+        f"({'cache' if bank.from_cache else f'ready in {bank_seconds:.0f} s'})"
     )
-    doc = run_sweeps(bank, seeds=range(seeds), recipe=Recipe(epochs=epochs), log=print)
+    doc = run_sweeps(bank, seeds=range(seeds), arms=arms, recipe=Recipe(epochs=epochs), log=print)
     doc.update(
         config=config,
+        scale=scale,
         bank={
             "file": bank.path.name,
             "key": bank.key,
             "backbone": bank.backbone.value,
             "cut": bank.cut.value,
-            "world": bank.spec["world"],
+            "world": real.spec.get("world"),
+            "expansion": bank.spec.get("expansion"),
+            "fitted_on": real.path.name if scale is not None else None,
+            "feature_model": fitted,
+            "identities": bank.num_classes,
+            "weights_sha256": real.spec.get("weights_sha256"),
             "from_cache": bank.from_cache,
             "seconds": round(bank_seconds, 2),
         },
@@ -327,13 +494,23 @@ def run_datafraction_bench(
         print_table(
             f"accuracy vs fraction of additional user data — retrained on {arm} "
             f"({seeds} seeds, mean ± std)",
-            ["fraction", "user samples", "device acc", "± std", "pre-train acc"],
+            [
+                "fraction",
+                "user samples",
+                "device acc",
+                "± std",
+                "vendor spread",
+                "worst vendor",
+                "pre-train acc",
+            ],
             [
                 [
                     f"{r['fraction']:.0%}",
                     r["user_samples"],
                     r["device_accuracy"]["mean"],
                     r["device_accuracy"]["std"],
+                    r.get("vendor_spread", {}).get("mean"),
+                    r.get("worst_vendor_accuracy", {}).get("mean"),
                     r["pretrain_accuracy"]["mean"],
                 ]
                 for r in rows

@@ -14,14 +14,20 @@ import pytest
 from device_sim.bank import BANK_FORMAT, FeatureBank
 from lab.datafraction_bench import (
     ARM_MIXED,
+    ARM_SWA,
+    ARM_SYSTEM,
     ARM_USER,
     Point,
     Recipe,
     curves,
+    fixed_validation,
     fraction_counts,
+    parse_scale,
+    promotes,
     run_sweeps,
     sweep_model,
     user_subsets,
+    vendor_summary,
 )
 from lab.report_plots import plot_datafraction
 
@@ -156,17 +162,68 @@ def test_run_sweeps_document_renders_as_a_plot(tmp_path: Path) -> None:
         recipe=FAST,
     )
     json.dumps(doc)  # plain JSON types only
-    assert doc["models"][0]["user_train_rows"] == CLASSES * 12
-    assert doc["models"][0]["device_val_rows"] == CLASSES * 4
+    model = doc["models"][0]
+    assert model["fixed_val_rows"] == 2  # 5% of the 48 device train rows, set aside
+    assert model["user_train_rows"] == CLASSES * 12 - 2
+    assert model["device_val_rows"] == CLASSES * 4
     user = doc["curves"][ARM_USER]
     assert [r["fraction"] for r in user] == [0.0, 0.25, 1.0]
-    assert [r["user_samples"] for r in user] == [0, 12, 48]
+    assert [r["user_samples"] for r in user] == [0, 12, 46]
+    assert set(user[0]["vendor_spread"]) >= {"mean", "std"}
     # 0% is v0 in both arms, with no training
     zero = [p for p in doc["points"] if p["fraction"] == 0.0]
     assert {p["train_samples"] for p in zero} == {0}
     assert doc["curves"][ARM_MIXED][0]["device_accuracy"] == user[0]["device_accuracy"]
     mixed_full = [p for p in doc["points"] if p["fraction"] == 1.0 and p["arm"] == ARM_MIXED]
-    assert all(p["train_samples"] == CLASSES * 12 * 2 for p in mixed_full)
+    assert all(p["train_samples"] == CLASSES * 12 + 46 for p in mixed_full)
     png = tmp_path / "df.png"
     assert plot_datafraction(doc, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_system_arm_ships_the_user_head_only_where_it_beats_v0_on_validation() -> None:
+    for bank, expect_promoted in ((toy_bank(), True), (toy_bank(scramble_labels=True), False)):
+        sweep = sweep_model(
+            bank, "toy", seeds=[0], fractions=(0.0, 1.0), arms=(ARM_USER, ARM_SYSTEM), recipe=FAST
+        )
+        by = {(p.arm, p.fraction): p for p in sweep.points}
+        v0, system, user = by[ARM_SYSTEM, 0.0], by[ARM_SYSTEM, 1.0], by[ARM_USER, 1.0]
+        assert system.promoted is expect_promoted
+        expected = user if expect_promoted else v0
+        assert system.device_accuracy == expected.device_accuracy
+        assert system.val_accuracy >= v0.val_accuracy  # never below v0 where it is judged
+
+
+def test_the_swa_arm_trains_the_user_recipe_with_averaged_weights() -> None:
+    sweep = sweep_model(
+        toy_bank(), "toy", seeds=[0], fractions=(1.0,), arms=(ARM_USER, ARM_SWA), recipe=FAST
+    )
+    user, swa = sweep.points
+    assert swa.train_samples == user.train_samples > 0
+    assert swa.device_accuracy >= 0.9  # averaging keeps what the user data teaches
+    with pytest.raises(ValueError, match="unknown arms"):
+        sweep_model(toy_bank(), "toy", seeds=[0], arms=("nope",))
+
+
+def test_fixed_validation_is_disjoint_seed_free_and_capped() -> None:
+    rows = np.arange(10_000, 90_000, dtype=np.int64)
+    val, rest = fixed_validation(rows)
+    assert val.size == 2048 and rest.size == rows.size - 2048
+    assert np.intersect1d(val, rest).size == 0
+    assert np.array_equal(fixed_validation(rows)[0], val)
+    assert promotes(0.51, 0.5) and not promotes(0.504, 0.5) and not promotes(0.5, 0.5)
+
+
+def test_vendor_summary_names_the_worst_vendor_and_the_spread() -> None:
+    correct = np.asarray([1, 1, 0, 1, 0, 0], dtype=np.bool_)
+    domains = np.asarray([1, 1, 2, 2, 3, 3], dtype=np.uint8)
+    per, gap, worst = vendor_summary(correct, domains)
+    assert per == {"1": 1.0, "2": 0.5, "3": 0.0} and gap == 1.0 and worst == 3
+
+
+def test_scale_is_paper_or_a_fraction() -> None:
+    assert parse_scale(None) is None and parse_scale("paper") == 1.0
+    assert parse_scale("0.1") == 0.1
+    for bad in ("0", "1.5", "big"):
+        with pytest.raises(ValueError, match="--scale"):
+            parse_scale(bad)
