@@ -84,7 +84,7 @@ class JobReport:
         return (
             f"{head}; {self.train_samples} new + {self.replay_samples} replayed train / "
             f"{self.val_samples} held-out samples ({self.records_read} records read), val acc "
-            f"on {self.eval_samples} {_fmt(self.champion_accuracy)} "
+            f"({self.eval_samples} samples) {_fmt(self.champion_accuracy)} "
             f"({self.champion_version}) -> {_fmt(self.challenger_accuracy)} "
             f"{'best' if self.is_best else 'not best'}; train {self.train_seconds:.2f} s, "
             f"{self.samples_per_s:,.0f} samples/s, job {self.seconds:.2f} s; "

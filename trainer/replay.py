@@ -109,9 +109,13 @@ def select_replay(
 
 
 def _group_ids(*columns: npt.NDArray[np.integer]) -> npt.NDArray[np.intp]:
-    """One integer per distinct row of ``columns``."""
-    _, inverse = np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)
-    return np.asarray(inverse, dtype=np.intp).reshape(-1)
+    """One integer per distinct row of ``columns`` (non-negative integers)."""
+    key = np.zeros(columns[0].shape[0], np.int64)
+    for column in columns:
+        values = np.asarray(column, np.int64)
+        _, codes = np.unique(values, return_inverse=True)
+        key = key * (int(codes.max(initial=0)) + 1) + codes
+    return np.asarray(key, dtype=np.intp)
 
 
 def _ranks_within(

@@ -47,8 +47,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter
 from torch import Tensor
 
@@ -495,8 +493,9 @@ class Trainer(Service):
         )
         records = await self._features.read(cache, trigger.ranges)
         seed = job_seed(trigger.trigger_id)
-        rows, plan = self._plan(cache, trigger, seed)
-        train, val = cache.take(rows[plan.trained]), cache.take(rows[plan.val])
+        # In a thread: hashing a large window's new rows and copying the job's samples
+        # would hold up the event loop (heartbeats); nothing else touches the cache now.
+        train, val, plan = await asyncio.to_thread(self._assemble, cache, trigger, seed)
         cfg = TrainConfig(
             epochs=self.settings.train_epochs,
             batch_size=self.settings.train_batch_size,
@@ -512,11 +511,11 @@ class Trainer(Service):
         self._trained = (trigger.trigger_id, candidate, records)
         return candidate, records
 
-    def _plan(
+    def _assemble(
         self, cache: FeatureCache, trigger: TrainingTrigger, seed: int
-    ) -> tuple[npt.NDArray[np.intp], JobPlan]:
-        """The job's window (cache rows, log order) and its plan: new training samples,
-        replay, the model's validation set."""
+    ) -> tuple[Dataset, Dataset, JobPlan]:
+        """The job's training samples (new, then replayed), the model's validation set, and
+        the plan they come from, taken from the job's window of the cache."""
         rows, new = cache.window(trigger.ranges)
         if not new.any():
             raise JobError(
@@ -533,7 +532,7 @@ class Trainer(Service):
             replay_max_samples=self.settings.replay_max_samples,
             seed=seed,
         )
-        return rows, plan
+        return cache.take(rows[plan.trained]), cache.take(rows[plan.val]), plan
 
     async def _publish(
         self,

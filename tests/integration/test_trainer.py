@@ -35,6 +35,7 @@ from pipeline.records import (
     TrainingTrigger,
     TriggerReason,
 )
+from pipeline.samples import ValidationRule
 from pipeline.settings import Settings
 from pipeline.tail import read_topic
 from pipeline.topics import Topics
@@ -202,14 +203,20 @@ async def test_trigger_publishes_a_better_v1_and_commits(
     assert (v1.parent_version, v1.trigger_id, v1.is_best) == ("v0", f"{MODEL}:1", True)
     assert v1.metrics.val_accuracy > (v1.metrics.champion_val_accuracy or 0) + 0.3
     assert v1.metrics.val_samples == report.val_samples and v1.metrics.epochs == 10
+    # The first job has nothing earlier to replay; its validation set is its held-out share.
+    assert (v1.metrics.replay_samples, v1.metrics.eval_samples) == (0, report.val_samples)
 
     # The blob in the store is the one announced, inline and by sha256.
     blob = LocalCheckpointStore(tiny.checkpoint_dir).get(checkpoint_uri(MODEL, "v1"))
     assert sha256_hex(blob) == v1.sha256 and len(blob) == v1.size and v1.checkpoint == blob
     assert v1.checkpoint_uri.endswith(f"/v1/models/{MODEL}/checkpoints/v1")
 
-    # Judged independently on the same split: v1 beats v0.
-    _, val = data.split(tiny.val_fraction)
+    # Judged independently on the same set (whole devices and a share of samples held
+    # out): v1 beats v0.
+    rule = ValidationRule(tiny.val_fraction, tiny.val_device_fraction)
+    held = rule.mask(MODEL, data.keys)
+    assert rule.held_out_devices(MODEL, data.device_ids), "the test needs a validation device"
+    val = data.take(held)
     assert len(val) == v1.metrics.val_samples
     assert v0.checkpoint is not None
     champion, _ = decode_checkpoint(v0.checkpoint, expected_sha256=v0.sha256)
@@ -413,6 +420,10 @@ async def test_a_sample_re_sent_into_a_later_trigger_is_trained_once(
     assert [j.outcome for j in reports] == [Outcome.PUBLISHED, Outcome.PUBLISHED]
     assert reports[0].train_samples + reports[0].val_samples == 200
     assert reports[1].train_samples + reports[1].val_samples == 100
+    # The second job replays the first one's training samples (they fit the budget), never
+    # its validation samples, and is judged on the model's validation set so far.
+    assert reports[1].replay_samples == reports[0].train_samples
+    assert reports[1].eval_samples == reports[0].val_samples + reports[1].val_samples
 
 
 async def test_a_champion_only_on_the_model_server_is_fetched_with_a_token(
