@@ -202,6 +202,30 @@ def bench_datafraction(
         raise typer.BadParameter(str(exc)) from exc
 
 
+@bench_app.command("expansion")
+def bench_expansion(
+    config: str = typer.Option("default", help="real bank the feature model is fitted on"),
+    seeds: int = typer.Option(3, help="seeds per model"),
+    epochs: int = typer.Option(10, help="epochs of every head"),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Fidelity of the feature-space expansion: heads on sampled vs real features."""
+    from lab.expansion_bench import run_expansion_bench
+
+    settings = Settings()
+    try:
+        run_expansion_bench(
+            bank_dir=settings.bank_dir,
+            home=settings.home,
+            config=config,
+            seeds=seeds,
+            epochs=epochs,
+            out=out,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
 @bench_app.command("report")
 def bench_report(
     only: list[str] | None = typer.Option(None, help="run only this bench (repeatable)"),
