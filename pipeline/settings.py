@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         description="validation accuracy a challenger must beat its champion by, strictly, to "
         "become the best version (a tie is not a win).",
     )
+    train_swa_start: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="dense weight averaging of the head (SWA/SWAD): average the weights over "
+        "every step from this fraction of a job's steps on (unset = the last step's weights).",
+    )
     checkpoint_dtype: str = Field(
         default="float16",
         pattern=r"^(float16|float32)$",

@@ -48,6 +48,8 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     threads: int | None = None
+    #: Dense weight averaging from this fraction of the steps on (``Schedule.swa_start``).
+    swa_start: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -127,7 +129,7 @@ def train_head(
     optimizer = make_optimizer(head, cfg, device)
     epochs: list[EpochStats] = []
     started = t0 = time.perf_counter()
-    schedule = Schedule(cfg.epochs, cfg.batch_size, cfg.seed, amp=cfg.amp)
+    schedule = Schedule(cfg.epochs, cfg.batch_size, cfg.seed, amp=cfg.amp, swa_start=cfg.swa_start)
     losses = train_epochs(head, optimizer, x_all, y_all, schedule)
     for epoch, mean_loss in enumerate(losses):
         stats = EpochStats(epoch, mean_loss, n, time.perf_counter() - t0)

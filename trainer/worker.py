@@ -504,6 +504,7 @@ class Trainer(Service):
             seed=seed,
             device=self.device,
             threads=self._threads,
+            swa_start=self.settings.train_swa_start,
         )
         candidate = await asyncio.to_thread(
             self._train, entry, trigger, champion_state, train, val, cfg, plan
