@@ -1,4 +1,5 @@
-"""The synthetic world: determinism, the identity split, cameras, devices, image folders."""
+"""The synthetic world: determinism, the identity split, the variation knob, cameras,
+devices, image folders."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from device_sim.images import (
     jpeg_like,
     render_faces,
 )
-from device_sim.world import World, WorldConfig
+from device_sim.world import GENERATOR_VERSION, World, WorldConfig
 from pipeline.errors import ConfigError
 from pipeline.records import IMAGE_SIZE
 
+#: The small world the fast unit tests build on (test_bank's too). It is the easy world
+#: (``variation`` 0: aligned studio portraits), since a random-weight backbone separates
+#: only easy identities; HARD is the same world at the default variation.
 SMALL = WorldConfig(
     seed=7,
     models=("faces-a", "faces-b"),
@@ -29,7 +33,9 @@ SMALL = WorldConfig(
     pretrain_images=3,
     device_images=2,
     vendors=3,
+    variation=0.0,
 )
+HARD = replace(SMALL, variation=WorldConfig().variation)
 
 
 def _thumbs(images: torch.Tensor) -> np.ndarray:
@@ -61,6 +67,8 @@ def _nearest_centroid_accuracy(
         {"vendors": 0},
         {"holdout_fraction": 1.0},
         {"identities_per_device": (3, 2)},
+        {"variation": -0.1},
+        {"variation": 2.5},
     ],
 )
 def test_invalid_configs_are_refused(change: dict[str, object]) -> None:
@@ -135,25 +143,27 @@ def test_holdout_mask_keeps_at_least_one_training_image() -> None:
 # --------------------------------------------------------------------------- images
 
 
-def test_images_are_deterministic_per_key_and_seeded() -> None:
-    world = World(SMALL)
+@pytest.mark.parametrize("config", [SMALL, HARD], ids=["easy", "hard"])
+def test_images_are_deterministic_per_key_and_seeded(config: WorldConfig) -> None:
+    world = World(config)
     a = world.images("faces-a", 3, 2, [5, 6, 7])
     assert a.shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert a.dtype == torch.float32
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
-    assert torch.equal(a, World(SMALL).images("faces-a", 3, 2, [5, 6, 7]))
+    assert torch.equal(a, World(config).images("faces-a", 3, 2, [5, 6, 7]))
     # An image depends on its own key, not on what else is in the batch.
     assert torch.equal(a[1:2], world.images("faces-a", 3, 2, [6]))
     # Seed, model, identity and index each change it.
-    assert not torch.equal(a, World(replace(SMALL, seed=8)).images("faces-a", 3, 2, [5, 6, 7]))
+    assert not torch.equal(a, World(replace(config, seed=8)).images("faces-a", 3, 2, [5, 6, 7]))
     assert not torch.equal(a, world.images("faces-b", 3, 2, [5, 6, 7]))
     assert not torch.equal(a, world.images("faces-a", 4, 2, [5, 6, 7]))
     assert not torch.equal(a[0], a[1])
 
 
-def test_images_of_an_identity_look_alike() -> None:
-    """Per-image variation must not drown the identity: nearest-centroid on 8×8 thumbnails
-    of the clean images tells identities apart."""
+def test_images_of_an_identity_look_alike_in_the_easy_world() -> None:
+    """At ``variation`` 0 the per-image jitter does not drown the identity: nearest-centroid
+    on 8×8 thumbnails of the clean images tells identities apart (at the default it must
+    not: test_separability)."""
     world = World(SMALL)
     train = torch.cat([world.images("faces-a", i, 0, range(6)) for i in range(8)])
     test = torch.cat([world.images("faces-a", i, 0, range(6, 9)) for i in range(8)])
@@ -161,8 +171,9 @@ def test_images_of_an_identity_look_alike() -> None:
     assert _nearest_centroid_accuracy(_thumbs(train), train_y, _thumbs(test), test_y) >= 0.9
 
 
-def test_cameras_shift_images_per_vendor_and_keep_identities() -> None:
-    world = World(SMALL)
+@pytest.mark.parametrize("config", [SMALL, HARD], ids=["easy", "hard"])
+def test_cameras_shift_images_per_vendor_and_keep_identities(config: WorldConfig) -> None:
+    world = World(config)
     ids, index = range(8), [4]
     clean = torch.cat([world.images("faces-a", i, CLEAN_DOMAIN, index) for i in ids])
     shifted = {
@@ -186,13 +197,39 @@ def test_cameras_shift_images_per_vendor_and_keep_identities() -> None:
             assert float((vendors[i] - vendors[j]).abs().mean()) > 0.01
 
 
-def test_identities_stay_separable_within_a_vendor() -> None:
+def test_identities_stay_separable_within_a_vendor_in_the_easy_world() -> None:
     world = World(SMALL)
     vendor = world.vendor_domains[-1]  # the harshest camera
     train = torch.cat([world.images("faces-a", i, vendor, range(6)) for i in range(8)])
     test = torch.cat([world.images("faces-a", i, vendor, range(6, 9)) for i in range(8)])
     train_y, test_y = np.repeat(np.arange(8), 6), np.repeat(np.arange(8), 3)
     assert _nearest_centroid_accuracy(_thumbs(train), train_y, _thumbs(test), test_y) >= 0.85
+
+
+def test_variation_scales_the_within_class_change() -> None:
+    """Images of one identity differ more from each other as ``variation`` grows; 0 and 1
+    are different worlds (different fingerprints, so banks rebuild)."""
+
+    def spread(variation: float) -> float:
+        images = World(replace(SMALL, variation=variation)).images("faces-a", 2, 0, range(12))
+        return float((images - images.mean(0, keepdim=True)).pow(2).mean().sqrt())
+
+    easy, half, hard = spread(0.0), spread(0.5), spread(1.0)
+    assert easy < half < hard
+    assert hard > 2 * easy
+    fingerprints = [World(replace(SMALL, variation=v)).fingerprint() for v in (0.0, 0.5, 1.0)]
+    assert len({str(f) for f in fingerprints}) == 3
+    assert World(SMALL).fingerprint()["generator"] == GENERATOR_VERSION >= 2
+
+
+def test_variation_zero_renders_the_easy_world_alone() -> None:
+    """The hard draws have a stream of their own: at ``variation`` 0 none of them (scene,
+    pose, light, expression, occluder, age) reaches the pixels."""
+    easy = render_faces(5, 9, 1, [0, 3], variation=0.0)
+    assert torch.equal(easy, render_faces(5, 9, 1, [0, 3], variation=0.0))
+    assert not torch.equal(easy, render_faces(5, 9, 1, [0, 3], variation=0.01))
+    with pytest.raises(ValueError, match="variation"):
+        render_faces(5, 9, 1, [0], variation=-1.0)
 
 
 def test_camera_profiles_rise_in_severity_and_zero_strength_is_clean() -> None:
