@@ -202,6 +202,8 @@ class DeviceFleet:
         # Model versions (indices into the runner's version ledger; -1 = none yet).
         self.active_version = np.full(n, -1, dtype=np.int64)
         self.accuracy = np.full(n, np.nan, dtype=np.float32)
+        #: Accuracy with the first version a device activated (its base model).
+        self.first_accuracy = np.full(n, np.nan, dtype=np.float32)
         self.pending_version = np.full(n, -1, dtype=np.int64)
         self.pending_accuracy = np.full(n, np.nan, dtype=np.float32)
         self.pending_at = np.zeros(n, dtype=np.float64)
@@ -528,6 +530,8 @@ class DeviceFleet:
         if ready.size:
             self.active_version[ready] = versions
             self.accuracy[ready] = self.pending_accuracy[ready]
+            first = ready[np.isnan(self.first_accuracy[ready])]
+            self.first_accuracy[first] = self.accuracy[first]
             self.activated_at[ready] = np.maximum(self.pending_at[ready], 0.0)
             self.pending_version[ready] = -1
             self.counters.add("versions_applied", ready)

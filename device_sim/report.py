@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from device_sim.fleet import FleetConfig
 
 
-FLOAT_COLUMNS = ("accuracy", "energy_mah")
+FLOAT_COLUMNS = ("accuracy", "first_accuracy", "energy_mah")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +159,8 @@ def summarize(
         counters["inferences"], counters["bytes_up"], counters["bytes_down"], fleet.compute_speed
     )
     columns["accuracy"] = fleet.accuracy.astype(np.float64)
+    columns["first_accuracy"] = fleet.first_accuracy.astype(np.float64)
+    columns["vendor"] = fleet.vendor
     columns["cached"] = fleet.cached
     columns["model"] = fleet.model_of
     columns["compute_tier"] = fleet.compute_tier
@@ -213,6 +215,9 @@ def finish(summary: dict[str, Any], *, keep_columns: bool) -> dict[str, Any]:
     summary["per_model"] = _breakdown(cols, "model", list(summary["model_ids"]))
     summary["per_compute_tier"] = _breakdown(cols, "compute_tier", [t.name for t in COMPUTE_TIERS])
     summary["per_network_tier"] = _breakdown(cols, "network_tier", list(summary["network_tiers"]))
+    if "vendor" in cols:
+        summary["per_vendor"] = _breakdown(cols, "vendor", vendor_names(cols["vendor"]))
+        summary["vendor_spread"] = vendor_spread(summary["per_vendor"])
     hist = LogHistogram.from_dict(summary["freshness_sim_s"])
     scale = float(summary["config"]["time_scale"])
     fresh = hist.summary()
@@ -244,6 +249,40 @@ def _breakdown(cols: Mapping[str, np.ndarray], key: str, names: Sequence[str]) -
             "bytes_down": int(cols["bytes_down"][sel].sum()),
             "energy_mah_mean": float(cols["energy_mah"][sel].mean()),
             "accuracy": float(np.nanmean(acc)) if np.isfinite(acc).any() else math.nan,
+        }
+        if "first_accuracy" in cols:
+            first = cols["first_accuracy"][sel]
+            out[name]["first_accuracy"] = (
+                float(np.nanmean(first)) if np.isfinite(first).any() else math.nan
+            )
+    return out
+
+
+def vendor_names(vendors: np.ndarray) -> list[str]:
+    """Names of the camera domains up to the highest vendor seen (0 is the clean camera)."""
+    top = int(vendors.max(initial=0))
+    return ["clean", *(f"vendor-{v}" for v in range(1, top + 1))]
+
+
+def vendor_spread(per_vendor: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """System-induced heterogeneity: best - worst vendor's mean device accuracy, the
+    variance over vendors and the worst vendor, with the base model and at the end."""
+    out: dict[str, Any] = {}
+    for key, label in (("first_accuracy", "first"), ("accuracy", "final")):
+        acc = {
+            v: float(row[key])
+            for v, row in per_vendor.items()
+            if key in row and math.isfinite(float(row[key]))
+        }
+        if not acc:
+            continue
+        worst = min(acc, key=lambda v: acc[v])
+        values = np.asarray(list(acc.values()))
+        out[label] = {
+            "spread": float(values.max() - values.min()),
+            "variance": float(values.var()),
+            "worst_vendor": worst,
+            "worst_accuracy": acc[worst],
         }
     return out
 
@@ -385,11 +424,18 @@ def _versions_table(summary: Mapping[str, Any]) -> Table:
 
 
 def _tiers_table(summary: Mapping[str, Any]) -> Table:
-    tiers = Table(title="per tier")
+    spread = summary.get("vendor_spread", {}).get("final")
+    title = "per tier, vendor and model"
+    if spread:
+        title += (
+            f" (vendor spread {spread['spread']:.1%}, worst {spread['worst_vendor']} "
+            f"{spread['worst_accuracy']:.1%})"
+        )
+    tiers = Table(title=title)
     for col in ("tier", "devices", "pushes", "retries", "MB up", "mAh/device", "accuracy"):
         tiers.add_column(col, justify="left" if col == "tier" else "right")
-    for group in ("per_compute_tier", "per_network_tier", "per_model"):
-        for name, row in summary[group].items():
+    for group in ("per_compute_tier", "per_network_tier", "per_vendor", "per_model"):
+        for name, row in summary.get(group, {}).items():
             tiers.add_row(
                 name,
                 fmt(row["devices"]),

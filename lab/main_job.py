@@ -322,6 +322,23 @@ def _print_accuracy_gains(
             f"{_pct(final)} at the end ({gain:+.1%})",
             highlight=False,
         )
+    per_vendor = report.fleet.get("per_vendor", {})
+    spread = report.fleet.get("vendor_spread", {})
+    if per_vendor:
+        table = Table(title="per vendor (camera pipeline): devices' mean held-out accuracy")
+        for col in ("vendor", "devices", "first version", "at the end"):
+            table.add_column(col, justify="left" if col == "vendor" else "right")
+        for name, row in per_vendor.items():
+            first = row.get("first_accuracy", math.nan)
+            table.add_row(name, f"{row['devices']:,}", _pct(first), _pct(row["accuracy"]))
+        for label, key in (("spread (best - worst)", "spread"), ("worst vendor", "worst_accuracy")):
+            table.add_row(
+                label,
+                "",
+                _pct(spread.get("first", {}).get(key, math.nan)),
+                _pct(spread.get("final", {}).get(key, math.nan)),
+            )
+        console.print(table)
 
 
 def _run_rows(report: MainJobReport) -> list[tuple[str, str]]:
