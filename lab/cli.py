@@ -226,6 +226,34 @@ def bench_expansion(
         raise typer.BadParameter(str(exc)) from exc
 
 
+@bench_app.command("paper-job")
+def bench_paper_job(
+    scale: str = typer.Option("paper", help="'paper' (437,855 features) or a fraction such as 0.1"),
+    epochs: int = typer.Option(10, help="epochs of the job (the paper: 10)"),
+    device: str = typer.Option("auto", help="trainer device: auto, cpu, cuda"),
+    config: str = typer.Option("default", help="real bank the world is fitted on"),
+    keep: bool = typer.Option(False, "--keep", help=KEEP_HELP),
+    out: Path | None = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """One job of the paper's size through the real pipeline: log → trigger → trainer → update."""
+    from lab.datafraction_bench import parse_scale
+    from lab.paper_job import run_paper_job_bench
+
+    try:
+        parsed = parse_scale(scale)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    run_paper_job_bench(
+        Settings(),
+        scale=parsed or 1.0,
+        epochs=epochs,
+        device=device,
+        config=config,
+        keep=keep,
+        out=out,
+    )
+
+
 @bench_app.command("report")
 def bench_report(
     only: list[str] | None = typer.Option(None, help="run only this bench (repeatable)"),
