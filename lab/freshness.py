@@ -34,6 +34,13 @@ BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
         "pipeline/facenet_weights.py",
         "lab/datafraction_bench.py",
     ),
+    "paper-job": (
+        "trainer",
+        "pipeline/codec",
+        "device_sim/expansion.py",
+        "device_sim/feature_model.py",
+        "lab/paper_job.py",
+    ),
     "expansion": (
         "device_sim",
         "pipeline/head_loop.py",

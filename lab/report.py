@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from lab import report_learning as learning
 from lab import report_sections as sec
 from lab.readme_table import update_readme
 from lab.report_chaos import section_chaos
@@ -53,7 +54,9 @@ def render(report: Report, docs_dir: Path) -> tuple[str, list[Path]]:
         sec.section_runs(report),
         sec.section_train(report, train_img),
         sec.section_push(report, push_img),
-        sec.section_datafraction(report, df_img),
+        learning.section_datafraction(report, df_img),
+        learning.section_expansion(report),
+        learning.section_paper_job(report),
         sec.section_transport(report),
         sec.section_pipeline(report),
         sec.section_fleet(report),

@@ -24,6 +24,7 @@ BENCHES: Final[dict[str, str]] = {
     "push": "fedex bench push",
     "datafraction": "fedex bench datafraction --scale 0.1 --seeds 3",
     "expansion": "fedex bench expansion",
+    "paper-job": "fedex bench paper-job",
     "fleet": "fedex bench fleet",
     "fedavg": "fedex bench fedavg",
     "chaos": "fedex bench chaos",

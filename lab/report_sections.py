@@ -251,43 +251,6 @@ def fedavg_push_part(data: Mapping[str, Any], tiers: list[str]) -> str:
     return out
 
 
-def section_datafraction(report: Report, img: str | None) -> str:
-    r = report.results["datafraction"]
-    out = "## Figure 4 analog: accuracy vs fraction of additional user data\n\n"
-    if not r.ok or r.data is None:
-        return out + missing_note(r)
-    data = r.data
-    bank = data.get("bank", {})
-    recipe = data.get("recipe", {})
-    out += stale_note(r)
-    out += (
-        f"Base head v0 trained on the pre-training identities, then retrained from v0 on a "
-        f"fraction of the devices' training features; accuracy on the devices' held-out "
-        f"features. Bank `{bank.get('file', '?')}` ({bank.get('backbone', '?')} at "
-        f"{bank.get('cut', '?')}), {len(data.get('seeds', []))} seeds (mean ± std over seeds, "
-        f"models averaged), {recipe.get('epochs', '?')} epochs AdamW lr {recipe.get('lr', '?')} "
-        f"for every head. Arms: `user` = retrained on the user data alone (what the trainer "
-        f"does), `pretrain+user` = on the pre-training data plus the user data. 0% is v0.\n\n"
-    )
-    if img:
-        out += f"![accuracy vs fraction of additional data]({img})\n\n"
-    curves = data.get("curves", {})
-    arms = list(curves)
-    fractions = [row["fraction"] for row in curves[arms[0]]] if arms else []
-    rows = []
-    for i, f in enumerate(fractions):
-        row: list[Any] = [f"{f:.0%}", num(dig(curves, arms[0], i, "user_samples"))]
-        for arm in arms:
-            acc = dig(curves, arm, i, "device_accuracy") or {}
-            pre = dig(curves, arm, i, "pretrain_accuracy") or {}
-            row += [f"{num(acc.get('mean'))} ± {num(acc.get('std'), 2)}", num(pre.get("mean"))]
-        rows.append(row)
-    headers = ["fraction", "user samples"]
-    for arm in arms:
-        headers += [f"{arm}: device acc", f"{arm}: pre-train acc"]
-    return out + table(headers, rows) + f"\n\nReproduce: `{r.command}`."
-
-
 def section_transport(report: Report) -> str:
     codec, kafka = report.results["codec"], report.results["kafka"]
     out = "## Transport: codec and raw Kafka\n\n"

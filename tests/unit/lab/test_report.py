@@ -244,6 +244,7 @@ def test_plan_honours_only_and_skip_and_rejects_unknown_names() -> None:
         "push",
         "datafraction",
         "expansion",
+        "paper-job",
     ]
     with pytest.raises(ValueError, match="nope"):
         plan(only=["nope"])
