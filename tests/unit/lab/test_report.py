@@ -100,6 +100,8 @@ DATAFRACTION = {
                 "user_samples": n,
                 "device_accuracy": {"mean": acc, "std": 0.01, "min": acc, "max": acc, "n": 2},
                 "pretrain_accuracy": {"mean": 0.9, "std": 0.0, "min": 0.9, "max": 0.9, "n": 2},
+                "vendor_spread": {"mean": 0.1234, "std": 0.0, "min": 0.1, "max": 0.2, "n": 2},
+                "worst_vendor_accuracy": {"mean": acc - 0.1, "std": 0.0, "n": 2},
             }
             for f, n, acc in ((0.0, 0, 0.4321), (0.5, 256, 0.6543), (1.0, 512, 0.8765))
         ]
@@ -159,8 +161,9 @@ def test_tables_carry_the_numbers_of_the_result_files(results: Path, tmp_path: P
         "| full | 55,000,123 | 140 ms | 111 s | 26 s |",
         "| full | float32 | 111,222,333 | 222 s | — |",
         # Figure 4 table
-        "| 0% | 0 | 0.432 ± 0.01 | 0.9 |",
-        "| 100% | 512 | 0.876 ± 0.01 | 0.9 |",
+        "| 0% | 0 | 0.432 ± 0.01 |",
+        "| 100% | 512 | 0.876 ± 0.01 |",
+        "| 100% | 0.123 (worst 0.776) |",
         # pipeline and fleet
         "agents 33,338 vs raw 114,146 samples/s (medians): **ratio 0.292**",
         "(median of 5 interleaved pairs, 0.25–0.31); warm-up pair 0.21",
@@ -202,7 +205,7 @@ def test_missing_and_failed_benches_are_reported_with_the_reason(
         # A failed rerun does not hide the older result, and does not pass it off as fresh.
         "The last run of `fedex bench datafraction --scale 0.1 --seeds 3` failed "
         "(exit code 1: boom)",
-        "| 100% | 512 | 0.876 ± 0.01 | 0.9 |",
+        "| 100% | 512 | 0.876 ± 0.01 |",
         "fleet density | **missing** — fleet.json has no fleet density field",
     )
     assert "| freeze6 | 512 | 10,608 |" not in markdown
