@@ -1,24 +1,36 @@
 """``fedex bench fedavg``: FedEx and the FedAvg baseline side by side on one broker.
 
-Same synthetic task for both arms: the feature bank of the default world, one model, its
+Same task for both arms, per seed: the real bank of the default world (rendered faces
+through the pretrained backbone, :func:`lab.datafraction_bench.load_bank`), one model, its
 base head ``v0`` (:func:`device_sim.heads.train_base_head`), the same devices (vendors and
-identities from :meth:`World.device_profile`), the same ``samples`` train rows per device
-(:meth:`FeatureBank.draw_batch`), and the same evaluation: the mean over devices of each
-device's accuracy on its held-out rows.
+identities from :meth:`World.device_profile`), and the same ``samples`` local samples per
+device. Those samples are **fresh draws** (:class:`device_sim.fresh.FreshFeatures`: the
+device's cell centre, fitted on the bank's train rows, plus its own within-cell variation):
+every sample is a distinct observation, never a copy of another, so the trainer's
+validation split holds no copy of a trained vector. Evaluation is the mean over devices of
+each device's accuracy on the bank's *real* held-out rows of its vendor and identities
+(never fitted, pushed or trained on); :func:`lab.fedavg_report.distinct_report` checks it
+and the result records the check.
 
 - **FedEx**: every device pushes its samples once (a float16 feature push); the real cloud
   loop trains the head: ``fedex worker`` and ``fedex trainer`` run as supervised children
   (as ``fedex up`` and the demo run them), the agents fire one trigger covering every
-  push, the trainer trains from ``v0`` with the project's recipe and publishes ``v1``.
-  Devices download the checkpoint blob. Devices never train.
-- **FedAvg**: ``python -m lab.fedavg_server`` runs as a child process; the devices (this
-  process, :class:`lab.fedavg_devices.FedAvgFleet`) train E local epochs per round when
-  selected. Rounds run until the mean device accuracy reaches the FedEx arm's (or a cap).
+  push, the trainer trains from ``v0`` with this bench's recipe and the product's
+  validation settings (whole validation devices, a share of the other samples, the
+  promotion margin; recorded in ``trainer_settings``) and publishes ``v1``. Devices
+  download the checkpoint blob. Devices never train.
+- **FedAvg**, once per transfer precision (fp32 and fp16 by default, on the same seed):
+  ``python -m lab.fedavg_server`` runs as a child process; the devices (this process,
+  :class:`lab.fedavg_devices.FedAvgFleet`) train E local epochs per round when selected, on
+  exactly the samples they pushed in the FedEx arm. Rounds run until the mean device
+  accuracy reaches the FedEx arm's (or a cap).
 
+Each seed's FedAvg curve gives the cost of reaching fixed targets
+(:func:`lab.fedavg_report.targets_for`); the seeds give median and min–max of the ratios.
 Bytes are real encoded message sizes. Wall times start when the cloud side is ready (the
-children's consumer groups exist; the first broadcast arrived) and exclude the
-harness's own accuracy measurements. This module is the device side; it reaches the
-trainer's code only through child processes (apps never import each other).
+children's consumer groups exist; the first broadcast arrived) and exclude the harness's
+own accuracy measurements. This module is the device side; it reaches the trainer's code
+only through child processes (apps never import each other).
 """
 
 from __future__ import annotations
@@ -41,11 +53,22 @@ import numpy.typing as npt
 import torch
 from rich.console import Console
 
-from device_sim.bank import FeatureBank, build_bank
+from device_sim.bank import FeatureBank
+from device_sim.fresh import FreshFeatures
 from device_sim.heads import new_head, train_base_head
-from device_sim.world import World, WorldConfig
+from device_sim.world import World
 from lab.fedavg_devices import DeviceData, FedAvgFleet
-from lab.fedavg_report import cost_to_reach, per_device
+from lab.fedavg_report import (
+    ABSOLUTE_TARGETS,
+    GAIN_TARGETS,
+    cost_at,
+    distinct_report,
+    headline,
+    per_device,
+    summarize,
+    targets_for,
+    vendor_report,
+)
 from pipeline import codec
 from pipeline.checkpoints import CheckpointDType, encode_checkpoint
 from pipeline.errors import FedexError
@@ -63,20 +86,39 @@ class BenchError(FedexError):
     """The side-by-side run could not complete; the message says where."""
 
 
+#: The trainer settings the FedEx arm runs with (the product's defaults unless the
+#: environment sets them), recorded in the result.
+TRAINER_SETTINGS = (
+    "val_fraction",
+    "val_device_fraction",
+    "val_max_samples",
+    "replay_max_samples",
+    "promote_margin",
+    "train_swa_start",
+    "checkpoint_dtype",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
     """What both arms share, and each arm's recipe."""
 
     devices: int = 150
     samples: int = 32
+    seeds: int = 5
+    seed: int = 0  # the first seed; seeds are seed, seed + 1, ...
+    world: str = "default"  # a configuration of lab.datafraction_bench.CONFIGS
     model_id: str | None = None  # default: the world's first model
     world_seed: int = 0
-    seed: int = 0
+    # targets: fixed accuracies, and shares of FedEx's gain over v0
+    targets: tuple[float, ...] = ABSOLUTE_TARGETS
+    gain_targets: tuple[float, ...] = GAIN_TARGETS
     # FedEx cloud recipe (the trainer's settings for this run)
     fedex_epochs: int = 30
     fedex_lr: float = 3e-3
     fedex_batch_size: int = 64
-    # FedAvg
+    # FedAvg, once per transfer precision
+    fedavg_dtypes: tuple[str, ...] = ("float32", "float16")
     fraction: float = 0.1
     local_epochs: int = 5
     batch_size: int = 10
@@ -86,38 +128,99 @@ class BenchConfig:
     ready_timeout_s: float = 240.0
     job_timeout_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.devices < 1 or self.samples < 1:
+            raise BenchError("seeds, devices and samples must be ≥ 1")
+        for dtype in self.fedavg_dtypes:
+            FeatureDType(dtype)  # raises on an unknown precision
+
 
 # --------------------------------------------------------------------------- the task
 
 
 @dataclass(frozen=True, slots=True)
 class Device:
+    """One device of a seed: its camera and identities, the fresh samples it pushes to
+    FedEx and trains on in FedAvg (``sample_ids`` are their fresh rows), and its test rows
+    (the bank's real held-out rows of its vendor and identities)."""
+
     device_id: str
     vendor: int
     identities: npt.NDArray[np.int64]
-    train_rows: npt.NDArray[np.int64]
+    sample_ids: npt.NDArray[np.int64]
+    features: npt.NDArray[np.float16]
+    labels: npt.NDArray[np.int32]
     eval_rows: npt.NDArray[np.int64]
+
+
+def device_ids(model_id: str, count: int) -> list[str]:
+    return [f"{model_id}-dev-{i:05d}" for i in range(count)]
+
+
+def sample_identities(
+    identity_sets: Sequence[npt.NDArray[np.int64]], samples: int, rng: np.random.Generator
+) -> npt.NDArray[np.int64]:
+    """[devices, samples]: each device's samples' identities, uniform over its own."""
+    return np.stack([rng.choice(ids, size=samples) for ids in identity_sets]).astype(np.int64)
 
 
 def make_devices(
     bank: FeatureBank, world: World, model_id: str, count: int, samples: int, seed: int
 ) -> list[Device]:
-    """``count`` devices of ``model_id``, each with ``samples`` train rows drawn from its
-    vendor and identities, and its held-out rows for evaluation."""
-    ids = [f"{model_id}-dev-{i:05d}" for i in range(count)]
+    """``count`` devices of ``model_id``, each with ``samples`` fresh samples of its vendor
+    and identities (a feature model fitted on the bank's train rows, seeded by ``seed``)
+    and its held-out bank rows for evaluation."""
+    ids = device_ids(model_id, count)
     profiles = [world.device_profile(model_id, d) for d in ids]
+    vendors = np.asarray([p.vendor for p in profiles], dtype=np.int64)
+    fresh = FreshFeatures(bank, vendors=vendors, seed=seed)
     rng = np.random.default_rng([seed, count, samples])
-    rows = bank.draw_batch(
-        model_id, [p.vendor for p in profiles], [p.identities for p in profiles], samples, rng
-    )
+    identities = sample_identities([p.identities for p in profiles], samples, rng)
+    owners = np.repeat(np.arange(count, dtype=np.int64), samples)
+    rows = fresh.draw(bank.model_index(model_id), owners, identities.ravel(), rng)
+    rows = rows.reshape(count, samples)
+    features = fresh.features(rows.ravel()).reshape(count, samples, -1)
     return [
-        Device(d, p.vendor, p.identities, rows[i], bank.held_out(model_id, p.vendor, p.identities))
+        Device(
+            d,
+            p.vendor,
+            p.identities,
+            rows[i],
+            features[i],
+            identities[i].astype(np.int32),
+            bank.held_out(model_id, p.vendor, p.identities),
+        )
         for i, (d, p) in enumerate(zip(ids, profiles, strict=True))
     ]
 
 
+def validation_mask(
+    settings: Settings, model_id: str, devices: Sequence[Device]
+) -> npt.NDArray[np.bool_]:
+    """Which pushed samples (device order, then sample order) the trainer holds out for
+    validation: its own rule over the samples' keys (whole validation devices and a share
+    of the others' samples, :class:`pipeline.samples.ValidationRule`)."""
+    from pipeline.samples import ValidationRule
+
+    rule = ValidationRule(settings.val_fraction, settings.val_device_fraction)
+    keys = [(d.device_id, int(s)) for d in devices for s in d.sample_ids]
+    return rule.mask(model_id, keys)
+
+
+def distinct_check(
+    bank: FeatureBank, devices: Sequence[Device], validation: npt.NDArray[np.bool_]
+) -> dict[str, int]:
+    """:func:`distinct_report` of the task: the samples FedEx's trainer trains on, those
+    it validates on (``validation``), and the test rows. FedAvg trains on both kinds of
+    sample, so no copy among the samples and none of them in the test rows covers it."""
+    pushed = np.concatenate([d.features for d in devices])
+    test, _ = bank.take(np.concatenate([d.eval_rows for d in devices]))
+    return distinct_report(pushed[~validation], pushed[validation], test)
+
+
 class Evaluator:
-    """Mean over devices of each device's held-out accuracy, for any head state."""
+    """Mean over devices of each device's held-out accuracy, for any head state; and the
+    accuracy per vendor."""
 
     def __init__(self, bank: FeatureBank, devices: Sequence[Device]) -> None:
         kept = [d for d in devices if d.eval_rows.size]
@@ -126,12 +229,14 @@ class Evaluator:
         features, labels = bank.take(rows)
         self.x = torch.as_tensor(features.astype(np.float32))
         self.y = labels
+        self.domains = bank.domains[rows]
         self.devices = len(kept)
         self.head = new_head(bank.backbone, bank.cut, bank.num_classes)
         self.template = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
 
     @torch.no_grad()
-    def __call__(self, tensors: Mapping[str, Any]) -> float:
+    def correct(self, tensors: Mapping[str, Any]) -> npt.NDArray[np.bool_]:
+        """Whether the head of ``tensors`` gets each test row right."""
         state = dict(self.template)
         for name, value in tensors.items():
             if isinstance(value, torch.Tensor):
@@ -140,10 +245,17 @@ class Evaluator:
                 state[name] = torch.from_numpy(np.array(value, dtype=np.float32))
         self.head.load_state_dict(state)
         self.head.eval()
-        correct = (self.head(self.x).argmax(1).numpy() == self.y).astype(np.float64)
+        return np.asarray(self.head(self.x).argmax(1).numpy() == self.y)
+
+    def __call__(self, tensors: Mapping[str, Any]) -> float:
+        correct = self.correct(tensors).astype(np.float64)
         hits = np.bincount(self.owner, weights=correct, minlength=self.devices)
         totals = np.bincount(self.owner, minlength=self.devices)
         return float((hits / totals).mean())
+
+    def vendors(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        """:func:`vendor_report` of the head: per vendor, spread, variance, worst."""
+        return vendor_report(self.correct(tensors), self.domains)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -193,6 +305,7 @@ class Arm:
     base_state: dict[str, torch.Tensor]
     model_id: str
     cfg: BenchConfig
+    seed: int
     evaluate: Evaluator
     console: Console
 
@@ -201,7 +314,7 @@ class Arm:
         return Topics(self.settings.topic_prefix)
 
     def say(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(f"seed {self.seed}: {message}", highlight=False)
 
 
 # --------------------------------------------------------------------------- FedEx arm
@@ -242,9 +355,10 @@ async def run_fedex_arm(arm: Arm) -> dict[str, Any]:
     accuracy = arm.evaluate(state)
     arm.say(
         f"fedex: {update.version} accuracy {accuracy:.4f} in {wall:.1f} s "
-        f"(trained {update.metrics.train_seconds:.2f} s on {update.metrics.train_samples} samples)"
+        f"(trained {update.metrics.train_seconds:.2f} s on {update.metrics.train_samples} "
+        f"samples, validated on {update.metrics.eval_samples}; is_best {update.is_best})"
     )
-    return _fedex_result(arm, update, accuracy, up, wall)
+    return _fedex_result(arm, update, state, accuracy, up, wall)
 
 
 def _fedex_cloud(arm: Arm) -> Supervisor:
@@ -297,27 +411,29 @@ async def _push_and_await_version(
     return update, up, wall
 
 
+def push_of(arm: Arm, device: Device, now_ms: int) -> FeaturePush:
+    """A device's one float16 feature push: its fresh samples, keyed by their rows."""
+    return FeaturePush(
+        model_id=arm.model_id,
+        device_id=device.device_id,
+        backbone=arm.bank.backbone,
+        cut=arm.bank.cut,
+        dtype=FeatureDType.FLOAT16,
+        sample_ids=device.sample_ids.astype(np.uint64),
+        labels=device.labels,
+        timestamps_ms=np.full(device.labels.size, now_ms, dtype=np.int64),
+        features=device.features,
+    )
+
+
 async def _push_every_device(arm: Arm, producer: AIOKafkaProducer) -> list[int]:
     """One float16 feature push per device, all acknowledged; their encoded sizes."""
-    bank, topic, key = arm.bank, arm.topics.features, codec.encode_key(arm.model_id)
+    topic, key = arm.topics.features, codec.encode_key(arm.model_id)
     now = int(time.time() * 1000)
     up: list[int] = []
     sends = []
     for device in arm.devices:
-        features, labels = bank.take(device.train_rows)
-        value = codec.encode_push(
-            FeaturePush(
-                model_id=arm.model_id,
-                device_id=device.device_id,
-                backbone=bank.backbone,
-                cut=bank.cut,
-                dtype=FeatureDType.FLOAT16,
-                sample_ids=np.arange(len(labels), dtype=np.uint64),
-                labels=labels,
-                timestamps_ms=np.full(len(labels), now, dtype=np.int64),
-                features=features,
-            )
-        )
+        value = codec.encode_push(push_of(arm, device, now))
         up.append(len(value))
         sends.append(await producer.send(topic, value, key=key))
     await asyncio.gather(*sends)
@@ -325,17 +441,28 @@ async def _push_every_device(arm: Arm, producer: AIOKafkaProducer) -> list[int]:
 
 
 def _fedex_result(
-    arm: Arm, update: ModelUpdate, accuracy: float, up: Sequence[int], wall: float
+    arm: Arm,
+    update: ModelUpdate,
+    state: Mapping[str, Any],
+    accuracy: float,
+    up: Sequence[int],
+    wall: float,
 ) -> dict[str, Any]:
     down = [update.size] * len(arm.devices)
     cfg = arm.cfg
+    metrics = update.metrics
     return {
         "accuracy": accuracy,
+        "vendors": arm.evaluate.vendors(state),
         "version": update.version,
         "is_best": update.is_best,
-        "val_accuracy": update.metrics.val_accuracy,
-        "train_samples": update.metrics.train_samples,
-        "cloud_train_seconds": update.metrics.train_seconds,
+        "val_accuracy": metrics.val_accuracy,
+        "champion_val_accuracy": metrics.champion_val_accuracy,
+        "train_samples": metrics.train_samples,
+        "val_samples": metrics.val_samples,
+        "eval_samples": metrics.eval_samples,
+        "replay_samples": metrics.replay_samples,
+        "cloud_train_seconds": metrics.train_seconds,
         "checkpoint_encoding": update.encoding,
         "rounds": 1,
         **_bytes_per_device(up, down),
@@ -346,7 +473,6 @@ def _fedex_result(
             "lr": cfg.fedex_lr,
             "batch_size": cfg.fedex_batch_size,
             "optimizer": "AdamW (trainer.recipe)",
-            "val_fraction": arm.settings.val_fraction,
         },
     }
 
@@ -372,6 +498,7 @@ class Rounds:
     fleet: FedAvgFleet
     arm: Arm
     target: float
+    label: str = "fedavg"
     curve: list[dict[str, float]] = field(default_factory=list)
     start: float | None = None
     eval_s: float = 0.0
@@ -401,9 +528,9 @@ class Rounds:
             }
         )
         self.last = (broadcast, accuracy, elapsed)
-        if broadcast.round % 10 == 0:
+        if broadcast.round % 25 == 0:
             self.arm.say(
-                f"fedavg: round {broadcast.round} accuracy {accuracy:.4f} "
+                f"{self.label}: round {broadcast.round} accuracy {accuracy:.4f} "
                 f"({self.bytes_mean() / 1e3:,.0f} kB per device so far)"
             )
         if accuracy >= self.target:
@@ -412,34 +539,35 @@ class Rounds:
         return False
 
 
-async def run_fedavg_arm(arm: Arm, target: float, *, workdir: Path) -> dict[str, Any]:
-    """The FedAvg server (a child process) and the devices (this process) run rounds until
-    the devices' accuracy reaches ``target`` or the round cap; what that cost them."""
-    argv = _fedavg_server_argv(arm, workdir)
-    data = {}
-    for device in arm.devices:
-        features, labels = arm.bank.take(device.train_rows)
-        data[device.device_id] = DeviceData(features, labels)
+async def run_fedavg_arm(
+    arm: Arm, target: float, *, workdir: Path, dtype: FeatureDType = FeatureDType.FLOAT32
+) -> dict[str, Any]:
+    """The FedAvg server (a child process) and the devices (this process) run rounds, the
+    head sent both ways in ``dtype``, until the devices' accuracy reaches ``target`` or the
+    round cap; what that cost them."""
+    argv = _fedavg_server_argv(arm, workdir, dtype)
+    data = {d.device_id: DeviceData(d.features, d.labels) for d in arm.devices}
     fleet = FedAvgFleet(
         bootstrap=arm.settings.bootstrap,
         topics=arm.topics,
         model_id=arm.model_id,
         devices=data,
-        seed=arm.cfg.seed,
+        dtype=dtype,
+        seed=arm.seed,
     )
-    rounds = Rounds(fleet, arm, target)
+    rounds = Rounds(fleet, arm, target, label=f"fedavg {dtype.value}")
     arm.settings.log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = arm.settings.log_dir / "fedavg-server.log"
+    log_path = arm.settings.log_dir / f"fedavg-server-{dtype.value}.log"
     async with fleet:
         process = await _start_fedavg_server(arm, argv, log_path)
-        arm.say(f"fedavg: server pid {process.pid} (log {log_path})")
+        arm.say(f"fedavg {dtype.value}: server pid {process.pid} (log {log_path})")
         last = await _serve_rounds(arm, rounds, process, log_path)
     if last is None or rounds.last is None:
         raise BenchError(f"the FedAvg server sent no round; see {log_path}")
-    return _fedavg_result(arm, rounds, rounds.last)
+    return _fedavg_result(arm, rounds, rounds.last, dtype)
 
 
-def _fedavg_server_argv(arm: Arm, workdir: Path) -> list[str]:
+def _fedavg_server_argv(arm: Arm, workdir: Path, dtype: FeatureDType) -> list[str]:
     """The server's command line; its inputs (``v0``, the device ids) written to
     ``workdir``."""
     bank, cfg = arm.bank, arm.cfg
@@ -456,7 +584,8 @@ def _fedavg_server_argv(arm: Arm, workdir: Path) -> list[str]:
         *("--devices-file", str(ids_file), "--rounds", str(cfg.max_rounds)),
         *("--fraction", str(cfg.fraction), "--local-epochs", str(cfg.local_epochs)),
         *("--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr)),
-        *("--deadline-s", str(cfg.deadline_s), "--seed", str(cfg.seed)),
+        *("--deadline-s", str(cfg.deadline_s), "--seed", str(arm.seed)),
+        *("--dtype", dtype.value),
     ]
 
 
@@ -516,7 +645,7 @@ async def _stop_process(process: asyncio.subprocess.Process) -> None:
 
 
 def _fedavg_result(
-    arm: Arm, rounds: Rounds, last: tuple[RoundBroadcast, float, float]
+    arm: Arm, rounds: Rounds, last: tuple[RoundBroadcast, float, float], dtype: FeatureDType
 ) -> dict[str, Any]:
     final_broadcast, accuracy, wall = last
     # Every device ends with the global head, shipped like FedEx's (fp16 safetensors).
@@ -532,6 +661,7 @@ def _fedavg_result(
     cfg = arm.cfg
     return {
         "accuracy": accuracy,
+        "vendors": arm.evaluate.vendors(final_broadcast.tensors),
         "target": rounds.target,
         "reached": rounds.reached is not None,
         # aggregations done when the reported head was broadcast
@@ -550,31 +680,61 @@ def _fedavg_result(
             "lr": cfg.lr,
             "optimizer": "SGD (lab.fedavg_devices.local_update)",
             "server_lr": 1.0,
-            "update_dtype": "float32",
+            "transfer_dtype": dtype.value,
             "max_rounds": cfg.max_rounds,
         },
     }
 
 
-# --------------------------------------------------------------------------- both
-
-
-async def run_side_by_side(
-    settings: Settings, cfg: BenchConfig, console: Console, *, world: World | None = None
+def with_costs(
+    fedavg: dict[str, Any], targets: Sequence[Mapping[str, Any]], fedex: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Both arms on the broker at ``settings.bootstrap`` (topics under a fresh prefix)."""
+    """``fedavg`` with its cost of reaching each target (:func:`cost_at`), in order."""
+    costs = [
+        {
+            "name": t["name"],
+            "accuracy_needed": t["accuracy"],
+            **cost_at(
+                fedavg["curve"],
+                t["accuracy"],
+                final_download=fedavg["final_download_bytes"],
+                fedex_bytes=fedex["bytes_per_device"]["mean"],
+                fedex_wall=fedex["wall_seconds"],
+            ),
+        }
+        for t in targets
+    ]
+    return {**fedavg, "costs": costs}
+
+
+# --------------------------------------------------------------------------- one seed
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """What every seed shares: the bank, its world and the model."""
+
+    bank: FeatureBank
+    world: World
+    model_id: str
+
+
+async def run_seed(
+    settings: Settings, task: Task, cfg: BenchConfig, seed: int, console: Console
+) -> dict[str, Any]:
+    """One seed: its base head and fresh samples, the FedEx arm, then FedAvg at every
+    precision until FedEx's accuracy; the targets and FedAvg's cost of each."""
     from pipeline.topics import ensure_topics, fedavg_topic_specs, topic_specs
 
-    world = world or World(WorldConfig(seed=cfg.world_seed))
-    bank = build_bank(world, out=settings.bank_dir, progress=True)
-    model_id = cfg.model_id or bank.model_ids[0]
-    base = train_base_head(bank, model_id, seed=cfg.seed)
-    devices = make_devices(bank, world, model_id, cfg.devices, cfg.samples, cfg.seed)
+    bank, model_id = task.bank, task.model_id
+    base = train_base_head(bank, model_id, seed=seed)
+    devices = make_devices(bank, task.world, model_id, cfg.devices, cfg.samples, seed)
+    distinct = distinct_check(bank, devices, validation_mask(settings, model_id, devices))
     evaluate = Evaluator(bank, devices)
     base_accuracy = evaluate(base.state_dict)
     console.print(
-        f"task: {model_id}, {len(devices)} devices x {cfg.samples} samples, "
-        f"{bank.num_classes} classes, {bank.backbone}/{bank.cut}; v0 accuracy {base_accuracy:.4f}",
+        f"seed {seed}: {model_id}, {len(devices)} devices x {cfg.samples} fresh samples, "
+        f"{bank.num_classes} classes; v0 accuracy {base_accuracy:.4f}; copies {distinct}",
         highlight=False,
     )
     prefix = f"{settings.topic_prefix}-fedavg-bench-{uuid.uuid4().hex[:8]}"
@@ -582,54 +742,119 @@ async def run_side_by_side(
         live = settings.model_copy(update={"topic_prefix": prefix, "home": Path(tmp)})
         # the bank stays in the real home; logs and checkpoints of this run in a temp one
         await ensure_topics(live.bootstrap, [*topic_specs(live), *fedavg_topic_specs(live)])
-        arm = Arm(live, bank, devices, base.state_dict, model_id, cfg, evaluate, console)
+        arm = Arm(live, bank, devices, base.state_dict, model_id, cfg, seed, evaluate, console)
         try:
             fedex = await run_fedex_arm(arm)
-            fedavg = await run_fedavg_arm(arm, fedex["accuracy"], workdir=Path(tmp))
+            targets = targets_for(base_accuracy, fedex["accuracy"], cfg.targets, cfg.gain_targets)
+            fedavg = {}
+            for dtype in cfg.fedavg_dtypes:
+                run = await run_fedavg_arm(
+                    arm, fedex["accuracy"], workdir=Path(tmp), dtype=FeatureDType(dtype)
+                )
+                fedavg[dtype] = with_costs(run, targets, fedex)
         finally:
-            kept = settings.log_dir / "fedavg-bench"
+            kept = settings.log_dir / "fedavg-bench" / f"seed-{seed}"
             kept.mkdir(parents=True, exist_ok=True)
             for log in live.log_dir.glob("*.log"):
                 shutil.copyfile(log, kept / log.name)
-    fedex_bytes = fedex["bytes_per_device"]["mean"]
-    ratio = fedavg["bytes_per_device"]["mean"] / fedex_bytes
-    fedavg["cost_to_reach"] = cost_to_reach(
-        fedavg["curve"], fedex["accuracy"], fedavg["final_download_bytes"], fedex_bytes
-    )
+    return {
+        "seed": seed,
+        "base_accuracy": base_accuracy,
+        "base_vendors": evaluate.vendors(base.state_dict),
+        "distinct": distinct,
+        "targets": targets,
+        "fedex": fedex,
+        "fedavg": fedavg,
+        "logs": str(kept),
+    }
+
+
+# --------------------------------------------------------------------------- both
+
+
+def trainer_settings(settings: Settings) -> dict[str, Any]:
+    """The trainer settings the FedEx arm ran with (:data:`TRAINER_SETTINGS`)."""
+    return {name: getattr(settings, name) for name in TRAINER_SETTINGS}
+
+
+def load_task(settings: Settings, cfg: BenchConfig) -> Task:
+    """The real bank of ``cfg.world`` (built once into ``$FEDEX_HOME/banks`` through the
+    pretrained backbone) and the model of the comparison."""
+    from dataclasses import replace
+
+    from lab.datafraction_bench import CONFIGS, load_bank
+
+    bank = load_bank(cfg.world, settings.bank_dir, seed=cfg.world_seed, home=settings.home)
+    world = World(replace(CONFIGS[cfg.world][0], seed=cfg.world_seed))
+    return Task(bank, world, cfg.model_id or bank.model_ids[0])
+
+
+async def run_side_by_side(
+    settings: Settings, cfg: BenchConfig, console: Console, *, task: Task | None = None
+) -> dict[str, Any]:
+    """Every seed's both arms on the broker at ``settings.bootstrap`` (each seed's topics
+    under a fresh prefix), and their summary."""
+    task = task or load_task(settings, cfg)
+    bank = task.bank
+    seeds = []
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        seeds.append(await run_seed(settings, task, cfg, seed, console))
+    summary = summarize(seeds, cfg.fedavg_dtypes)
+    head = headline(summary)
+    ratio = head["bytes_ratio"]
     return {
         "task": {
-            "model_id": model_id,
-            "devices": len(devices),
+            "model_id": task.model_id,
+            "devices": cfg.devices,
             "samples_per_device": cfg.samples,
             "num_classes": bank.num_classes,
             "backbone": bank.backbone.value,
             "cut": bank.cut.value,
             "bank": bank.path.name,
-            "world": asdict(world.config),
-            "head_parameters": int(sum(v.numel() for v in base.state_dict.values())),
-            "base_accuracy": base_accuracy,
-            "evaluation": "mean over devices of each device's held-out accuracy",
+            "weights_sha256": bank.spec.get("weights_sha256"),
+            "world": asdict(task.world.config),
+            "head_parameters": _head_parameters(bank),
+            "data": (
+                "fresh draws (device_sim.fresh.FreshFeatures, fitted on the bank's train rows): "
+                "every pushed sample a distinct observation; FedAvg's devices train on exactly "
+                "the samples they pushed to FedEx"
+            ),
+            "evaluation": (
+                "mean over devices of each device's accuracy on the bank's real held-out rows "
+                "of its vendor and identities (never fitted, pushed or trained on); per vendor "
+                "pooled over its rows"
+            ),
+            "distinct": [s["distinct"] for s in seeds],
         },
         "config": asdict(cfg),
-        "fedex": fedex,
-        "fedavg": fedavg,
+        "trainer_settings": trainer_settings(settings),
+        "seeds": seeds,
+        "summary": summary,
+        "headline": head,
         "bytes_ratio_fedavg_over_fedex": ratio,
         "target_ratio": 20.0,
-        "meets_target": bool(fedavg["reached"] and ratio >= 20.0),
-        "logs": str(kept),
+        "meets_target": bool(ratio is not None and head["reached"] == head["of"] and ratio >= 20),
     }
+
+
+def _head_parameters(bank: FeatureBank) -> int:
+    head = new_head(bank.backbone, bank.cut, bank.num_classes)
+    return int(sum(p.numel() for p in head.state_dict().values() if p.is_floating_point()))
 
 
 def run_bench(
     settings: Settings, cfg: BenchConfig, out: Path | None = None, *, keep: bool = False
 ) -> Path:
     """The command: a broker (:func:`lab.bench_broker.bench_kafka`: its topics deleted
-    after), both arms, the table and the JSON."""
+    after), both arms for every seed, the tables and the JSON."""
     from lab.bench_broker import bench_kafka
     from lab.benchio import write_result
     from lab.fedavg_report import print_report
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # the target table's ranges, unwrapped in a log
+    started = time.perf_counter()
 
     async def run() -> dict[str, Any]:
         async with bench_kafka(settings, keep=keep) as bootstrap:
@@ -637,6 +862,7 @@ def run_bench(
             return await run_side_by_side(live, cfg, console)
 
     result = asyncio.run(run())
+    result["seconds"] = round(time.perf_counter() - started, 1)
     print_report(result, console)
     path = write_result("fedavg", result, out)
     console.print(f"wrote {path}")

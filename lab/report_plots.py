@@ -124,22 +124,35 @@ def _save(fig: Any, path: Path) -> bool:
 
 
 def plot_fedavg(data: Mapping[str, Any] | None, path: Path) -> bool:
-    """FedAvg's accuracy against the bytes each device has moved, round by round; FedEx
-    as one point (one push, one download); v0 dotted."""
-    curve = dig(data, "fedavg", "curve") or []
-    fedex = dig(data, "fedex") or {}
-    if not curve or "accuracy" not in fedex:
+    """Every seed's FedAvg accuracy against the bytes each device has moved, round by
+    round, one colour per transfer precision; FedEx as one point per seed (one push, one
+    download); the median v0 dotted."""
+    seeds = dig(data, "seeds") or []
+    if not any(dig(s, "fedex", "accuracy") is not None for s in seeds):
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [p["bytes_per_device"] for p in curve]
-    ax.plot(xs, [p["accuracy"] for p in curve], ".-", label="FedAvg (per round)")
-    fedex_bytes = dig(fedex, "bytes_per_device", "mean")
-    if fedex_bytes:
-        ax.plot([fedex_bytes], [fedex["accuracy"]], "r*", markersize=14, label="FedEx")
-    base = dig(data, "task", "base_accuracy")
+    colours = {"float32": "tab:blue", "float16": "tab:green"}
+    labelled: set[str] = set()
+    for s in seeds:
+        for dtype, arm in (s.get("fedavg") or {}).items():
+            curve = arm.get("curve") or []
+            label = None if dtype in labelled else f"FedAvg {dtype} (per round, each seed)"
+            labelled.add(dtype)
+            ax.plot(
+                [p["bytes_per_device"] + arm.get("final_download_bytes", 0) for p in curve],
+                [p["accuracy"] for p in curve],
+                "-",
+                color=colours.get(dtype, "tab:grey"),
+                alpha=0.6,
+                lw=1,
+                label=label,
+            )
+    fx = [(dig(s, "fedex", "bytes_per_device", "mean"), dig(s, "fedex", "accuracy")) for s in seeds]
+    ax.plot([b for b, _ in fx], [a for _, a in fx], "r*", markersize=12, label="FedEx (each seed)")
+    base = dig(data, "summary", "base_accuracy", "median")
     if base is not None:
-        ax.axhline(base, color="grey", ls=":", label="base v0")
+        ax.axhline(base, color="grey", ls=":", label="base v0 (median)")
     ax.set_xscale("log")
     return _finish(
         fig,

@@ -1,8 +1,11 @@
-"""The FedAvg baseline on the real broker: a tiny world, a dozen devices, three rounds.
+"""The FedAvg baseline on the real broker: a tiny world, a dozen devices, three rounds in
+fp32, then two in fp16.
 
 Rounds advance and close at quorum, the global head changes every round, every device's
 byte count equals the sizes of the messages it really pushed and pulled, and the harness's
-accuracy measurement sees the broadcast heads (round 0 is exactly v0).
+accuracy measurement sees the broadcast heads (round 0 is exactly v0). The devices' samples
+are fresh draws: no two alike, none equal to a bank row the devices are tested on. In fp16
+the head travels in half the bytes, both ways.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,12 +21,13 @@ import pytest
 from device_sim.bank import FeatureBank, build_bank
 from device_sim.heads import train_base_head
 from device_sim.world import World, WorldConfig
-from lab.fedavg_bench import Evaluator, make_devices
+from lab.fedavg_bench import Evaluator, distinct_check, make_devices
 from lab.fedavg_devices import DeviceData, FedAvgFleet
+from lab.fedavg_report import copies
 from lab.fedavg_server import FedAvgConfig, FedAvgServer
 from pipeline import codec
 from pipeline.clients import make_consumer
-from pipeline.records import Backbone, Cut, RoundBroadcast
+from pipeline.records import Backbone, Cut, FeatureDType, RoundBroadcast
 from pipeline.settings import Settings
 from pipeline.topics import Topics, ensure_topics, fedavg_topic_specs
 
@@ -75,8 +80,9 @@ async def test_fedavg_rounds_over_kafka(
     world = World(WORLD)
     base = train_base_head(bank, MODEL, epochs=5)
     devices = make_devices(bank, world, MODEL, 12, 16, seed=0)
+    assert copies(distinct_check(bank, devices, np.zeros(12 * 16, dtype=np.bool_))) == 0
     evaluate = Evaluator(bank, devices)
-    data = {d.device_id: DeviceData(*bank.take(d.train_rows)) for d in devices}
+    data = {d.device_id: DeviceData(d.features, d.labels) for d in devices}
     fleet = FedAvgFleet(
         bootstrap=settings.bootstrap, topics=kafka_topics, model_id=MODEL, devices=data
     )
@@ -146,3 +152,45 @@ async def test_fedavg_rounds_over_kafka(
     assert sum(ledger.rounds for ledger in fleet.ledgers.values()) == 3 * 6
     # a freeze6 head of 4 classes in fp32: 4·512·4 + 4·4 bytes of tensors per message
     assert min(len(v) for v in pushed) > 4 * 512 * 4 + 16
+    assert evaluate.vendors(server.state)["spread"] >= 0.0
+
+    # The same rounds in fp16: broadcasts and updates carry half the tensor bytes.
+    half = FedAvgFleet(
+        bootstrap=settings.bootstrap,
+        topics=kafka_topics,
+        model_id=MODEL,
+        devices=data,
+        dtype=FeatureDType.FLOAT16,
+    )
+    half_server = FedAvgServer(
+        bootstrap=settings.bootstrap,
+        topics=kafka_topics,
+        model_id=MODEL,
+        backbone=bank.backbone,
+        cut=bank.cut,
+        num_classes=bank.num_classes,
+        init_state=base.state_dict,
+        devices=[d.device_id for d in devices],
+        config=replace(config, rounds=2, dtype=FeatureDType.FLOAT16),
+    )
+    sizes: list[int] = []
+
+    async def on_half(broadcast: RoundBroadcast, size: int) -> bool:
+        assert broadcast.dtype is FeatureDType.FLOAT16
+        sizes.append(size)
+        return False
+
+    async with half, half_server:
+        devices_task = asyncio.create_task(half.run(on_broadcast=on_half, idle_timeout=60))
+        half_reports = await asyncio.wait_for(half_server.run(), 120)
+        await asyncio.wait_for(devices_task, 60)
+    assert [r.accepted for r in half_reports] == [6, 6]
+    # a 4-class freeze6 head has 4·512 + 4 elements: 2 bytes each fewer in fp16
+    saved = 2 * (4 * 512 + 4)
+    # round by round (a broadcast's size also depends on how many it selects)
+    full = [size for _, size, _, _ in seen]
+    pairs = [*zip(full[:2], sizes[:2], strict=True), (full[-1], sizes[-1])]
+    assert all(abs((a - b) - saved) < 64 for a, b in pairs), (full, sizes)
+    per_update_32 = {x.bytes_up // x.rounds for x in fleet.ledgers.values() if x.rounds}
+    per_update_16 = {x.bytes_up // x.rounds for x in half.ledgers.values() if x.rounds}
+    assert all(abs((a - b) - saved) < 64 for a in per_update_32 for b in per_update_16)

@@ -308,37 +308,92 @@ FLEET = {
     },
 }
 
+
+def _ratio(median: float, low: float, high: float, n: int = 3) -> dict[str, float | int]:
+    return {"median": median, "min": low, "max": high, "n": n}
+
+
+_FEDAVG_ARM = {
+    "reached": 3,
+    "of": 3,
+    "rounds": _ratio(40, 30, 55),
+    "bytes_per_device": _ratio(2_500_000.0, 1_900_000.0, 3_400_000.0),
+    "bytes_ratio": _ratio(37.5, 28.0, 51.0),
+    "wall_ratio": _ratio(3.2, 2.5, 4.1),
+    "unreached_ratio_lower_bounds": [],
+}
 FEDAVG = {
     "benchmark": "fedavg",
-    "task": {"devices": 150, "samples_per_device": 32, "num_classes": 32, "base_accuracy": 0.4381},
-    "fedex": {
-        "accuracy": 0.91,
-        "rounds": 1,
-        "bytes_up_per_device": {"mean": 33_500.0},
-        "bytes_down_per_device": {"mean": 33_100.0},
-        "bytes_per_device": {"mean": 66_600.0},
-        "device_compute_seconds_per_device": 0.0,
-        "wall_seconds": 4.2,
+    "task": {
+        "devices": 150,
+        "samples_per_device": 32,
+        "num_classes": 48,
+        "backbone": "inception_resnet_v1",
+        "cut": "freeze6",
+        "data": "fresh draws",
+        "evaluation": "real held-out rows",
+        "distinct": [{"sample_copies": 0, "validation_in_trained": 0, "test_in_trained": 0}] * 3,
     },
-    "fedavg": {
-        "accuracy": 0.905,
-        "rounds": 40,
-        "reached": True,
-        "bytes_up_per_device": {"mean": 1_200_000.0},
-        "bytes_down_per_device": {"mean": 1_300_000.0},
-        "bytes_per_device": {"mean": 2_500_000.0},
-        "device_compute_seconds_per_device": {"mean": 0.25},
-        "wall_seconds": 61.0,
-        "curve": [
-            {"round": 1, "accuracy": 0.5, "bytes_per_device": 60_000.0},
-            {"round": 40, "accuracy": 0.905, "bytes_per_device": 2_500_000.0},
-        ],
-        "cost_to_reach": [
-            {"tolerance": 0.01, "accuracy_needed": 0.9, "round": 40, "ratio": 37.5},
-            {"tolerance": 0.0, "accuracy_needed": 0.91, "reached": False},
+    "trainer_settings": {"val_device_fraction": 0.1, "val_fraction": 0.1, "promote_margin": 0.005},
+    "seeds": [
+        {
+            "seed": 0,
+            "fedex": {"accuracy": 0.91, "bytes_per_device": {"mean": 66_600.0}},
+            "fedavg": {
+                "float32": {
+                    "final_download_bytes": 33_000,
+                    "curve": [
+                        {"round": 0, "accuracy": 0.5, "bytes_per_device": 0.0},
+                        {"round": 40, "accuracy": 0.905, "bytes_per_device": 2_500_000.0},
+                    ],
+                }
+            },
+        }
+    ],
+    "summary": {
+        "seeds": 3,
+        "base_accuracy": _ratio(0.4381, 0.41, 0.45),
+        "fedex": {
+            "accuracy": _ratio(0.91, 0.9, 0.93),
+            "vendor_spread": _ratio(0.08, 0.05, 0.1),
+            "worst_vendor_accuracy": _ratio(0.86, 0.85, 0.88),
+            "bytes_per_device": _ratio(66_600.0, 66_600.0, 66_600.0),
+            "wall_seconds": _ratio(4.2, 3.9, 5.0),
+        },
+        "fedavg": {
+            "float32": {
+                "final_accuracy": _ratio(0.912, 0.905, 0.93),
+                "vendor_spread": _ratio(0.09, 0.06, 0.12),
+                "worst_vendor_accuracy": _ratio(0.85, 0.84, 0.87),
+                "rounds": _ratio(40, 30, 55),
+            }
+        },
+        "targets": [
+            {
+                "name": "0.95",
+                "kind": "absolute",
+                "accuracy": _ratio(0.95, 0.95, 0.95),
+                "fedex_reached": 0,
+                "fedavg": {"float32": {**_FEDAVG_ARM, "reached": 0, "of": 0}},
+            },
+            {
+                "name": "FedEx's accuracy",
+                "kind": "fedex",
+                "accuracy": _ratio(0.91, 0.9, 0.93),
+                "fedex_reached": 3,
+                "fedavg": {"float32": _FEDAVG_ARM},
+            },
         ],
     },
-    "bytes_ratio_fedavg_over_fedex": 37.54,
+    "headline": {
+        "dtype": "float32",
+        "bytes_ratio": 37.5,
+        "bytes_ratio_min": 28.0,
+        "bytes_ratio_max": 51.0,
+        "reached": 3,
+        "of": 3,
+    },
+    "bytes_ratio_fedavg_over_fedex": 37.5,
     "target_ratio": 20.0,
     "meets_target": True,
 }
@@ -361,9 +416,21 @@ def test_fleet_and_fedavg_tables_and_plot(results: Path, tmp_path: Path) -> None
     assert "per version: p50 1.38 s, max 1.5 s (n=20: too few for a p99" in markdown
     assert "10,000 devices in one process at 851.8 MB peak RSS (87.2 KB/device)" in markdown
     assert "freshness | **missing** — fleet.json has no freshness field" in markdown
-    assert "| FedEx | 0.91 | 1 | 33,500 | 33,100 | 66,600 | 0 ms | 4.2 s |" in markdown
-    assert "| FedAvg | 0.905 | 40 | 1,200,000 | 1,300,000 | 2,500,000 | 250 ms | 61 s |" in markdown
-    assert "FedAvg / FedEx: **37.5** (target ≥ 20: met" in markdown
-    assert "| 0 | 0.91 | not reached |" in markdown
+    assert (
+        "| FedEx | 0.91 (0.9–0.93) | 0.08 (0.05–0.1) | 0.86 (0.85–0.88) | 1 | 66,600 | "
+        "4.2 (3.9–5) |" in markdown
+    )
+    assert "| FedAvg float32 | 0.912 (0.905–0.93) | 0.09 (0.06–0.12) |" in markdown
+    assert (
+        "| FedEx's accuracy | 0.91 (0.9–0.93) | 3/3 | float32 | 3/3 | 40 (30–55) | "
+        "2,500,000 (1,900,000–3,400,000) | 37.5 (28–51) | 3.2 (2.5–4.1) | — |" in markdown
+    )
+    assert "| 0.95 | 0.95 | 0/3 | float32 | 0/0 |" in markdown
+    assert "FedAvg float32 / FedEx: **37.5 (28–51)** (median, min–max over the 3 of 3" in markdown
+    assert "reached it; target ≥ 20: met)." in markdown
+    assert (
+        "copies of a trained vector among the samples" in markdown
+        and ": 0 over 3 seeds" in markdown
+    )
     fedavg_png = tmp_path / "docs" / "img" / "fedavg.png"
     assert fedavg_png in images and fedavg_png.read_bytes()[:8] == PNG
