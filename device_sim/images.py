@@ -23,7 +23,7 @@ Two pieces, cheap enough to render a hundred 3×160×160 images a second on one 
   ``variation`` 0 is the easy world of aligned studio portraits (the renderer before
   ``variation`` existed, pixel for pixel: the hard draws come from a stream of their own).
   At 1 (the default), nearest-centroid on raw 16×16 pixels of the devices' images scores
-  ~24% on 16 identities (100% at 0), while a pretrained face backbone still tells the
+  0.23–0.27 on 16 identities (1.0 at 0), while a pretrained face backbone still tells the
   identities apart (tests/unit/device_sim/test_separability.py). Each image depends on its
   key alone, never on what else is in the batch.
 - :class:`CameraProfile` is one vendor / sensor tier's image pipeline (system-induced
