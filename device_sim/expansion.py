@@ -8,8 +8,8 @@ as an in-memory :class:`~device_sim.bank.FeatureBank`, which every bench already
 
 - identities ``0..N-1`` split into pre-training and device identities by
   :class:`~device_sim.world.World`'s seeded permutation (three quarters pre-trained, every
-  identity photographed by devices), each with a fresh offset ``a_k`` and per-camera
-  interaction ``c_kv``;
+  identity photographed by devices), each with a fresh offset ``a_k``, per-camera
+  interaction ``c_kv`` and the within-cell variation of a fitted identity it borrows;
 - ``device_rows`` device train features spread over the (identity, vendor) cells as evenly
   as integers allow (the paper's 437,855 exactly), plus ``device_holdout`` held-out
   features per cell (dozens per identity over the vendors);
@@ -134,15 +134,20 @@ class _Plan:
 
 
 def _sample(
-    model: FeatureModel, centres: npt.NDArray[np.float32], plan: _Plan, rng: np.random.Generator
+    model: FeatureModel,
+    centres: npt.NDArray[np.float32],
+    within: npt.NDArray[np.int64],
+    plan: _Plan,
+    rng: np.random.Generator,
 ) -> npt.NDArray[np.float16]:
-    """One fresh draw per planned row, float16 like a push, in chunks."""
+    """One fresh draw per planned row (identity ``k`` varies like fitted identity
+    ``within[k]``), float16 like a push, in chunks."""
     n = int(plan.labels.size)
     out = np.empty((n, model.dim), dtype=np.float16)
     for start in range(0, n, _CHUNK):
         stop = min(n, start + _CHUNK)
         ident, dom = plan.labels[start:stop], plan.domains[start:stop]
-        drawn = model.sample(centres[ident, dom], dom, rng)
+        drawn = model.sample(centres[ident, dom], dom, rng, within[ident])
         out[start:stop] = np.clip(drawn, -65504.0, 65504.0)
     return out
 
@@ -165,6 +170,7 @@ def expand(
     device = world.device_identities(config.model_id)
     rng = rng_for(config.seed, _CENTRES)
     centres = model.cell_centres(model.new_identities(config.identities, rng), rng)
+    within = model.borrow_within(config.identities, rng)
 
     vendor_domains = np.arange(1, vendors + 1, dtype=np.int64)
     dev_ids = np.repeat(device, vendors)
@@ -183,7 +189,7 @@ def expand(
     features, labels, domains, holdout = [], [], [], []
     for is_holdout, (plans, side_rng) in enumerate(sides):
         for plan in plans:
-            features.append(_sample(model, centres, plan, side_rng))
+            features.append(_sample(model, centres, within, plan, side_rng))
             labels.append(plan.labels)
             domains.append(plan.domains)
             holdout.append(np.full(plan.labels.size, bool(is_holdout)))
@@ -226,7 +232,8 @@ def twin(bank: FeatureBank, model: FeatureModel, model_id: str, seed: int = 0) -
     centres = model.fitted_centres(rng)
     features = bank.features.copy()
     plan = _Plan(position, bank.domains[rows].astype(np.int64))
-    features[rows] = _sample(model, centres, plan, rng)
+    own = np.arange(model.identities.size, dtype=np.int64)
+    features[rows] = _sample(model, centres, own, plan, rng)
     spec = {**bank.spec, "twin_of": bank.key, "twin_seed": seed, "twin_model": model_id}
     meta = {**bank.meta, "spec": spec, "key": _key(spec)}
     copy = _with_meta(bank, features, meta)

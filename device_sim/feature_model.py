@@ -13,7 +13,10 @@ how features vary, and paper-scale worlds are *sampled* from it. A feature at on
 - ``c_kv`` how this camera moves this face (cameras do not move every face alike), fixed
   per (identity, domain),
 - ``w`` the within-cell variation of one image (pose, light, expression, occlusion), and
-  ``s_v`` the camera's scale of it (a noisy sensor spreads features more).
+  ``s_v`` the camera's scale of it (a noisy sensor spreads features more). How an image
+  varies depends on the face (a turned head moves one face's features unlike another's), so
+  ``w`` has a covariance per fitted identity, shrunk toward the pooled one; a new identity
+  borrows a fitted identity's (:meth:`FeatureModel.borrow_within`).
 
 Each of ``a``, ``c`` and ``w`` is Gaussian with a covariance fitted by the method of
 moments (the spread of cell means minus what within-cell noise contributes), kept as a
@@ -97,9 +100,11 @@ class FeatureModel:
     domain_scale: F32  # s_v [domains]
     between: Gaussian  # a_k of a new identity
     interaction: Gaussian  # c_kv
-    within: Gaussian  # w
+    within: Gaussian  # w, pooled over identities
     cell_means: F32  # empirical μ + a_k + b_v + c_kv of the fitted cells [k, domains, d]
     cell_counts: I64  # features each fitted cell was estimated from [k, domains]
+    within_factors: F32  # each fitted identity's w: factors [k, d, r] ...
+    within_sigmas: F32  # ... and isotropic rests [k]
 
     @property
     def dim(self) -> int:
@@ -144,11 +149,42 @@ class FeatureModel:
         present = self.cell_counts > 0
         return np.asarray(np.where(present[..., None], self.cell_means, drawn), dtype=np.float32)
 
-    def sample(self, centres: F32, domains: I64, rng: np.random.Generator) -> F32:
+    def borrow_within(self, n: int, rng: np.random.Generator) -> I64:
+        """For ``n`` new identities, the fitted identity whose within-cell variation each
+        takes (uniform)."""
+        return rng.integers(0, self.within_factors.shape[0], n).astype(np.int64)
+
+    def sample(
+        self,
+        centres: F32,
+        domains: I64,
+        rng: np.random.Generator,
+        within: I64 | None = None,
+    ) -> F32:
         """One image each: ``centres`` [n, d] (rows of :meth:`cell_centres`) plus within-cell
-        variation at each row's camera scale."""
-        w = self.within.sample(centres.shape[0], rng)
+        variation at each row's camera scale, of fitted identity ``within[i]`` (the pooled
+        variation where ``within`` is None)."""
+        n = centres.shape[0]
+        if within is None:
+            w = self.within.sample(n, rng)
+        else:
+            w = np.empty((n, self.dim), dtype=np.float32)
+            r = self.within_factors.shape[2]
+            for start in range(0, n, _BLOCK):
+                stop = min(n, start + _BLOCK)
+                k = within[start:stop]
+                z = rng.standard_normal((stop - start, r), dtype=np.float32)
+                eps = rng.standard_normal((stop - start, self.dim), dtype=np.float32)
+                w[start:stop] = np.einsum("ndr,nr->nd", self.within_factors[k], z)
+                w[start:stop] += self.within_sigmas[k][:, None] * eps
         return np.asarray(centres + self.domain_scale[domains][:, None] * w, dtype=np.float32)
+
+
+#: Rows per block when each row has its own within-cell factor (bounds the gathered
+#: factors to ~100 MB at 512 × 48).
+_BLOCK = 1024
+#: Prior weight (in features) of the pooled within-cell covariance in each identity's.
+WITHIN_SHRINKAGE = 16.0
 
 
 # --------------------------------------------------------------------------- fitting
@@ -189,6 +225,10 @@ def fit(
     )
     resid = x - cell_mean[y_index, dom]
     within_cov, scale = _within(resid, dom, counts, num_domains)
+    per_identity = [
+        Gaussian.from_covariance(cov, rank)
+        for cov in _identity_within(resid / scale[dom][:, None], y_index, counts, within_cov)
+    ]
     mu, a, b = _anchored(cell_mean, present)
     inter_cov = _interaction(cell_mean, counts, mu, a, b, scale, within_cov)
     between_cov = _between(a, counts, scale, within_cov, inter_cov)
@@ -203,6 +243,8 @@ def fit(
         within=Gaussian.from_covariance(within_cov, rank),
         cell_means=cell_mean.astype(np.float32),
         cell_counts=counts.astype(np.int64),
+        within_factors=np.stack([g.factor for g in per_identity]),
+        within_sigmas=np.asarray([g.sigma for g in per_identity], dtype=np.float32),
     )
 
 
@@ -223,6 +265,23 @@ def _within(
             scale[v] = np.sqrt(float((resid[rows] ** 2).sum()) / dof_v / trace)
     clean = scale[0] if scale[0] > 0 else 1.0
     return cov * clean**2, scale / clean
+
+
+def _identity_within(
+    resid: npt.NDArray[np.float64],
+    y_index: I64,
+    counts: npt.NDArray[np.int64],
+    pooled: npt.NDArray[np.float64],
+) -> list[npt.NDArray[np.float64]]:
+    """Each identity's within-cell covariance (residuals already divided by their camera's
+    scale), shrunk toward the pooled one with :data:`WITHIN_SHRINKAGE` features' weight."""
+    out = []
+    for k in range(counts.shape[0]):
+        r = resid[y_index == k]
+        dof = float(max(0, int(counts[k].sum()) - int((counts[k] > 0).sum())))
+        own = r.T @ r if dof > 0 else np.zeros_like(pooled)
+        out.append((own + WITHIN_SHRINKAGE * pooled) / (dof + WITHIN_SHRINKAGE))
+    return out
 
 
 def _anchored(

@@ -10,11 +10,13 @@ and gives each sample its cell's fitted centre plus its own within-cell variatio
 A sample is a 64-bit *row*: its cell (model, camera, identity) and a draw number. Its
 feature is a pure function of the row, so a re-sent push carries the same bytes, and a
 fleet of any size keeps 8 bytes per cached sample instead of a 1 KB vector. The variation
-of draw ``t`` is ``(A[i] + B[j] + C[k]) / √3``: three of ``3 × pool`` pre-drawn within-cell
-draws, picked by the digits of a bijective scramble of ``t``. That sum has exactly the
-fitted within-cell distribution; distinct draw numbers give distinct triples, so no two
-samples are alike for the first 2^36 draws (pool 4,096). Two samples share a pool draw with
-probability ≈ 3 / pool, and are then correlated (1/3): that is what this costs.
+of draw ``t`` of identity ``k`` is ``L_k z + s_k e`` (the identity's fitted within-cell
+factor and rest) with standard normals ``z = (Z1[i] + Z2[j] + Z3[l]) / √3`` and ``e`` alike:
+three of ``3 × pool`` pre-drawn normals, picked by the digits of a bijective scramble of
+``t``. That has exactly the fitted within-cell distribution; distinct draw numbers give
+distinct triples, so no two samples are alike for the first 2^36 draws (pool 4,096). Two
+samples share one of the three parts with probability ≈ 3 / pool, and are then correlated
+(1/3): that is what this costs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ I64 = npt.NDArray[np.int64]
 DRAW_BITS = 36
 _DRAW_MASK = (1 << DRAW_BITS) - 1
 _POOLS = stable_key("fresh/pools")
+#: Rows a features call gathers per-identity factors for at once (~100 MB at 512 × 48).
+_BLOCK = 1024
 _CENTRES = stable_key("fresh/centres")
 
 
@@ -72,16 +76,18 @@ class FreshFeatures:
         if cells >= 1 << (63 - DRAW_BITS):
             raise ConfigError(f"{cells} cells do not fit a fresh row's {63 - DRAW_BITS} bits")
         self.models = [self._fit(bank, m, rank) for m in bank.model_ids]
-        pool = 1 << pool_bits
-        centres, pools, scales = [], [], []
-        for index, model in enumerate(self.models):
-            centres.append(model.fitted_centres(rng_for(seed, _CENTRES, index)))
-            drawn = model.within.sample(3 * pool, rng_for(seed, _POOLS, index))
-            pools.append(drawn.reshape(3, pool, model.dim) / np.float32(math.sqrt(3.0)))
-            scales.append(model.domain_scale)
-        self.centres = np.stack(centres)  # [models, classes, domains, d]
-        self.pools = np.stack(pools)  # [models, 3, pool, d]
-        self.scales = np.stack(scales)  # [models, domains]
+        pool, third = 1 << pool_bits, np.float32(1.0 / math.sqrt(3.0))
+        rng = rng_for(seed, _POOLS)
+        r, d = self.models[0].within_factors.shape[2], self.models[0].dim
+        #: Standard normal draws of the factor loadings and the isotropic rest, 3 parts.
+        self.z_pools = rng.standard_normal((3, pool, r), dtype=np.float32) * third
+        self.eps_pools = rng.standard_normal((3, pool, d), dtype=np.float32) * third
+        self.centres = np.stack(
+            [m.fitted_centres(rng_for(seed, _CENTRES, i)) for i, m in enumerate(self.models)]
+        )  # [models, classes, domains, d]
+        self.factors = np.stack([m.within_factors for m in self.models])  # [models, k, d, r]
+        self.sigmas = np.stack([m.within_sigmas for m in self.models])  # [models, k]
+        self.scales = np.stack([m.domain_scale for m in self.models])  # [models, domains]
         self._next = 0
         self.drawn = 0
 
@@ -120,6 +126,14 @@ class FreshFeatures:
         domain = (cell // self.num_classes) % self.num_domains
         model = cell // (self.num_classes * self.num_domains)
         i, j, k = pool_digits(code, self.pool_bits)
-        w = self.pools[model, 0, i] + self.pools[model, 1, j] + self.pools[model, 2, k]
-        x = self.centres[model, identity, domain] + self.scales[model, domain][..., None] * w
-        return np.clip(x, -65504.0, 65504.0).astype(np.float16)
+        out = np.empty((rows.size, self.centres.shape[-1]), dtype=np.float16)
+        for start in range(0, rows.size, _BLOCK):
+            s = slice(start, start + _BLOCK)
+            m, ident, dom = model[s], identity[s], domain[s]
+            z = self.z_pools[0, i[s]] + self.z_pools[1, j[s]] + self.z_pools[2, k[s]]
+            eps = self.eps_pools[0, i[s]] + self.eps_pools[1, j[s]] + self.eps_pools[2, k[s]]
+            w = np.einsum("ndr,nr->nd", self.factors[m, ident], z)
+            w += self.sigmas[m, ident][:, None] * eps
+            x = self.centres[m, ident, dom] + self.scales[m, dom][:, None] * w
+            out[s] = np.clip(x, -65504.0, 65504.0)
+        return out

@@ -30,6 +30,8 @@ def known_model(rng: np.random.Generator) -> FeatureModel:
         within=gaussian(0.6, 8),
         cell_means=empty,
         cell_counts=np.zeros((0, DOMAINS), dtype=np.int64),
+        within_factors=np.zeros((0, D, 8), dtype=np.float32),
+        within_sigmas=np.zeros(0, dtype=np.float32),
     )
 
 
@@ -101,3 +103,27 @@ def test_a_fit_without_the_clean_domain_or_enough_identities_says_what_is_missin
         fit(x, [0, 1, 0, 1, 0, 1], [0, 1, 0, 1, 0, 1])
     with pytest.raises(FeatureModelError, match=r"features \[n, d\]"):
         fit(x, [0, 1], [0, 1])
+
+
+def test_each_identity_keeps_its_own_within_cell_variation() -> None:
+    rng = np.random.default_rng(3)
+    truth = known_model(rng)
+    features, labels, domains = generate(truth, rng)
+    centre = features.copy()
+    for k in range(K):
+        for v in range(DOMAINS):
+            rows = (labels == k) & (domains == v)
+            centre[rows] = features[rows].mean(axis=0)
+    wide = labels < K // 2  # these identities vary twice as much (four times the variance)
+    features = np.where(wide[:, None], centre + 2.0 * (features - centre), features)
+    fitted = fit(features, labels, domains, rank=12)
+    variance = (fitted.within_factors.astype(np.float64) ** 2).sum(axis=(1, 2))
+    variance += D * fitted.within_sigmas.astype(np.float64) ** 2
+    assert fitted.within_factors.shape == (K, D, 12)
+    assert variance[: K // 2].mean() > 2.5 * variance[K // 2 :].mean()
+    borrowed = fitted.borrow_within(1000, rng)
+    assert borrowed.min() >= 0 and borrowed.max() < K
+    draws = fitted.sample(
+        np.zeros((2000, D), np.float32), np.ones(2000, np.int64), rng, borrowed[:1].repeat(2000)
+    )
+    assert draws.shape == (2000, D)
