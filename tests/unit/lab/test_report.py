@@ -203,7 +203,7 @@ def test_missing_and_failed_benches_are_reported_with_the_reason(
         "**Missing** — no codec.json: run `fedex bench codec`.",
         "**Missing** — no fedavg.json: run `fedex bench fedavg`.",
         # A failed rerun does not hide the older result, and does not pass it off as fresh.
-        "The last run of `fedex bench datafraction --scale 0.1 --seeds 3` failed "
+        "The last run of `fedex bench datafraction --scale 0.1 --seeds 2` failed "
         "(exit code 1: boom)",
         "| 100% | 512 | 0.876 ± 0.01 |",
         "fleet density | **missing** — fleet.json has no fleet density field",
