@@ -295,9 +295,10 @@ def bench_fedavg(
     local_epochs: int = typer.Option(5, help="FedAvg: local epochs E (0 = FedSGD gradients)"),
     batch_size: int = typer.Option(10, help="FedAvg: local minibatch size B"),
     lr: float = typer.Option(0.1, help="FedAvg: local SGD learning rate"),
-    max_rounds: int = typer.Option(300, help="FedAvg: give up after this many rounds"),
+    max_rounds: int = typer.Option(800, help="FedAvg: give up after this many rounds"),
     fedex_epochs: int = typer.Option(30, help="FedEx: trainer epochs for the one job"),
-    seed: int = typer.Option(0, help="seed of devices, data draws and selection"),
+    seed: int = typer.Option(0, help="first seed of devices, data draws and selection"),
+    seeds: int = typer.Option(5, help="seeds; median and min-max over them"),
     keep: bool = typer.Option(False, "--keep", help=KEEP_HELP),
     out: Path | None = typer.Option(None, help=OUT_HELP),
 ) -> None:
@@ -315,6 +316,7 @@ def bench_fedavg(
         max_rounds=max_rounds,
         fedex_epochs=fedex_epochs,
         seed=seed,
+        seeds=seeds,
     )
     run_bench(Settings(), config, out, keep=keep)
 

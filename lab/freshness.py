@@ -48,7 +48,16 @@ BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
         "lab/expansion_bench.py",
     ),
     "fleet": ("device_sim", "lab/fleet_bench.py", "lab/subscription_bench.py"),
-    "fedavg": ("lab/fedavg_bench.py", "lab/fedavg_devices.py", "lab/fedavg_server.py", "trainer"),
+    "fedavg": (
+        "lab/fedavg_bench.py",
+        "lab/fedavg_devices.py",
+        "lab/fedavg_server.py",
+        "lab/fedavg_report.py",
+        "lab/datafraction_bench.py",
+        "device_sim/fresh.py",
+        "device_sim/feature_model.py",
+        "trainer",
+    ),
     "chaos": ("agents", "trainer", "pipeline/samples.py", "lab/chaos.py", "lab/chaos_bench.py"),
 }
 
