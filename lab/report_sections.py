@@ -52,10 +52,11 @@ def section_runs(report: Report) -> str:
         status = "ok" if r.ok else "missing"
         if run.get("status") == "failed":
             status = "last run failed" + ("; older result shown" if r.ok else "")
-        took = f" ({num(float(run['seconds']), 3)} s)" if run.get("seconds") else ""
-        if r.stale and r.ok:
+        if run.get("seconds"):
+            status += f" ({num(float(run['seconds']), 3)} s)"
+        if r.stale and r.ok:  # last in the cell: the stale mark runs to the cell's end
             status += f"; **stale**: {r.stale}"
-        rows.append([r.name, status + took, when, commit_of(r), machine, load, f"`{r.command}`"])
+        rows.append([r.name, status, when, commit_of(r), machine, load, f"`{r.command}`"])
     return "## Runs\n\n" + table(
         [
             "benchmark",
