@@ -88,11 +88,24 @@ def rotate_log(path: Path, max_bytes: int = LOG_ROTATE_BYTES) -> bool:
     return True
 
 
+# Ports free_port has handed out in this process. The OS may give a released port back on
+# the next bind to 0, so a caller that picks a broker, a controller and a server port before
+# binding any of them could get one port twice (a broker and its controller on one port
+# fails at start).
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free right now (bind to 0, read it back, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port the OS considers free right now (bind to 0, read it back, release it), never
+    one this process was handed before."""
+    for _ in range(256):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no free port on {host} that this process has not already handed out")
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -358,6 +371,8 @@ class LocalKafka(Service):
         java = find_java(self._java)
         libs = await ensure_jars(self.libs_dir, pom=self._pom, mvn=self._mvn)
         controller_port = self._controller_port or free_port(self.host)
+        while controller_port == self.port:  # a fixed broker port the OS may also hand out
+            controller_port = free_port(self.host)
         # A restart (after stop or kill) keeps the quorum's address.
         self._controller_port = controller_port
         for what, port in (("broker", self.port), ("controller", controller_port)):

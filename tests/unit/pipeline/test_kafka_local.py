@@ -161,6 +161,12 @@ def test_port_is_free_sees_a_listener() -> None:
     assert kafka_local.port_is_free("127.0.0.1", kafka_local.free_port())
 
 
+def test_free_port_never_hands_out_one_port_twice() -> None:
+    # Picked before any is bound (a broker, its controller, a server): all distinct.
+    ports = [kafka_local.free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+
+
 # --------------------------------------------------------------------------- pidfile and processes
 
 
