@@ -8,13 +8,36 @@ import enum
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from pipeline.errors import FedexError
+
+
+def same_values(a: object, b: object) -> bool:
+    """Value equality of two records of one dataclass type, field by field, with arrays and
+    tensor maps compared by value (a dataclass's ``==`` cannot compare arrays)."""
+    if not is_dataclass(a) or isinstance(a, type):
+        raise TypeError(f"same_values compares dataclass records, not {type(a).__name__}")
+    return type(a) is type(b) and all(
+        _same(getattr(a, f.name), getattr(b, f.name)) for f in fields(a)
+    )
+
+
+def _same(x: object, y: object) -> bool:
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        return (
+            isinstance(x, np.ndarray)
+            and isinstance(y, np.ndarray)
+            and x.shape == y.shape
+            and bool(np.array_equal(x, y, equal_nan=x.dtype.kind == "f"))
+        )
+    if isinstance(x, Mapping) and isinstance(y, Mapping):
+        return list(x) == list(y) and all(_same(x[k], y[k]) for k in x)
+    return bool(x == y)
 
 
 class Cut(enum.StrEnum):
@@ -119,18 +142,7 @@ class FeaturePush:
 
     def same_as(self, other: FeaturePush) -> bool:
         """Value equality, arrays included (dataclass ``==`` cannot compare arrays)."""
-        return (
-            self.model_id == other.model_id
-            and self.device_id == other.device_id
-            and self.backbone == other.backbone
-            and self.cut == other.cut
-            and self.dtype == other.dtype
-            and np.array_equal(self.sample_ids, other.sample_ids)
-            and np.array_equal(self.labels, other.labels)
-            and np.array_equal(self.timestamps_ms, other.timestamps_ms)
-            and self.features.shape == other.features.shape
-            and np.array_equal(self.features, other.features, equal_nan=True)
-        )
+        return same_values(self, other)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,12 +315,6 @@ class UpdateKind(enum.StrEnum):
     GRADIENT = "gradient"
 
 
-def _same_tensors(a: TensorMap, b: TensorMap) -> bool:
-    return list(a) == list(b) and all(
-        a[k].shape == b[k].shape and np.array_equal(a[k], b[k], equal_nan=True) for k in a
-    )
-
-
 @dataclass(frozen=True, slots=True, eq=False)
 class RoundBroadcast:
     """The server's global head for round ``round`` of FedAvg run ``run_id``, and the
@@ -332,22 +338,7 @@ class RoundBroadcast:
 
     def same_as(self, other: RoundBroadcast) -> bool:
         """Value equality, tensors included."""
-        return (
-            self.model_id == other.model_id
-            and self.run_id == other.run_id
-            and self.round == other.round
-            and self.backbone == other.backbone
-            and self.cut == other.cut
-            and self.num_classes == other.num_classes
-            and self.selected == other.selected
-            and self.local_epochs == other.local_epochs
-            and self.batch_size == other.batch_size
-            and self.lr == other.lr
-            and self.deadline_ms == other.deadline_ms
-            and self.dtype == other.dtype
-            and self.created_at_ms == other.created_at_ms
-            and _same_tensors(self.tensors, other.tensors)
-        )
+        return same_values(self, other)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -368,18 +359,7 @@ class RoundUpdate:
 
     def same_as(self, other: RoundUpdate) -> bool:
         """Value equality, tensors included."""
-        return (
-            self.model_id == other.model_id
-            and self.run_id == other.run_id
-            and self.round == other.round
-            and self.device_id == other.device_id
-            and self.sample_count == other.sample_count
-            and self.kind == other.kind
-            and self.dtype == other.dtype
-            and self.loss == other.loss
-            and self.created_at_ms == other.created_at_ms
-            and _same_tensors(self.tensors, other.tensors)
-        )
+        return same_values(self, other)
 
 
 # ------------------------------------------------------------ agents: batch summary
@@ -419,13 +399,4 @@ class BatchSummary:
 
     def same_as(self, other: BatchSummary) -> bool:
         """Value equality, arrays included."""
-        return (
-            self.partition == other.partition
-            and self.models == other.models
-            and self.devices == other.devices
-            and np.array_equal(self.model_index, other.model_index)
-            and np.array_equal(self.offsets, other.offsets)
-            and np.array_equal(self.samples, other.samples)
-            and np.array_equal(self.times_ms, other.times_ms)
-            and np.array_equal(self.device_index, other.device_index)
-        )
+        return same_values(self, other)
