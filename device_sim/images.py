@@ -1,6 +1,6 @@
-"""Synthetic faces and the camera pipelines that distort them: pure, deterministic torch.
+"""Synthetic faces: pure, deterministic torch.
 
-Two pieces, cheap enough to render a hundred 3×160×160 images a second on one CPU core:
+Cheap enough to render a hundred 3×160×160 images a second on one CPU core:
 
 - :func:`render_faces` draws face-like images of one identity. An identity is a prototype
   (skin, hair, eye, mouth, glasses, beard, face shape and texture gratings, drawn from
@@ -26,11 +26,8 @@ Two pieces, cheap enough to render a hundred 3×160×160 images a second on one 
   0.23–0.27 on 16 identities (1.0 at 0), while a pretrained face backbone still tells the
   identities apart (tests/unit/device_sim/test_separability.py). Each image depends on its
   key alone, never on what else is in the batch.
-- :class:`CameraProfile` is one vendor / sensor tier's image pipeline (system-induced
-  heterogeneity, as in HeteroSwitch): optics blur and vignetting, sensor noise, white
-  balance and colour matrix, tone curve, and JPEG-like block-DCT quantisation.
-  :func:`camera_profiles` draws them from the seed, mildest first; :func:`apply_camera`
-  runs one over a batch.
+- the camera pipelines that distort them per vendor live in :mod:`device_sim.cameras`
+  (:class:`~device_sim.cameras.CameraProfile`, :func:`~device_sim.cameras.apply_camera`).
 
 What this is not: these are cartoons, not photographs. Identity lives in a handful of
 shape and colour parameters, so a strong enough learner on enough images separates
@@ -58,8 +55,6 @@ from pipeline.records import IMAGE_SIZE
 
 #: Domain 0: the clean studio camera of the pre-training data (no distortion).
 CLEAN_DOMAIN = 0
-
-_TIERS = ("flagship", "midrange", "budget", "legacy")
 
 
 def stable_key(text: str) -> int:
@@ -148,7 +143,7 @@ def _stack(params: Sequence[dict[str, np.ndarray]], name: str) -> Tensor:
     return torch.from_numpy(np.stack([p[name] for p in params]).astype(np.float32))
 
 
-def _grid(size: int) -> tuple[Tensor, Tensor]:
+def pixel_grid(size: int) -> tuple[Tensor, Tensor]:
     axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
     y, x = torch.meshgrid(axis, axis, indexing="ij")
     return x, y
@@ -184,7 +179,7 @@ def _px(t: Tensor) -> Tensor:
     return t[:, None, None]
 
 
-def _noise(seeds: Sequence[int], size: int) -> Tensor:
+def pixel_noise(seeds: Sequence[int], size: int) -> Tensor:
     """Unit Gaussian noise [n, 3, size, size], image k's from ``seeds[k]`` alone."""
     if not seeds:
         return torch.zeros(0, 3, size, size)
@@ -222,7 +217,7 @@ def _pose(easy: Tensor, hard: Tensor, variation: float, size: int) -> _Pose:
     ty = _px(easy[:, 1] + 0.12 * v * hard[:, 1])
     scale = _px(easy[:, 2] * torch.exp(0.15 * v * hard[:, 2]))
     rot = _px(easy[:, 3] + 0.3 * v * hard[:, 3])
-    u, w = _grid(size)
+    u, w = pixel_grid(size)
     x = (torch.cos(rot) * (u - tx) + torch.sin(rot) * (w - ty)) / scale
     y = (-torch.sin(rot) * (u - tx) + torch.cos(rot) * (w - ty)) / scale
     return _Pose(x, y, torch.sin(0.6 * v * hard[:, 4]), torch.sin(0.35 * v * hard[:, 5]))
@@ -259,7 +254,7 @@ def render_faces(
     image = _paint_face(image, idp, easy, hard, pose, v, age)
     image = _occlude(image, hard, pose, mix)
     image = _light(image, easy, hard, v, size)
-    noise = _noise([int(p["noise_seed"][0]) for p in easy], size)
+    noise = pixel_noise([int(p["noise_seed"][0]) for p in easy], size)
     return (image + 0.015 * noise).clamp(0, 1)
 
 
@@ -279,7 +274,7 @@ def _scene(
     coarse = (idp["bg"].expand(n, 3, 3, 3) + _stack(easy, "bg")).clamp(0, 1)
     image = _field(_lerp(coarse, _stack(hard, "bg"), mix), size)
     if mix > 0:
-        u, w = _grid(size)
+        u, w = pixel_grid(size)
         for blob in _stack(hard, "clutter").unbind(1):
             cx, cy, rx, ry = blob[:, :4].unbind(1)
             image = _paint(image, mix * _ellipse(u, w, cx, cy, rx, ry, soft=0.1), blob[:, 4:])
@@ -454,7 +449,7 @@ def _light(
     log_gain, extra, hard_angle = _stack(hard, "light").unbind(1)
     gain = gain * torch.exp(v * torch.where(log_gain < 0, 0.45, 0.25) * log_gain)
     # The extra gradient has its own direction, so the two add up to any direction.
-    u, w = _grid(size)
+    u, w = pixel_grid(size)
     light = _px(gain) * (
         1
         + _px(slope) * (_px(torch.cos(angle)) * u + _px(torch.sin(angle)) * w)
@@ -462,153 +457,6 @@ def _light(
     )
     cast = torch.exp(0.08 * v * _stack(hard, "light_rgb"))
     return image * light[:, None] * cast[:, :, None, None]
-
-
-# --------------------------------------------------------------------------- cameras
-
-
-@dataclass(frozen=True, slots=True)
-class CameraProfile:
-    """One vendor / sensor tier's image pipeline. ``severity`` 0 is the clean camera."""
-
-    domain: int
-    name: str
-    severity: float
-    colour_matrix: tuple[tuple[float, ...], ...]  # white balance x crosstalk
-    gamma: float
-    contrast: float
-    brightness: float
-    blur_sigma: float
-    sharpen: float
-    vignette: float
-    noise_std: float
-    jpeg_step: float
-
-    @property
-    def is_clean(self) -> bool:
-        return self.severity == 0.0
-
-
-def clean_profile() -> CameraProfile:
-    identity = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
-    return CameraProfile(CLEAN_DOMAIN, "studio", 0.0, identity, 1.0, 1.0, 0.0, 0, 0, 0, 0, 0)
-
-
-def camera_profiles(seed: int, vendors: int, *, strength: float = 1.0) -> list[CameraProfile]:
-    """The clean camera (domain 0) and ``vendors`` vendor pipelines (domains 1..vendors).
-
-    Severity rises with the domain (tiers flagship → legacy, cycling); the direction of
-    each distortion (colour cast, tone, blur or over-sharpening) is drawn from ``seed``, so
-    vendors differ from each other as well as from the clean camera. ``strength`` scales
-    every distortion (0 = every vendor is the clean camera).
-    """
-    profiles = [clean_profile()]
-    for v in range(1, vendors + 1):
-        rng = rng_for(seed, stable_key("camera"), v)
-        s = strength * (0.6 + 0.4 * (v - 1) / max(1, vendors - 1))
-        gains = np.exp(rng.normal(0.0, 0.22 * s, size=3))
-        cross = np.eye(3) + rng.normal(0.0, 0.08 * s, size=(3, 3))
-        cross /= cross.sum(axis=1, keepdims=True)
-        matrix = gains[:, None] * cross
-        blur_or_sharpen = rng.uniform() < 0.65
-        profiles.append(
-            CameraProfile(
-                domain=v,
-                name=f"vendor{v}-{_TIERS[(v - 1) % len(_TIERS)]}",
-                severity=float(s),
-                colour_matrix=tuple(tuple(float(c) for c in row) for row in matrix),
-                gamma=float(np.exp(rng.normal(0.0, 0.3 * s))),
-                contrast=float(np.exp(rng.normal(0.0, 0.15 * s))),
-                brightness=float(rng.normal(0.0, 0.05 * s)),
-                blur_sigma=float(rng.uniform(0.6, 1.8) * s) if blur_or_sharpen else 0.0,
-                sharpen=0.0 if blur_or_sharpen else float(rng.uniform(0.8, 2.0) * s),
-                vignette=float(rng.uniform(0.1, 0.45) * s),
-                noise_std=float((0.01 + rng.uniform(0.02, 0.05)) * s),
-                jpeg_step=float(rng.uniform(0.02, 0.08) * s),
-            )
-        )
-    return profiles
-
-
-def _gaussian_taps(sigma: float) -> list[tuple[int, float]]:
-    radius = max(1, math.ceil(2.5 * sigma))
-    weights = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
-    total = sum(weights)
-    return [(k, w / total) for k, w in zip(range(-radius, radius + 1), weights, strict=True)]
-
-
-def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur with reflected borders, as shifted sums (batch-invariant)."""
-    if sigma <= 0:
-        return images
-    taps = _gaussian_taps(sigma)
-    radius = taps[-1][0]
-    out = images
-    for dim in (-1, -2):
-        pad = [radius, radius, 0, 0] if dim == -1 else [0, 0, radius, radius]
-        padded = F.pad(out, pad, mode="reflect")
-        size = out.shape[dim]
-        acc = torch.zeros_like(out)
-        for k, w in taps:
-            acc += w * padded.narrow(dim, radius + k, size)
-        out = acc
-    return out
-
-
-def _dct_matrix(n: int = 8) -> Tensor:
-    k = torch.arange(n, dtype=torch.float64)
-    m = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n)) * math.sqrt(2 / n)
-    m[0] /= math.sqrt(2)
-    return m.float()
-
-
-_RGB_TO_YCC = torch.tensor(
-    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]
-)
-
-
-def jpeg_like(images: Tensor, step: float) -> Tensor:
-    """Block-DCT quantisation in YCbCr (what JPEG does to an image, without the entropy
-    coding): 8×8 blocks, a step growing with frequency, chroma twice as coarse."""
-    if step <= 0:
-        return images
-    b, c, h, w = images.shape
-    ycc = torch.einsum("ij,bjhw->bihw", _RGB_TO_YCC, images)
-    d = _dct_matrix()
-    blocks = ycc.reshape(b, c, h // 8, 8, w // 8, 8).permute(0, 1, 2, 4, 3, 5)
-    coeffs = d @ blocks @ d.T
-    freq = torch.arange(8, dtype=torch.float32)
-    q = step * (1 + 0.5 * (freq[:, None] + freq[None, :]))
-    q = q.expand(c, 8, 8).clone()
-    q[1:] *= 2
-    q = q[None, :, None, None]
-    coeffs = torch.round(coeffs / q) * q
-    blocks = d.T @ coeffs @ d
-    ycc = blocks.permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
-    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_RGB_TO_YCC), ycc)
-
-
-def apply_camera(images: Tensor, profile: CameraProfile, noise_seeds: Sequence[int]) -> Tensor:
-    """Run ``profile``'s pipeline over [n, 3, H, W] images in [0, 1]; ``noise_seeds`` (one
-    per image) make the sensor noise a function of each image's key alone."""
-    if profile.is_clean:
-        return images
-    x = images
-    size = x.shape[-1]  # images are square (IMAGE_SIZE)
-    u, v = _grid(size)
-    x = x * (1 - profile.vignette * (u**2 + v**2) / 2)[None, None]
-    if profile.blur_sigma > 0:
-        x = gaussian_blur(x, profile.blur_sigma)
-    if profile.sharpen > 0:
-        x = x + profile.sharpen * (x - gaussian_blur(x, 1.0))
-    noise = _noise([int(s) for s in noise_seeds], size)
-    # Shot noise grows with the signal; read noise does not.
-    x = x + profile.noise_std * noise * (0.4 + 0.6 * x.clamp(0, 1).sqrt())
-    matrix = torch.tensor(profile.colour_matrix, dtype=torch.float32)
-    x = torch.einsum("ij,bjhw->bihw", matrix, x).clamp(0, 1)
-    x = (x.pow(profile.gamma) - 0.5) * profile.contrast + 0.5 + profile.brightness
-    x = jpeg_like(x.clamp(0, 1), profile.jpeg_step)
-    return x.clamp(0, 1)
 
 
 def to_backbone_input(images: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ Per model (a ``model_id`` on the topics; every model has its own people):
   per identity plus per-image scene, pose, light, expression, occlusion and age, scaled by
   ``variation``), or from a folder of real faces (:meth:`World.from_image_folder`).
 - **domains**: 0 is the clean studio camera of the pre-training data; 1..V are the vendor /
-  sensor-tier camera pipelines (:func:`device_sim.images.camera_profiles`), the
+  sensor-tier camera pipelines (:func:`device_sim.cameras.camera_profiles`), the
   system-induced heterogeneity every device inherits from its vendor.
 - **devices**: :meth:`World.device_profile` gives a device its vendor and the handful of
   identities its user photographs, from ``(seed, model, device_id)`` alone, so any process
@@ -55,15 +55,8 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from device_sim.images import (
-    CLEAN_DOMAIN,
-    CameraProfile,
-    apply_camera,
-    camera_profiles,
-    render_faces,
-    rng_for,
-    stable_key,
-)
+from device_sim.cameras import CameraProfile, apply_camera, camera_profiles
+from device_sim.images import CLEAN_DOMAIN, render_faces, rng_for, stable_key
 from pipeline.errors import ConfigError
 from pipeline.records import IMAGE_SIZE
 

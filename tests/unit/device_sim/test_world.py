@@ -11,14 +11,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from device_sim.images import (
-    CLEAN_DOMAIN,
-    apply_camera,
-    camera_profiles,
-    gaussian_blur,
-    jpeg_like,
-    render_faces,
-)
+from device_sim.cameras import apply_camera, camera_profiles, gaussian_blur, jpeg_like
+from device_sim.images import CLEAN_DOMAIN, render_faces
 from device_sim.world import GENERATOR_VERSION, World, WorldConfig
 from pipeline.errors import ConfigError
 from pipeline.records import IMAGE_SIZE
