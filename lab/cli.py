@@ -304,7 +304,8 @@ def bench_fedavg(
 ) -> None:
     """FedEx vs FedAvg on one broker and the same task: accuracy, rounds, bytes and compute
     per device, wall time (docs/fedavg.md)."""
-    from lab.fedavg_bench import BenchConfig, run_bench
+    from lab.fedavg_arm import BenchConfig
+    from lab.fedavg_bench import run_bench
 
     config = BenchConfig(
         devices=devices,

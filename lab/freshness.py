@@ -50,6 +50,10 @@ BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
     "fleet": ("device_sim", "lab/fleet_bench.py", "lab/subscription_bench.py"),
     "fedavg": (
         "lab/fedavg_bench.py",
+        "lab/fedavg_task.py",
+        "lab/fedavg_arm.py",
+        "lab/fedavg_fedex_arm.py",
+        "lab/fedavg_baseline_arm.py",
         "lab/fedavg_devices.py",
         "lab/fedavg_server.py",
         "lab/fedavg_report.py",

@@ -17,7 +17,8 @@ from device_sim.bank import FeatureBank
 from device_sim.expansion import expand, split_world
 from device_sim.feature_model import fit
 from device_sim.world import World
-from lab.fedavg_bench import distinct_check, make_devices, sample_identities, with_costs
+from lab.fedavg_bench import with_costs
+from lab.fedavg_task import distinct_check, make_devices, sample_identities
 from lab.fedavg_devices import load_global, local_update
 from lab.fedavg_report import (
     FEDEX_TARGET,
@@ -33,7 +34,7 @@ from lab.fedavg_report import (
 )
 from lab.fedavg_server import (
     FedAvgConfig,
-    Outcome,
+    OfferOutcome,
     Round,
     WeightedMean,
     apply_step,
@@ -167,9 +168,9 @@ def test_floating_state_keeps_float_entries_as_float32() -> None:
 
 def test_round_closes_at_quorum_with_the_weighted_mean() -> None:
     current = open_round(quorum=2)
-    assert current.offer(update("a", 1.0, n=10)) is Outcome.ACCEPTED
+    assert current.offer(update("a", 1.0, n=10)) is OfferOutcome.ACCEPTED
     assert not current.complete
-    assert current.offer(update("b", 4.0, n=20)) is Outcome.ACCEPTED
+    assert current.offer(update("b", 4.0, n=20)) is OfferOutcome.ACCEPTED
     assert current.complete
     np.testing.assert_allclose(current.mean.result()["w"], np.full((2, 3), 3.0))
     assert current.mean.weight == 30 and current.reported == {"a", "b"}
@@ -177,26 +178,26 @@ def test_round_closes_at_quorum_with_the_weighted_mean() -> None:
 
 def test_round_ignores_and_counts_what_does_not_belong() -> None:
     current = open_round()
-    assert current.offer(update("a", 1.0)) is Outcome.ACCEPTED
+    assert current.offer(update("a", 1.0)) is OfferOutcome.ACCEPTED
     cases = [
-        (update("a", 9.0), Outcome.DUPLICATE),
-        (update("z", 9.0), Outcome.NOT_SELECTED),
-        (update("b", 9.0, round_no=1), Outcome.LATE),
-        (update("b", 9.0, round_no=3), Outcome.OTHER_ROUND),
-        (update("b", 9.0, run_id="old-run"), Outcome.OTHER_RUN),
-        (update("b", 9.0, model_id="other"), Outcome.OTHER_MODEL),
-        (update("b", 9.0, kind=UpdateKind.GRADIENT), Outcome.MISMATCH),
-        (update("b", 9.0, tensors={"w": np.zeros((3, 2), dtype=np.float32)}), Outcome.MISMATCH),
+        (update("a", 9.0), OfferOutcome.DUPLICATE),
+        (update("z", 9.0), OfferOutcome.NOT_SELECTED),
+        (update("b", 9.0, round_no=1), OfferOutcome.LATE),
+        (update("b", 9.0, round_no=3), OfferOutcome.OTHER_ROUND),
+        (update("b", 9.0, run_id="old-run"), OfferOutcome.OTHER_RUN),
+        (update("b", 9.0, model_id="other"), OfferOutcome.OTHER_MODEL),
+        (update("b", 9.0, kind=UpdateKind.GRADIENT), OfferOutcome.MISMATCH),
+        (update("b", 9.0, tensors={"w": np.zeros((3, 2), dtype=np.float32)}), OfferOutcome.MISMATCH),
     ]
     for record, expected in cases:
         assert current.offer(record) is expected, expected
-    current.reject(Outcome.INVALID)
+    current.reject(OfferOutcome.INVALID)
     # none of them touched the mean or the quorum
     np.testing.assert_allclose(current.mean.result()["w"], np.full((2, 3), 1.0))
     assert current.reported == {"a"} and not current.complete
-    assert current.outcomes[Outcome.ACCEPTED] == 1
+    assert current.outcomes[OfferOutcome.ACCEPTED] == 1
     assert sum(current.outcomes.values()) == len(cases) + 2
-    assert current.outcomes[Outcome.INVALID] == 1
+    assert current.outcomes[OfferOutcome.INVALID] == 1
 
 
 def test_a_selected_device_that_reports_later_still_completes_the_round() -> None:
