@@ -252,6 +252,16 @@ def _kill_owned_at_exit() -> None:
 # --------------------------------------------------------------------------- the component
 
 
+class _Under:
+    """A file or folder of a broker's, by its name under the broker's root."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, paths: KafkaPaths, owner: type[KafkaPaths] | None = None) -> Path:
+        return paths.root / self.name
+
+
 @dataclass(frozen=True, slots=True)
 class KafkaPaths:
     """Where a broker keeps its files. The CLI daemon uses ``<home>/kafka``."""
@@ -262,29 +272,12 @@ class KafkaPaths:
     def under(cls, home: Path) -> KafkaPaths:
         return cls(home / "kafka")
 
-    @property
-    def libs(self) -> Path:
-        return self.root / "libs"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def server_properties(self) -> Path:
-        return self.root / "server.properties"
-
-    @property
-    def log4j(self) -> Path:
-        return self.root / "log4j2.properties"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "broker.log"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.root / "broker.pid"
+    libs = _Under("libs")
+    data = _Under("data")
+    server_properties = _Under("server.properties")
+    log4j = _Under("log4j2.properties")
+    log = _Under("broker.log")
+    pidfile = _Under("broker.pid")
 
 
 class LocalKafka(Service):

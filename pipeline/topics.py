@@ -46,6 +46,26 @@ class TopicSpec:
     purpose: str
 
 
+class _RoleTopic:
+    """A deployment's topic of one role as an attribute (``topics.features``)."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+
+    def __get__(self, topics: Topics, owner: type[Topics] | None = None) -> str:
+        return topics.name(self.role)
+
+
+class _AgentsTopic:
+    """One of the aggregation agents' own topics, ``<agents app id>-<suffix>``."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+
+    def __get__(self, topics: Topics, owner: type[Topics] | None = None) -> str:
+        return f"{topics.agents_app_id}-{self.suffix}"
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Topic names for one deployment (one prefix)."""
@@ -55,21 +75,10 @@ class Topics:
     def name(self, role: Role) -> str:
         return f"{self.prefix}.{role.value}"
 
-    @property
-    def features(self) -> str:
-        return self.name(Role.FEATURES)
-
-    @property
-    def triggers(self) -> str:
-        return self.name(Role.TRIGGERS)
-
-    @property
-    def models(self) -> str:
-        return self.name(Role.MODELS)
-
-    @property
-    def deadletter(self) -> str:
-        return self.name(Role.DEADLETTER)
+    features = _RoleTopic(Role.FEATURES)
+    triggers = _RoleTopic(Role.TRIGGERS)
+    models = _RoleTopic(Role.MODELS)
+    deadletter = _RoleTopic(Role.DEADLETTER)
 
     # The aggregation agents' own topics (created by the worker; named here so that every
     # reader, ``fedex audit`` included, agrees on them).
@@ -78,27 +87,14 @@ class Topics:
         """The agents' Faust app id and consumer group."""
         return f"{self.prefix}-agents"
 
-    @property
-    def agents_ticks(self) -> str:
-        return f"{self.agents_app_id}-ticks"
+    agents_ticks = _AgentsTopic("ticks")
+    agents_summaries = _AgentsTopic("summaries")
+    #: The changelog of the agents' per-model table (Faust's ``<app>-<table>-changelog``).
+    agents_changelog = _AgentsTopic("models-changelog")
 
-    @property
-    def agents_summaries(self) -> str:
-        return f"{self.agents_app_id}-summaries"
-
-    @property
-    def agents_changelog(self) -> str:
-        """The changelog of the agents' per-model table (Faust's ``<app>-<table>-changelog``)."""
-        return f"{self.agents_app_id}-models-changelog"
-
-    # FedAvg baseline (issue 5)
-    @property
-    def fedavg_rounds(self) -> str:
-        return self.name(Role.FEDAVG_ROUNDS)
-
-    @property
-    def fedavg_updates(self) -> str:
-        return self.name(Role.FEDAVG_UPDATES)
+    # The FedAvg baseline's, apart from the product's.
+    fedavg_rounds = _RoleTopic(Role.FEDAVG_ROUNDS)
+    fedavg_updates = _RoleTopic(Role.FEDAVG_UPDATES)
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
