@@ -83,6 +83,13 @@ class World:
         # 5 and 6 pending; 7 not counted yet (ingest lag).
         self.state: dict | None = state(pending=[[0, 5, 7]], next_offset=7)
 
+    def trigger_the_pending(self) -> TrainingTrigger:
+        """A second trigger over the pending pushes 5 and 6, on the topic, no longer pending."""
+        t2 = trigger(2, 5, 7, 20)
+        self.triggers.append(t2)
+        self.state = state(pending=[], next_offset=7)
+        return t2
+
     def audit(self) -> AuditReport:
         auditor = Auditor(features_topic=TOPIC, val_fraction=VAL, val_device_fraction=VAL_DEVICES)
         for letter in self.dead:
@@ -164,9 +171,7 @@ def test_train_counts_follow_the_trainers_validation_rule_devices_included() -> 
 
 def test_replayed_samples_are_counted_apart_and_are_no_violation() -> None:
     world = World()
-    t2 = trigger(2, 5, 7, 20)
-    world.triggers.append(t2)
-    world.state = state(pending=[], next_offset=7)
+    t2 = world.trigger_the_pending()
     v2 = trained(t2, world.pushes[5:7])
     world.updates.append(replace(v2, metrics=replace(v2.metrics, replay_samples=25)))
     report = world.audit()
@@ -198,8 +203,7 @@ def test_a_job_in_flight_and_one_written_ahead_of_its_trigger_are_not_orphans() 
 
 def test_a_trigger_without_version_and_not_in_flight_is_flagged() -> None:
     world = World()
-    world.triggers.append(trigger(2, 5, 7, 20))
-    world.state = state(pending=[], next_offset=7)
+    world.trigger_the_pending()
     assert kinds(world.audit()) == ["trigger_without_version", "trigger_without_version"]
 
 
@@ -216,9 +220,7 @@ def test_a_bad_record_must_be_dead_lettered(dead_lettered: bool) -> None:
 
 def test_versions_must_be_monotone_and_one_per_trigger() -> None:
     world = World()
-    t2 = trigger(2, 5, 7, 20)
-    world.triggers.append(t2)
-    world.state = state(pending=[], next_offset=7)
+    t2 = world.trigger_the_pending()
     v2 = trained(t2, world.pushes[5:7])
     world.updates = [world.updates[0], v2, world.updates[1], replace(v2, version="v3")]
     assert kinds(world.audit()) == ["versions_per_trigger", "versions_not_monotone"]
