@@ -1,7 +1,7 @@
 """What the Faust agent does with its events, without Faust: count, decide.
 
 :class:`Aggregator` turns batch summaries (the ingest stage's digest of validated feature
-pushes, see ``agents.summarizer``), model updates and clock ticks into an :class:`Outcome`
+pushes, see ``agents.summarizer``), model updates and clock ticks into an :class:`AggregatorOutput`
 (triggers to emit, dead letters to write, per-model states to store). It reads states
 through a ``load`` callable and never writes them itself: the Faust shell in ``agents.app``
 publishes the outputs, waits until they are durable, and only then stores the states and
@@ -39,7 +39,7 @@ def dead_letter(record: Record, reason: str, message: str, at: float) -> DeadLet
 
 
 @dataclass(slots=True)
-class Outcome:
+class AggregatorOutput:
     """What one batch produced. ``states`` maps model id to a changed state to store."""
 
     triggers: list[TrainingTrigger] = field(default_factory=list)
@@ -63,10 +63,10 @@ class Aggregator:
         self.policy = policy
         self._load = load
 
-    def add_summaries(self, records: Iterable[Record], now: float) -> Outcome:
+    def add_summaries(self, records: Iterable[Record], now: float) -> AggregatorOutput:
         """Counts the pushes of batch summaries, then fires what became due. A push whose
         offset was already counted (a replayed summary) is skipped."""
-        out = Outcome()
+        out = AggregatorOutput()
         cache: dict[str, ModelState] = {}
         for record in records:
             try:
@@ -114,9 +114,9 @@ class Aggregator:
             state = cache[model_id] = self._load(model_id) or self.policy.initialize(model_id)
         return state
 
-    def add_update(self, record: Record, now: float) -> Outcome:
+    def add_update(self, record: Record, now: float) -> AggregatorOutput:
         """Folds one model update; a bad one becomes a dead letter."""
-        out = Outcome()
+        out = AggregatorOutput()
         if record.value is None:  # a compaction tombstone
             return out
         try:
@@ -144,20 +144,20 @@ class Aggregator:
         self._fire(out, state, self.policy.result(state, now))
         return out
 
-    def tick(self, states: Iterable[ModelState], now: float) -> Outcome:
+    def tick(self, states: Iterable[ModelState], now: float) -> AggregatorOutput:
         """Fires age triggers and re-fires timed-out jobs among ``states``. Only states that
         changed are returned for storing."""
-        out = Outcome()
+        out = AggregatorOutput()
         for state in states:
             self._fire(out, state, self.policy.result(state, now))
         return out
 
-    def take_over(self, states: Iterable[ModelState], now: float) -> Outcome:
+    def take_over(self, states: Iterable[ModelState], now: float) -> AggregatorOutput:
         """What a worker does first with the states of a partition it was newly assigned:
         re-fires every job in flight whose trigger is not known to be on the topic (the
         previous owner died between writing the state and the send's acknowledgement),
         then ticks."""
-        out = Outcome()
+        out = AggregatorOutput()
         for state in states:
             flight = state.in_flight
             trigger = None
@@ -169,7 +169,7 @@ class Aggregator:
         return out
 
     @staticmethod
-    def _fire(out: Outcome, state: ModelState, trigger: TrainingTrigger | None) -> None:
+    def _fire(out: AggregatorOutput, state: ModelState, trigger: TrainingTrigger | None) -> None:
         """Emit ``trigger``, if any, with the state that names it (stored)."""
         if trigger is not None:
             out.triggers.append(trigger)

@@ -63,7 +63,7 @@ import faust
 from faust.streams import _current_event  # the contextvar behind faust.current_event()
 from mode.supervisors import CrashingSupervisor
 
-from agents.aggregator import Aggregator, Outcome, Record
+from agents.aggregator import Aggregator, AggregatorOutput, Record
 from agents.policy import ModelState, TriggerPolicy
 from pipeline import codec
 from pipeline.broker_health import backoff_delays, is_transient
@@ -291,7 +291,7 @@ class AgentApp:
 
     # ---------------------------------------------------------------------- outputs
 
-    async def _guarded(self, events: Sequence[Any], outcome: Outcome) -> None:
+    async def _guarded(self, events: Sequence[Any], outcome: AggregatorOutput) -> None:
         try:
             await self._commit(outcome, events)
         except BaseException as exc:
@@ -300,7 +300,7 @@ class AgentApp:
                 await self._on_error(events[-1].message.topic, exc)
             raise
 
-    async def _commit(self, out: Outcome, events: Sequence[Any]) -> None:
+    async def _commit(self, out: AggregatorOutput, events: Sequence[Any]) -> None:
         """State durable, then outputs durable; the caller acks the events afterwards."""
         await self._store(out, events, out.states)
         delays = backoff_delays()
@@ -328,7 +328,7 @@ class AgentApp:
             if result is not None:
                 await result
 
-    async def _send_outputs(self, out: Outcome) -> None:
+    async def _send_outputs(self, out: AggregatorOutput) -> None:
         sends = [
             await self.triggers_topic.send(
                 key=codec.encode_key(t.model_id), value=codec.encode_trigger(t)
@@ -342,7 +342,9 @@ class AgentApp:
         if sends:
             await asyncio.gather(*sends)
 
-    async def _store(self, out: Outcome, events: Sequence[Any], model_ids: Iterable[str]) -> None:
+    async def _store(
+        self, out: AggregatorOutput, events: Sequence[Any], model_ids: Iterable[str]
+    ) -> None:
         """Writes the states of ``model_ids`` and awaits their changelog records. A model's
         state is written in the context of its last record's event (a tick's states in the
         tick's), so it lands in that partition of the changelog."""

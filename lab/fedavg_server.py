@@ -166,7 +166,7 @@ def apply_step(
 # --------------------------------------------------------------------------- round bookkeeping
 
 
-class Outcome(enum.StrEnum):
+class OfferOutcome(enum.StrEnum):
     """What the server did with an update."""
 
     ACCEPTED = "accepted"
@@ -193,36 +193,36 @@ class Round:
     kind: UpdateKind
     mean: WeightedMean = field(default_factory=WeightedMean)
     reported: set[str] = field(default_factory=set)
-    outcomes: Counter[Outcome] = field(default_factory=Counter)
+    outcomes: Counter[OfferOutcome] = field(default_factory=Counter)
     losses: list[float] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         return len(self.reported) >= self.quorum
 
-    def judge(self, update: RoundUpdate) -> Outcome:
+    def judge(self, update: RoundUpdate) -> OfferOutcome:
         if update.model_id != self.model_id:
-            return Outcome.OTHER_MODEL
+            return OfferOutcome.OTHER_MODEL
         if update.run_id != self.run_id:
-            return Outcome.OTHER_RUN
+            return OfferOutcome.OTHER_RUN
         if update.round < self.number:
-            return Outcome.LATE
+            return OfferOutcome.LATE
         if update.round > self.number:
-            return Outcome.OTHER_ROUND
+            return OfferOutcome.OTHER_ROUND
         if update.device_id not in self.selected:
-            return Outcome.NOT_SELECTED
+            return OfferOutcome.NOT_SELECTED
         if update.device_id in self.reported:
-            return Outcome.DUPLICATE
+            return OfferOutcome.DUPLICATE
         if update.kind is not self.kind or {
             k: tuple(v.shape) for k, v in update.tensors.items()
         } != dict(self.shapes):
-            return Outcome.MISMATCH
-        return Outcome.ACCEPTED
+            return OfferOutcome.MISMATCH
+        return OfferOutcome.ACCEPTED
 
-    def offer(self, update: RoundUpdate) -> Outcome:
+    def offer(self, update: RoundUpdate) -> OfferOutcome:
         """Judge ``update`` and, if accepted, add it to the mean."""
         outcome = self.judge(update)
-        if outcome is Outcome.ACCEPTED:
+        if outcome is OfferOutcome.ACCEPTED:
             self.mean.add(update.sample_count, update.tensors)
             self.reported.add(update.device_id)
             if update.loss is not None:
@@ -230,7 +230,7 @@ class Round:
         self.outcomes[outcome] += 1
         return outcome
 
-    def reject(self, outcome: Outcome) -> None:
+    def reject(self, outcome: OfferOutcome) -> None:
         self.outcomes[outcome] += 1
 
 
@@ -296,7 +296,7 @@ class FedAvgServer(Service):
         self.reports: list[RoundReport] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._leftover: Counter[Outcome] = Counter()
+        self._leftover: Counter[OfferOutcome] = Counter()
 
     async def start(self) -> None:
         if self._producer is not None:
@@ -374,13 +374,15 @@ class FedAvgServer(Service):
                         update = codec.decode_round_update(message.value)
                     except codec.CodecError as exc:
                         log.warning("fedavg: ignoring an invalid update: %s", exc)
-                        current.reject(Outcome.INVALID)
+                        current.reject(OfferOutcome.INVALID)
                         continue
                     current.offer(update)
         mean = current.mean.result()
         if mean:
             self.state = apply_step(self.state, mean, cfg.kind, cfg.server_lr)
-        ignored = {o.value: n for o, n in current.outcomes.items() if o is not Outcome.ACCEPTED}
+        ignored = {
+            o.value: n for o, n in current.outcomes.items() if o is not OfferOutcome.ACCEPTED
+        }
         report = RoundReport(
             round=round_no,
             selected=len(selected),

@@ -47,7 +47,13 @@ from pipeline import codec
 from pipeline.auth import issue_token
 from pipeline.checkpoints import LocalCheckpointStore
 from pipeline.clients import make_admin
-from pipeline.publishing import build_update, make_update_producer, publish_update
+from pipeline.publishing import (
+    PublishTarget,
+    VersionSpec,
+    build_update,
+    make_update_producer,
+    publish_update,
+)
 from pipeline.records import (
     ModelMetrics,
     ModelUpdate,
@@ -235,20 +241,18 @@ def _version_update(
     state: dict[str, Any],
     server_url: str,
 ) -> ModelUpdate:
-    return build_update(
-        store=store,
+    spec = VersionSpec(
         model_id=model_id,
         version=f"v{n}",
-        state_dict=state,
         backbone=bank.backbone,
         cut=bank.cut,
         num_classes=bank.num_classes,
-        metrics=ModelMetrics(0.0, None, 0, 0, 0.0, 0),
-        is_best=True,
         parent_version=f"v{n - 1}" if n else None,
         trigger_id=f"{model_id}:{n}" if n else None,
-        server_url=server_url,
-        max_message_bytes=settings.max_message_bytes,
+    )
+    target = PublishTarget(store, server_url, settings.max_message_bytes)
+    return build_update(
+        spec, target, state, metrics=ModelMetrics(0.0, None, 0, 0, 0.0, 0), is_best=True
     )
 
 

@@ -1,12 +1,13 @@
 """Publishing model versions: a head's state dict → checkpoint blob → store → model topic.
 
 Shared by the trainer (every trained version) and the device simulator / CLI (the base
-model, ``v0``). One function decides how a checkpoint travels (:func:`build_update`): inline
-in the update when the encoded update fits under the model topic's ``max.message.bytes``
-with headroom for the record framing, else by reference to the model server
-(``<server_url>/v1/models/<id>/checkpoints/<version>``). Either way the blob is put in the
-checkpoint store first, so the model server can serve it and a trainer can warm-start
-from it, and the update's ``sha256`` / ``size`` describe exactly that blob.
+model, ``v0``). One function decides how a checkpoint travels (:func:`build_update`, given
+what the version is, a :class:`VersionSpec`, and where it goes, a :class:`PublishTarget`):
+inline in the update when the encoded update fits under the model topic's
+``max.message.bytes`` with headroom for the record framing, else by reference to the model
+server (``<server_url>/v1/models/<id>/checkpoints/<version>``). Either way the blob is put
+in the checkpoint store first, so the model server can serve it and a trainer can
+warm-start from it, and the update's ``sha256`` / ``size`` describe exactly that blob.
 
 Updates are keyed ``<model_id>/<version>`` (docs/architecture.md), so compaction of the
 model topic keeps every version, and sent explicitly to the model's partition, the one
@@ -97,45 +98,77 @@ def fits_inline(
     return len(codec.encode_update(update)) <= max_message_bytes - headroom
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class VersionSpec:
+    """What a model version is, apart from its weights and metrics: its identity, its
+    lineage and the head shape its checkpoint fits. One value per version, so the trainer,
+    the base model and the benches describe a version the same way."""
+
+    model_id: str
+    version: str
+    backbone: Backbone | str
+    cut: Cut | str
+    num_classes: int
+    parent_version: str | None = None
+    trigger_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PublishTarget:
+    """Where and how a version's checkpoint goes: the store that keeps the blob, the model
+    server that serves it by reference, and the limits that decide inline or by reference.
+    Fixed for a process, unlike :class:`VersionSpec`."""
+
+    store: CheckpointStore
+    server_url: str
+    max_message_bytes: int
+    dtype: CheckpointDType | str = CheckpointDType.FP16
+    headroom: int = INLINE_HEADROOM
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, store: CheckpointStore | None = None
+    ) -> PublishTarget:
+        """The process's target: ``store`` (default: the local store at
+        ``settings.checkpoint_dir``) and the settings' server, message limit and dtype."""
+        return cls(
+            store=store or LocalCheckpointStore(settings.checkpoint_dir),
+            server_url=settings.server_url,
+            max_message_bytes=settings.max_message_bytes,
+            dtype=settings.checkpoint_dtype,
+        )
+
+
 def build_update(
-    *,
-    store: CheckpointStore,
-    model_id: str,
-    version: str,
+    spec: VersionSpec,
+    target: PublishTarget,
     state_dict: Mapping[str, Tensor],
-    backbone: Backbone | str,
-    cut: Cut | str,
-    num_classes: int,
+    *,
     metrics: ModelMetrics,
     is_best: bool,
-    parent_version: str | None,
-    trigger_id: str | None,
-    server_url: str,
-    max_message_bytes: int,
-    dtype: CheckpointDType | str = CheckpointDType.FP16,
-    headroom: int = INLINE_HEADROOM,
     created_at_ms: int | None = None,
 ) -> ModelUpdate:
-    """Encode a head's state dict (safetensors, ``dtype``), put the blob in ``store``, and
-    return the update announcing it, inline when it fits (see the module docstring).
+    """Encode a head's state dict (safetensors, ``target.dtype``), put the blob in
+    ``target.store``, and return the update announcing ``spec``, inline when it fits (see
+    the module docstring).
 
     Putting the blob is idempotent per (model, version): a retried job overwrites its own
     version's blob before announcing it.
     """
-    dtype = checkpoint_dtype(dtype)
+    dtype = checkpoint_dtype(target.dtype)
     # No extra safetensors metadata: the update carries it, and safetensors writes metadata
     # in hash-map order, so more than one key would make equal heads differ in sha256.
     blob = encode_checkpoint(state_dict, dtype=dtype)
-    store.put(model_id, version, blob)
+    target.store.put(spec.model_id, spec.version, blob)
     update = ModelUpdate(
-        model_id=model_id,
-        version=version,
-        parent_version=parent_version,
-        trigger_id=trigger_id,
-        backbone=Backbone(backbone),
-        cut=Cut(cut),
-        num_classes=num_classes,
-        checkpoint_uri=str(checkpoint_url(server_url, model_id, version)),
+        model_id=spec.model_id,
+        version=spec.version,
+        parent_version=spec.parent_version,
+        trigger_id=spec.trigger_id,
+        backbone=Backbone(spec.backbone),
+        cut=Cut(spec.cut),
+        num_classes=spec.num_classes,
+        checkpoint_uri=str(checkpoint_url(target.server_url, spec.model_id, spec.version)),
         sha256=sha256_hex(blob),
         size=len(blob),
         encoding=dtype.encoding,
@@ -144,7 +177,7 @@ def build_update(
         created_at_ms=created_at_ms if created_at_ms is not None else now_ms(),
         checkpoint=blob,
     )
-    if fits_inline(update, max_message_bytes, headroom):
+    if fits_inline(update, target.max_message_bytes, target.headroom):
         return update
     return dataclasses.replace(update, checkpoint=None)
 
@@ -193,20 +226,11 @@ def build_base_update(
         else random_head_state(backbone, cut, num_classes, seed=seed)
     )
     return build_update(
-        store=store,
-        model_id=model_id,
-        version=BASE_VERSION,
-        state_dict=state,
-        backbone=backbone,
-        cut=cut,
-        num_classes=num_classes,
+        VersionSpec(model_id, BASE_VERSION, backbone, cut, num_classes),
+        PublishTarget(store, server_url, max_message_bytes, dtype),
+        state,
         metrics=metrics or base_metrics(),
         is_best=True,
-        parent_version=None,
-        trigger_id=None,
-        server_url=server_url,
-        max_message_bytes=max_message_bytes,
-        dtype=dtype,
     )
 
 

@@ -163,7 +163,7 @@ class Dataset:
 # --------------------------------------------------------------------------- the cache
 
 
-class Outcome(enum.StrEnum):
+class AddResult(enum.StrEnum):
     """What :meth:`FeatureCache.add_record` did with a record."""
 
     ADDED = "added"  # at least one new sample
@@ -250,24 +250,24 @@ class FeatureCache:
 
     def add_record(
         self, partition: int, offset: int, key: bytes | None, value: bytes | None
-    ) -> Outcome:
+    ) -> AddResult:
         """Take one feature-log record: decode it if it is this model's, keep its new
         samples. Never raises on bad input (it is counted under ``stats.rejected``)."""
         if self.held.contains(partition, offset):
             self.stats.already_held += 1
-            return Outcome.ALREADY_HELD
+            return AddResult.ALREADY_HELD
         self.held.add(partition, offset, offset + 1)
         self.stats.records += 1
         accepted = accept_push(key, value, self.fit)
         if accepted == OTHER_MODEL:
             self.stats.other_models += 1
-            return Outcome.OTHER_MODEL
+            return AddResult.OTHER_MODEL
         if isinstance(accepted, str):
             self.stats.rejected[accepted] += 1
-            return Outcome.REJECTED
+            return AddResult.REJECTED
         push = accepted
         added = self.add_push(push, partition, offset)
-        return Outcome.ADDED if added else Outcome.DUPLICATE
+        return AddResult.ADDED if added else AddResult.DUPLICATE
 
     def add_push(self, push: FeaturePush, partition: int, offset: int) -> int:
         """Keep the samples of a decoded push found at ``(partition, offset)``; returns how

@@ -21,8 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError, FedexError
-from pipeline.records import Backbone, Cut, ModelMetrics, ModelUpdate
-from trainer.dataset import Dataset
+from pipeline.records import Backbone, Cut, ModelMetrics, ModelUpdate, TrainingTrigger
+from pipeline.samples import ValidationRule
+from trainer.dataset import Dataset, FeatureCache
+from trainer.ledger import format_ranges
 from trainer.recipe import (
     EpochStats,
     TrainConfig,
@@ -34,6 +36,7 @@ from trainer.recipe import (
     train_head,
     warm_start,
 )
+from trainer.replay import JobPlan, plan_job
 
 
 class JobError(FedexError):
@@ -41,7 +44,9 @@ class JobError(FedexError):
     The trigger is committed and skipped: the agents re-fire it if it still matters."""
 
 
-class Outcome(enum.StrEnum):
+class JobOutcome(enum.StrEnum):
+    """What one trigger came to in the trainer (the ``outcome`` label of its jobs metric)."""
+
     PUBLISHED = "published"
     ALREADY_PUBLISHED = "already_published"
     SKIPPED = "skipped"
@@ -59,7 +64,7 @@ class JobReport:
     trigger_id: str
     model_id: str
     version: str | None
-    outcome: Outcome
+    outcome: JobOutcome
     reason: str = ""
     offset: int = -1
     train_samples: int = 0
@@ -76,9 +81,47 @@ class JobReport:
     samples_per_s: float = 0.0
     update: ModelUpdate | None = None
 
+    @classmethod
+    def published(
+        cls,
+        trigger: TrainingTrigger,
+        version: str,
+        offset: int,
+        candidate: Candidate,
+        *,
+        records_read: int,
+        champion_version: str,
+        seconds: float,
+        update: ModelUpdate,
+    ) -> JobReport:
+        """The report of a trigger trained into ``candidate`` and published as ``update``:
+        the candidate's counts, accuracies and verdict, read here so the trainer's shell
+        need not know the report's fields."""
+        return cls(
+            trigger_id=trigger.trigger_id,
+            model_id=trigger.model_id,
+            version=version,
+            outcome=JobOutcome.PUBLISHED,
+            reason=candidate.verdict.reason,
+            offset=offset,
+            train_samples=candidate.train_samples,
+            val_samples=candidate.val_samples,
+            replay_samples=candidate.replay_samples,
+            eval_samples=candidate.eval_samples,
+            records_read=records_read,
+            champion_version=champion_version,
+            champion_accuracy=candidate.champion_accuracy,
+            challenger_accuracy=candidate.challenger_accuracy,
+            is_best=candidate.verdict.is_best,
+            train_seconds=candidate.result.seconds,
+            seconds=seconds,
+            samples_per_s=candidate.result.samples_per_s,
+            update=update,
+        )
+
     def summary(self) -> str:
         head = f"job {self.trigger_id} -> {self.version or '?'}: {self.outcome}"
-        if self.outcome is not Outcome.PUBLISHED:
+        if self.outcome is not JobOutcome.PUBLISHED:
             return f"{head} ({self.reason})" if self.reason else head
         inline = self.update is not None and self.update.checkpoint is not None
         return (
@@ -261,3 +304,33 @@ def synthetic_dataset(
         device_ids=tuple(f"dev-{i % 100:03d}" for i in range(samples)),
         sample_ids=np.arange(samples, dtype=np.uint64),
     )
+
+
+def assemble_job(
+    cache: FeatureCache,
+    trigger: TrainingTrigger,
+    rule: ValidationRule,
+    *,
+    val_max_samples: int,
+    replay_max_samples: int,
+    seed: int,
+) -> tuple[Dataset, Dataset, JobPlan]:
+    """The job's training samples (new, then replayed), the model's validation set, and
+    the plan they come from, taken from the job's window of the cache. Pure: the trainer
+    runs it in a thread, since hashing a large window's rows takes a while."""
+    rows, new = cache.window(trigger.ranges)
+    if not new.any():
+        raise JobError(
+            f"no samples of {trigger.model_id!r} in {format_ranges(trigger.ranges)} "
+            f"({cache.stats.rejected_records} records rejected so far)"
+        )
+    plan = plan_job(
+        new=new,
+        validation=cache.validation(rule)[rows],
+        labels=cache.labels_of(rows),
+        devices=cache.devices_of(rows),
+        val_max_samples=val_max_samples,
+        replay_max_samples=replay_max_samples,
+        seed=seed,
+    )
+    return cache.take(rows[plan.trained]), cache.take(rows[plan.val]), plan

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from pipeline.broker_health import install_noise_filter
 from pipeline.lifecycle import stop_on_signals
 from pipeline.metrics_http import MetricsServer
-from trainer.job import Outcome
+from trainer.job import JobOutcome
 from trainer.worker import Trainer
 
 if TYPE_CHECKING:
@@ -50,5 +50,5 @@ async def _serve(
                 await trainer.stop()
             stop.cancel()
             handled = await run
-    published = sum(1 for j in trainer.jobs if j.outcome is Outcome.PUBLISHED)
+    published = sum(1 for j in trainer.jobs if j.outcome is JobOutcome.PUBLISHED)
     log.info("trainer stopped: %d triggers handled, %d versions published", handled, published)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -62,11 +61,7 @@ from pipeline.checkpoints import (
 )
 from pipeline.errors import FedexError
 from pipeline.lifecycle import Service
-from pipeline.publishing import (
-    build_update,
-    make_update_producer,
-    publish_update,
-)
+from pipeline.publishing import VersionSpec, make_update_producer
 from pipeline.records import (
     ModelUpdate,
     TrainingTrigger,
@@ -76,24 +71,26 @@ from pipeline.registry import ModelEntry, Registry, RegistryFollower
 from pipeline.samples import ValidationRule
 from pipeline.topics import Topics
 from trainer.champions import Champions
-from trainer.dataset import Dataset, FeatureCache
+from trainer.dataset import Dataset
 from trainer.feature_log import FeatureLog
 from trainer.job import (
     Candidate,
     HeadCache,
     JobError,
+    JobOutcome,
     JobReport,
-    Outcome,
+    assemble_job,
     check_device,
     job_seed,
     train_candidate,
 )
-from trainer.ledger import Refused, TriggerLedger, format_ranges
+from trainer.ledger import Refused, TriggerLedger
+from trainer.publisher import VersionPublisher, version_spec
 from trainer.recipe import (
     EpochStats,
     TrainConfig,
 )
-from trainer.replay import JobPlan, plan_job
+from trainer.replay import JobPlan
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -195,6 +192,7 @@ class Trainer(Service):
         )
         self._heads = HeadCache()
         self._champions = Champions(settings, self.store)
+        self._publisher = VersionPublisher(settings, self.store, self.topics.models)
         #: The last trained candidate, kept so that a job retried after a broker outage
         #: publishes what it trained instead of training again.
         self._trained: tuple[str, Candidate, int] | None = None
@@ -363,7 +361,7 @@ class Trainer(Service):
         while True:
             try:
                 report = await self._outcome(tp, record)
-                if report.outcome is not Outcome.ABANDONED:
+                if report.outcome is not JobOutcome.ABANDONED:
                     await self._commit(consumer, tp, record.offset)
             except Exception as exc:
                 if not is_transient(exc):
@@ -371,7 +369,9 @@ class Trainer(Service):
                 self.health.failed(exc)
                 await self._pause(next(delays))
                 if self._stopping:
-                    return self._report(record, None, Outcome.ABANDONED, "the trainer is stopping")
+                    return self._report(
+                        record, None, JobOutcome.ABANDONED, "the trainer is stopping"
+                    )
                 continue
             self.health.ok()
             return report
@@ -381,17 +381,17 @@ class Trainer(Service):
             trigger = codec.decode_trigger(record.value)
         except codec.CodecError as exc:
             await self._ledger.refuse(self._producer, record, exc.reason.value, exc.message)
-            return self._report(record, None, Outcome.REFUSED, str(exc))
+            return self._report(record, None, JobOutcome.REFUSED, str(exc))
         try:
             report = await self._job(trigger, tp, record.offset)
         except JobError as exc:
-            report = self._report(record, trigger, Outcome.SKIPPED, str(exc))
+            report = self._report(record, trigger, JobOutcome.SKIPPED, str(exc))
             log.error("%s", report.summary())
         except Refused as exc:
             await self._ledger.refuse(self._producer, record, exc.reason, exc.message)
-            report = self._report(record, trigger, Outcome.REFUSED, exc.message)
+            report = self._report(record, trigger, JobOutcome.REFUSED, exc.message)
         except _Abandoned as exc:
-            report = self._report(record, trigger, Outcome.ABANDONED, str(exc))
+            report = self._report(record, trigger, JobOutcome.ABANDONED, str(exc))
             log.warning("%s", report.summary())
         else:
             log.info("%s", report.summary())
@@ -401,7 +401,7 @@ class Trainer(Service):
     def _report(
         record: ConsumerRecord[Any, Any],
         trigger: TrainingTrigger | None,
-        outcome: Outcome,
+        outcome: JobOutcome,
         reason: str,
     ) -> JobReport:
         trigger_id, model_id = (trigger.trigger_id, trigger.model_id) if trigger else ("?", "?")
@@ -435,7 +435,7 @@ class Trainer(Service):
             )
         if entry.version(version) is not None:
             return JobReport(
-                trigger.trigger_id, trigger.model_id, version, Outcome.ALREADY_PUBLISHED,
+                trigger.trigger_id, trigger.model_id, version, JobOutcome.ALREADY_PUBLISHED,
                 f"{version} is on the model topic", offset,
             )  # fmt: skip
         champion = entry.best
@@ -452,29 +452,20 @@ class Trainer(Service):
         await self._sync_registry()
         if entry.version(version) is not None:
             return JobReport(
-                trigger.trigger_id, trigger.model_id, version, Outcome.ALREADY_PUBLISHED,
+                trigger.trigger_id, trigger.model_id, version, JobOutcome.ALREADY_PUBLISHED,
                 f"{version} appeared on the model topic while training", offset,
             )  # fmt: skip
-        update = await self._publish(entry, trigger, version, candidate, champion.version)
-        return JobReport(
-            trigger_id=trigger.trigger_id,
-            model_id=trigger.model_id,
-            version=version,
-            outcome=Outcome.PUBLISHED,
-            reason=candidate.verdict.reason,
-            offset=offset,
-            train_samples=candidate.train_samples,
-            val_samples=candidate.val_samples,
-            replay_samples=candidate.replay_samples,
-            eval_samples=candidate.eval_samples,
+        update = await self._publish(
+            version_spec(entry, trigger, version, champion.version), candidate, trigger
+        )
+        return JobReport.published(
+            trigger,
+            version,
+            offset,
+            candidate,
             records_read=records,
             champion_version=champion.version,
-            champion_accuracy=candidate.champion_accuracy,
-            challenger_accuracy=candidate.challenger_accuracy,
-            is_best=candidate.verdict.is_best,
-            train_seconds=candidate.result.seconds,
             seconds=time.perf_counter() - started,
-            samples_per_s=candidate.result.samples_per_s,
             update=update,
         )
 
@@ -495,7 +486,15 @@ class Trainer(Service):
         seed = job_seed(trigger.trigger_id)
         # In a thread: hashing a large window's new rows and copying the job's samples
         # would hold up the event loop (heartbeats); nothing else touches the cache now.
-        train, val, plan = await asyncio.to_thread(self._assemble, cache, trigger, seed)
+        train, val, plan = await asyncio.to_thread(
+            assemble_job,
+            cache,
+            trigger,
+            ValidationRule(self.settings.val_fraction, self.settings.val_device_fraction),
+            val_max_samples=self.settings.val_max_samples,
+            replay_max_samples=self.settings.replay_max_samples,
+            seed=seed,
+        )
         cfg = TrainConfig(
             epochs=self.settings.train_epochs,
             batch_size=self.settings.train_batch_size,
@@ -512,58 +511,12 @@ class Trainer(Service):
         self._trained = (trigger.trigger_id, candidate, records)
         return candidate, records
 
-    def _assemble(
-        self, cache: FeatureCache, trigger: TrainingTrigger, seed: int
-    ) -> tuple[Dataset, Dataset, JobPlan]:
-        """The job's training samples (new, then replayed), the model's validation set, and
-        the plan they come from, taken from the job's window of the cache."""
-        rows, new = cache.window(trigger.ranges)
-        if not new.any():
-            raise JobError(
-                f"no samples of {trigger.model_id!r} in {format_ranges(trigger.ranges)} "
-                f"({cache.stats.rejected_records} records rejected so far)"
-            )
-        rule = ValidationRule(self.settings.val_fraction, self.settings.val_device_fraction)
-        plan = plan_job(
-            new=new,
-            validation=cache.validation(rule)[rows],
-            labels=cache.labels_of(rows),
-            devices=cache.devices_of(rows),
-            val_max_samples=self.settings.val_max_samples,
-            replay_max_samples=self.settings.replay_max_samples,
-            seed=seed,
-        )
-        return cache.take(rows[plan.trained]), cache.take(rows[plan.val]), plan
-
     async def _publish(
-        self,
-        entry: ModelEntry,
-        trigger: TrainingTrigger,
-        version: str,
-        candidate: Candidate,
-        parent_version: str,
+        self, spec: VersionSpec, candidate: Candidate, trigger: TrainingTrigger
     ) -> ModelUpdate:
         """Store the checkpoint, announce the version (acknowledged) and fold it."""
-        update = await asyncio.to_thread(
-            build_update,
-            store=self.store,
-            model_id=trigger.model_id,
-            version=version,
-            state_dict=candidate.state_dict,
-            backbone=entry.backbone,
-            cut=entry.cut,
-            num_classes=entry.num_classes,
-            metrics=candidate.metrics(),
-            is_best=candidate.verdict.is_best,
-            parent_version=parent_version,
-            trigger_id=trigger.trigger_id,
-            server_url=self.settings.server_url,
-            max_message_bytes=self.settings.max_message_bytes,
-            dtype=self.settings.checkpoint_dtype,
-        )
-        update = dataclasses.replace(update, trigger_ranges=trigger.ranges)
         assert self._producer is not None
-        await publish_update(self._producer, self.topics.models, update)
+        update = await self._publisher.publish(self._producer, spec, candidate, trigger)
         self._trained = None
         # Fold our own update now: a redelivered trigger must find it even before the
         # follower reads it back (the follower then skips it as seen).

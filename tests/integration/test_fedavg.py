@@ -21,10 +21,10 @@ import pytest
 from device_sim.bank import FeatureBank, build_bank
 from device_sim.heads import train_base_head
 from device_sim.world import World, WorldConfig
-from lab.fedavg_task import Evaluator, distinct_check, make_devices
 from lab.fedavg_devices import DeviceData, FedAvgFleet
 from lab.fedavg_report import copies
 from lab.fedavg_server import FedAvgConfig, FedAvgServer
+from lab.fedavg_task import Evaluator, distinct_check, make_devices
 from pipeline import codec
 from pipeline.clients import make_consumer
 from pipeline.records import Backbone, Cut, FeatureDType, RoundBroadcast

@@ -215,7 +215,13 @@ async def test_the_fleet_applies_a_published_version(
     from device_sim.bank import FeatureBank
     from device_sim.heads import fit_head, new_head
     from pipeline.checkpoints import LocalCheckpointStore
-    from pipeline.publishing import build_update, make_update_producer, publish_update
+    from pipeline.publishing import (
+        PublishTarget,
+        VersionSpec,
+        build_update,
+        make_update_producer,
+        publish_update,
+    )
     from pipeline.zoo import head_state_dict
 
     live = settings.model_copy(update={"home": fleet_home})
@@ -232,19 +238,13 @@ async def test_the_fleet_applies_a_published_version(
             torch.manual_seed(0)
             fit_head(head, *bank.take(rows), epochs=40)
         update = build_update(
-            store=LocalCheckpointStore(live.checkpoint_dir),
-            model_id="faces-1",
-            version="v1",
-            state_dict=head_state_dict(head),
-            backbone=bank.backbone,
-            cut=bank.cut,
-            num_classes=bank.num_classes,
+            VersionSpec("faces-1", "v1", bank.backbone, bank.cut, bank.num_classes, "v0"),
+            PublishTarget(
+                LocalCheckpointStore(live.checkpoint_dir), live.server_url, live.max_message_bytes
+            ),
+            head_state_dict(head),
             metrics=_metrics(),
             is_best=True,
-            parent_version="v0",
-            trigger_id=None,
-            server_url=live.server_url,
-            max_message_bytes=live.max_message_bytes,
         )
         producer = make_update_producer(live)
         await producer.start()

@@ -23,7 +23,13 @@ from device_sim.synthetic import random_devices, synthetic_bank
 from pipeline import codec
 from pipeline.auth import issue_token
 from pipeline.checkpoints import LocalCheckpointStore, encode_checkpoint, sha256_hex
-from pipeline.publishing import build_update, make_update_producer, publish_update
+from pipeline.publishing import (
+    PublishTarget,
+    VersionSpec,
+    build_update,
+    make_update_producer,
+    publish_update,
+)
 from pipeline.records import ModelMetrics, ModelUpdate, OffsetRange, TrainingTrigger, TriggerReason
 from pipeline.server import ModelServer
 from pipeline.settings import Settings
@@ -88,20 +94,19 @@ class Harness:
         is_best: bool = True,
     ) -> ModelUpdate:
         n = int(version[1:])
-        return build_update(
-            store=self.store,
+        spec = VersionSpec(
             model_id=MODEL,
             version=version,
-            state_dict=state,
             backbone=bank.backbone,
             cut=bank.cut,
             num_classes=bank.num_classes,
-            metrics=ModelMetrics(0.5, None, 10, 2, 0.1, 1),
-            is_best=is_best,
             parent_version=f"v{n - 1}" if n else None,
             trigger_id=f"{MODEL}:{n}" if n else None,
-            server_url=self.server.url,
-            max_message_bytes=self.settings.max_message_bytes if inline else 1,
+        )
+        max_bytes = self.settings.max_message_bytes if inline else 1
+        target = PublishTarget(self.store, self.server.url, max_bytes)
+        return build_update(
+            spec, target, state, metrics=ModelMetrics(0.5, None, 10, 2, 0.1, 1), is_best=is_best
         )
 
     async def publish(self, update: ModelUpdate) -> None:

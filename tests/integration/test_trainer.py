@@ -40,7 +40,7 @@ from pipeline.settings import Settings
 from pipeline.tail import read_topic
 from pipeline.topics import Topics
 from trainer.dataset import Dataset, offset_ranges
-from trainer.job import Outcome, synthetic_dataset
+from trainer.job import JobOutcome, synthetic_dataset
 from trainer.worker import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,7 +193,7 @@ async def test_trigger_publishes_a_better_v1_and_commits(
     async with make_trainer(tiny) as trainer:
         assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
     (report,) = trainer.jobs
-    assert report.outcome is Outcome.PUBLISHED, report.summary()
+    assert report.outcome is JobOutcome.PUBLISHED, report.summary()
     assert report.records_read == sum(r.count for r in ranges)
     assert report.train_samples + report.val_samples == len(data)
 
@@ -247,7 +247,11 @@ async def test_redelivered_trigger_publishes_no_second_version(
         assert await fresh.run(max_jobs=1, idle_timeout=20) == 1
 
     outcomes = [j.outcome for j in [*trainer.jobs, *fresh.jobs]]
-    assert outcomes == [Outcome.PUBLISHED, Outcome.ALREADY_PUBLISHED, Outcome.ALREADY_PUBLISHED]
+    assert outcomes == [
+        JobOutcome.PUBLISHED,
+        JobOutcome.ALREADY_PUBLISHED,
+        JobOutcome.ALREADY_PUBLISHED,
+    ]
     updates = await model_updates(tiny, kafka_topics)
     assert [u.version for u in updates] == ["v0", "v1"]
     assert await committed(tiny, tp) == offset + 1
@@ -319,7 +323,7 @@ async def test_trainer_killed_mid_job_is_replaced_and_one_version_is_published(
     async with make_trainer(tiny) as survivor:
         assert await survivor.run(max_jobs=1, idle_timeout=30) == 1
     (report,) = survivor.jobs
-    assert report.outcome is Outcome.PUBLISHED, report.summary()
+    assert report.outcome is JobOutcome.PUBLISHED, report.summary()
     assert report.offset == offset
     assert [u.version for u in await model_updates(tiny, kafka_topics)] == ["v0", "v1"]
     assert await committed(tiny, tp) == offset + 1
@@ -352,7 +356,7 @@ async def test_a_trigger_id_seen_with_other_ranges_is_refused_with_a_dead_letter
             "fedex_trainer_triggers_refused_total", {"reason": "trigger_conflict"}
         )
     outcomes = [j.outcome for j in [*trainer.jobs, *fresh.jobs]]
-    assert outcomes == [Outcome.PUBLISHED, Outcome.REFUSED, Outcome.REFUSED]
+    assert outcomes == [JobOutcome.PUBLISHED, JobOutcome.REFUSED, JobOutcome.REFUSED]
     assert metric == 1.0
     updates = await model_updates(tiny, kafka_topics)
     assert [u.version for u in updates] == ["v0", "v1"]
@@ -373,7 +377,7 @@ async def test_an_undecodable_trigger_is_dead_lettered_and_committed(
     )
     async with make_trainer(tiny) as trainer:
         assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
-    assert [j.outcome for j in trainer.jobs] == [Outcome.REFUSED]
+    assert [j.outcome for j in trainer.jobs] == [JobOutcome.REFUSED]
     [letter] = await dead_letters(tiny, kafka_topics)
     assert (letter.reason, letter.original, letter.offset) == (
         "bad_magic",
@@ -417,7 +421,7 @@ async def test_a_sample_re_sent_into_a_later_trigger_is_trained_once(
     async with make_trainer(tiny) as cold:
         assert await cold.run(max_jobs=1, idle_timeout=20) == 1
     reports = [*trainer.jobs, *cold.jobs]
-    assert [j.outcome for j in reports] == [Outcome.PUBLISHED, Outcome.PUBLISHED]
+    assert [j.outcome for j in reports] == [JobOutcome.PUBLISHED, JobOutcome.PUBLISHED]
     assert reports[0].train_samples + reports[0].val_samples == 200
     assert reports[1].train_samples + reports[1].val_samples == 100
     # The second job replays the first one's training samples (they fit the budget), never
@@ -449,5 +453,5 @@ async def test_a_champion_only_on_the_model_server_is_fetched_with_a_token(
             assert not trainer_store.exists(checkpoint_uri(MODEL, "v0"))
             assert await trainer.run(max_jobs=1, idle_timeout=20) == 1
     (report,) = trainer.jobs
-    assert report.outcome is Outcome.PUBLISHED, report.summary()
+    assert report.outcome is JobOutcome.PUBLISHED, report.summary()
     assert report.champion_version == "v0"

@@ -187,7 +187,10 @@ def test_round_ignores_and_counts_what_does_not_belong() -> None:
         (update("b", 9.0, run_id="old-run"), OfferOutcome.OTHER_RUN),
         (update("b", 9.0, model_id="other"), OfferOutcome.OTHER_MODEL),
         (update("b", 9.0, kind=UpdateKind.GRADIENT), OfferOutcome.MISMATCH),
-        (update("b", 9.0, tensors={"w": np.zeros((3, 2), dtype=np.float32)}), OfferOutcome.MISMATCH),
+        (
+            update("b", 9.0, tensors={"w": np.zeros((3, 2), dtype=np.float32)}),
+            OfferOutcome.MISMATCH,
+        ),
     ]
     for record, expected in cases:
         assert current.offer(record) is expected, expected

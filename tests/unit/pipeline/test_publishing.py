@@ -24,6 +24,8 @@ from pipeline.publishing import (
     BASE_VERSION,
     INLINE_HEADROOM,
     PublishError,
+    PublishTarget,
+    VersionSpec,
     base_metrics,
     build_base_update,
     build_update,
@@ -54,23 +56,31 @@ def head_state(classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def build(store: LocalCheckpointStore, classes: int, max_bytes: int, **kw: Any) -> ModelUpdate:
-    args: dict[str, Any] = {
-        "store": store,
-        "model_id": "faces-1",
-        "version": "v3",
-        "state_dict": head_state(classes),
-        "backbone": Backbone.INCEPTION_RESNET_V1,
-        "cut": Cut.FREEZE6,
-        "num_classes": classes,
-        "metrics": ModelMetrics(0.9, 0.5, 900, 100, 1.5, 5),
-        "is_best": True,
-        "parent_version": "v2",
-        "trigger_id": "faces-1:3",
-        "server_url": SERVER,
-        "max_message_bytes": max_bytes,
-    }
-    return build_update(**{**args, **kw})
+def build(
+    store: LocalCheckpointStore,
+    classes: int,
+    max_bytes: int,
+    *,
+    dtype: str = "float16",
+    created_at_ms: int | None = None,
+) -> ModelUpdate:
+    """``faces-1``'s v3 over ``classes`` classes, under a ``max_bytes`` message limit."""
+    return build_update(
+        VersionSpec(
+            model_id="faces-1",
+            version="v3",
+            backbone=Backbone.INCEPTION_RESNET_V1,
+            cut=Cut.FREEZE6,
+            num_classes=classes,
+            parent_version="v2",
+            trigger_id="faces-1:3",
+        ),
+        PublishTarget(store, SERVER, max_bytes, dtype),
+        head_state(classes),
+        metrics=ModelMetrics(0.9, 0.5, 900, 100, 1.5, 5),
+        is_best=True,
+        created_at_ms=created_at_ms,
+    )
 
 
 # --------------------------------------------------------------------------- naming

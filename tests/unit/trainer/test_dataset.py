@@ -13,7 +13,7 @@ from torch import nn
 from pipeline import codec
 from pipeline.records import Backbone, Cut, FeatureDType, FeaturePush, OffsetRange
 from pipeline.samples import split_train_val
-from trainer.dataset import Dataset, FeatureCache, OffsetSet, Outcome, offset_ranges
+from trainer.dataset import AddResult, Dataset, FeatureCache, OffsetSet, offset_ranges
 from trainer.job import JobError, job_seed, synthetic_dataset, train_candidate
 from trainer.recipe import TrainConfig
 
@@ -87,7 +87,7 @@ def test_only_offsets_not_held_are_asked_for() -> None:
         OffsetRange(1, 0, 3),
     ]
     # A record handed in twice is not decoded again.
-    assert c.add_record(0, 3, *record(push("dev-3", [1, 2]))) is Outcome.ALREADY_HELD
+    assert c.add_record(0, 3, *record(push("dev-3", [1, 2]))) is AddResult.ALREADY_HELD
     assert len(c) == 20 and c.stats.already_held == 1
 
 
@@ -96,12 +96,12 @@ def test_only_offsets_not_held_are_asked_for() -> None:
 
 def test_duplicate_samples_count_once_first_copy_wins() -> None:
     c = cache()
-    assert c.add_record(0, 0, *record(push("dev-a", [1, 2, 3], value=1.0))) is Outcome.ADDED
+    assert c.add_record(0, 0, *record(push("dev-a", [1, 2, 3], value=1.0))) is AddResult.ADDED
     # Sample 3 again (a device re-pushed it) plus a new one: only the new one is kept.
-    assert c.add_record(0, 1, *record(push("dev-a", [3, 4], value=2.0))) is Outcome.ADDED
-    assert c.add_record(0, 2, *record(push("dev-a", [1, 2], value=3.0))) is Outcome.DUPLICATE
+    assert c.add_record(0, 1, *record(push("dev-a", [3, 4], value=2.0))) is AddResult.ADDED
+    assert c.add_record(0, 2, *record(push("dev-a", [1, 2], value=3.0))) is AddResult.DUPLICATE
     # Same sample id from another device is another sample.
-    assert c.add_record(0, 3, *record(push("dev-b", [1], value=4.0))) is Outcome.ADDED
+    assert c.add_record(0, 3, *record(push("dev-b", [1], value=4.0))) is AddResult.ADDED
     data = c.select()
     assert sorted(data.keys) == [
         ("dev-a", 1),
@@ -137,19 +137,19 @@ def test_lowest_offset_wins_whatever_the_read_order() -> None:
 def test_other_models_and_bad_records_are_skipped() -> None:
     c = cache()
     other = push("dev-a", [1, 2], model_id="cats-2")
-    assert c.add_record(0, 0, *record(other)) is Outcome.OTHER_MODEL
+    assert c.add_record(0, 0, *record(other)) is AddResult.OTHER_MODEL
     # No key (e.g. a kcat producer): decoded, then recognised by its model id.
-    assert c.add_record(0, 1, None, codec.encode_push(other)) is Outcome.OTHER_MODEL
+    assert c.add_record(0, 1, None, codec.encode_push(other)) is AddResult.OTHER_MODEL
     assert (
         c.add_record(0, 2, codec.encode_key(MODEL), b"not a push, only some bytes")
-        is Outcome.REJECTED
+        is AddResult.REJECTED
     )
     wrong_cut = push("dev-a", [1], cut=Cut.FREEZE5)
-    assert c.add_record(0, 3, *record(wrong_cut)) is Outcome.REJECTED
+    assert c.add_record(0, 3, *record(wrong_cut)) is AddResult.REJECTED
     bad_label = push("dev-a", [1], labels=[CLASSES])
-    assert c.add_record(0, 4, *record(bad_label)) is Outcome.REJECTED
-    assert c.add_record(0, 5, codec.encode_key(MODEL), None) is Outcome.REJECTED
-    assert c.add_record(0, 6, *record(push("dev-a", [1]))) is Outcome.ADDED
+    assert c.add_record(0, 4, *record(bad_label)) is AddResult.REJECTED
+    assert c.add_record(0, 5, codec.encode_key(MODEL), None) is AddResult.REJECTED
+    assert c.add_record(0, 6, *record(push("dev-a", [1]))) is AddResult.ADDED
     assert len(c) == 1
     assert c.stats.other_models == 2
     assert dict(c.stats.rejected) == {
@@ -195,7 +195,7 @@ def test_forget_before_drops_what_left_the_log() -> None:
     assert sorted(k[1] for k in c.select().keys) == [2, 3, 4]
     assert c.missing([OffsetRange(0, 0, 5)]) == [OffsetRange(0, 0, 2)]
     # Sample 1 is gone with its first copy; a re-read of offset 6 is still known.
-    assert c.add_record(0, 6, *record(push("dev-a", [1]))) is Outcome.ALREADY_HELD
+    assert c.add_record(0, 6, *record(push("dev-a", [1]))) is AddResult.ALREADY_HELD
     assert c.select([OffsetRange(0, 2, 3)]).features[0, 0] == 2.0
 
 
