@@ -1,6 +1,6 @@
 """``docs/benchmarks.md`` and its plots, rendered from the result files: the loaded
-results (:mod:`lab.report_data`), one section per benchmark (:mod:`lab.report_sections`)
-and the plots (:mod:`lab.report_plots`)."""
+results (:mod:`lab.report_data`), one section per benchmark (:mod:`lab.report_sections` and the
+modules beside it) and the plots (:mod:`lab.report_plots`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from lab import report_sections as sec
 from lab.readme_table import update_readme
 from lab.report_chaos import section_chaos
 from lab.report_data import IMG_DIR, Report, load_report
+from lab.report_fedavg import section_fedavg
 from lab.report_plots import plot_datafraction, plot_fedavg, plot_push, plot_train
 
 # --------------------------------------------------------------------------- the document
@@ -60,7 +61,7 @@ def render(report: Report, docs_dir: Path) -> tuple[str, list[Path]]:
         sec.section_transport(report),
         sec.section_pipeline(report),
         sec.section_fleet(report),
-        sec.section_fedavg(report, fedavg_img),
+        section_fedavg(report, fedavg_img),
         section_chaos(report),
     ]
     return "\n\n".join(parts) + "\n", written

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from lab.report_data import Report, num, seconds, table
-from lab.report_sections import missing_note, stale_note
+from lab.report_data import Report, num, open_section, seconds, table
 
 
 def section_chaos(report: Report) -> str:
     r = report.results["chaos"]
-    out = "## Exactly once under faults\n\n" + stale_note(r)
-    if not r.ok or r.data is None:
-        return out + missing_note(r)
-    d = r.data
+    out, d = open_section(r, "Exactly once under faults")
+    if d is None:
+        return out
     out += (
         "Each run starts its own broker, the worker and the trainer as supervised children "
         "(as `fedex up` does) and load: `age` = 4 models × 20 devices of built-in pushers at "

@@ -235,3 +235,35 @@ def commit_of(result: Result) -> str:
     if not commit:
         return "—"
     return f"{commit[:7]}{'+dirty' if cond.get('dirty') else ''}"
+
+
+# --------------------------------------------------------------------------- notes
+
+
+def missing_note(result: Result) -> str:
+    return f"**Missing** — {result.missing}."
+
+
+def stale_note(result: Result) -> str:
+    notes = ""
+    if result.run and result.run.get("status") == "failed" and result.data is not None:
+        notes += (
+            f"\n\n> The last run of `{result.command}` failed ({result.run.get('reason')}); "
+            "the numbers below are from the earlier result file.\n"
+        )
+    if result.stale and result.data is not None:
+        notes += (
+            f"\n\n> **Stale**: {result.stale}; the numbers below were measured at "
+            f"{commit_of(result)}. Re-run `{result.command}`.\n"
+        )
+    return notes
+
+
+def open_section(result: Result, title: str) -> tuple[str, dict[str, Any] | None]:
+    """A section's heading and its first note, and the result's data. Every section opens
+    alike: why the result is missing (the data is then None and the section ends there),
+    or whether its numbers are stale or its last run failed."""
+    heading = f"## {title}\n\n"
+    if result.data is None:
+        return heading + missing_note(result), None
+    return heading + stale_note(result), result.data

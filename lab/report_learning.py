@@ -7,8 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from lab.report_data import Report, dig, num, seconds, table
-from lab.report_sections import missing_note, stale_note
+from lab.report_data import Report, dig, num, open_section, seconds, table
 
 #: The paper's Figure 4 (FedEx, HotMobile'20), read off its plot: accuracy of the
 #: retrained classifier at each fraction of the 437,855 additional features.
@@ -23,10 +22,9 @@ def _mean_std(cell: Mapping[str, Any] | None) -> str:
 
 def section_datafraction(report: Report, img: str | None) -> str:
     r = report.results["datafraction"]
-    out = "## Figure 4 analog: accuracy vs fraction of additional user data\n\n"
-    if not r.ok or r.data is None:
-        return out + missing_note(r)
-    data = r.data
+    out, data = open_section(r, "Figure 4 analog: accuracy vs fraction of additional user data")
+    if data is None:
+        return out
     bank, recipe = data.get("bank", {}), data.get("recipe", {})
     world = (
         f"an expanded world at scale {data.get('scale')} of the paper "
@@ -35,7 +33,6 @@ def section_datafraction(report: Report, img: str | None) -> str:
         if data.get("scale") is not None
         else f"the real bank `{bank.get('file', '?')}`"
     )
-    out += stale_note(r)
     out += (
         f"On {world}, {bank.get('backbone', '?')} at {bank.get('cut', '?')} with the "
         f"pretrained FaceNet weights. The base head v0 is trained on the pre-training "
@@ -82,12 +79,10 @@ def section_datafraction(report: Report, img: str | None) -> str:
 
 def section_expansion(report: Report) -> str:
     r = report.results["expansion"]
-    out = "## Feature-space expansion: fidelity\n\n"
-    if not r.ok or r.data is None:
-        return out + missing_note(r)
-    data = r.data
+    out, data = open_section(r, "Feature-space expansion: fidelity")
+    if data is None:
+        return out
     bank = data.get("bank", {})
-    out += stale_note(r)
     out += (
         f"Fitted on the real bank `{bank.get('file', '?')}` ({num(bank.get('rows'))} real "
         f"backbone features, {num(bank.get('identities'))} identities), "
@@ -117,12 +112,10 @@ def section_expansion(report: Report) -> str:
 
 def section_paper_job(report: Report) -> str:
     r = report.results["paper-job"]
-    out = "## One paper-sized job through the pipeline\n\n"
-    if not r.ok or r.data is None:
-        return out + missing_note(r)
-    d = r.data
+    out, d = open_section(r, "One paper-sized job through the pipeline")
+    if d is None:
+        return out
     path = d.get("data_path", {})
-    out += stale_note(r)
     out += (
         f"{num(d.get('pushed_samples'))} features of {num(d.get('identities'))} identities "
         f"(scale {d.get('scale')} of the paper's 437,855 × 8,631) pushed as "

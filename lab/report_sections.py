@@ -14,32 +14,15 @@ from lab.report_data import (
     commit_of,
     dig,
     flatten,
+    missing_note,
     num,
+    open_section,
     percent,
     provenance,
     seconds,
+    stale_note,
     table,
 )
-
-
-def missing_note(result: Result) -> str:
-    return f"**Missing** — {result.missing}."
-
-
-def stale_note(result: Result) -> str:
-    notes = ""
-    if result.run and result.run.get("status") == "failed" and result.data is not None:
-        notes += (
-            f"\n\n> The last run of `{result.command}` failed ({result.run.get('reason')}); "
-            "the numbers below are from the earlier result file.\n"
-        )
-    if result.stale and result.data is not None:
-        notes += (
-            f"\n\n> **Stale**: {result.stale}; the numbers below were measured at "
-            f"{commit_of(result)}. Re-run `{result.command}`.\n"
-        )
-    return notes
-
 
 # --------------------------------------------------------------------------- sections
 
@@ -151,13 +134,11 @@ def tiers_of(data: Mapping[str, Any]) -> list[str]:
 
 def section_push(report: Report, img: str | None) -> str:
     r = report.results["push"]
-    out = "## Table 2 analog: push and pull latency per freeze level\n\n"
-    if not r.ok or r.data is None:
-        return out + missing_note(r)
-    data = r.data
+    out, data = open_section(r, "Table 2 analog: push and pull latency per freeze level")
+    if data is None:
+        return out
     tiers = tiers_of(data)
     cfg = data.get("config", {})
-    out += stale_note(r)
     out += (
         f"A real {cfg.get('samples_per_push', 10)}-sample {cfg.get('dtype', 'float16')} "
         "feature push per level, encoded by the codec; **measured** on loopback as a Kafka "
@@ -359,11 +340,11 @@ def section_pipeline(report: Report) -> str:
 
 def section_generic(report: Report, name: str, title: str) -> str:
     r = report.results[name]
-    out = f"## {title}\n\n" + stale_note(r)
-    if not r.ok:
-        return out + missing_note(r)
+    out, data = open_section(r, title)
+    if data is None:
+        return out
     skip = {"benchmark", "measured_at", "machine", "created_at", "environment"}
-    body = {k: v for k, v in (r.data or {}).items() if k not in skip}
+    body = {k: v for k, v in data.items() if k not in skip}
     rows = [[f"`{k}`", num(v)] for k, v in flatten(body)]
     return out + table(["field", "value"], rows) + f"\n\nReproduce: `{r.command}`."
 
@@ -402,10 +383,9 @@ def fleet_density(data: Mapping[str, Any] | None) -> str | None:
 
 def section_fleet(report: Report) -> str:
     r = report.results["fleet"]
-    out = "## Fleet\n\n" + stale_note(r)
-    if not r.ok or r.data is None:
-        return out + missing_note(r)
-    d = r.data
+    out, d = open_section(r, "Fleet")
+    if d is None:
+        return out
     known = [k for k in ("one_process", "multi_process", "fanout") if k in d]
     if not known:
         return section_generic(report, "fleet", "Fleet")
@@ -461,150 +441,3 @@ def section_fleet(report: Report) -> str:
     if density:
         out += f"\n\nDensity: {density}."
     return out + f"\n\nReproduce: `{r.command}`."
-
-
-def section_fedavg(report: Report, img: str | None) -> str:
-    r = report.results["fedavg"]
-    out = "## FedAvg baseline vs FedEx\n\n" + stale_note(r)
-    if not r.ok or r.data is None:
-        return out + missing_note(r)
-    d = r.data
-    summary = d.get("summary")
-    if not isinstance(summary, Mapping) or not isinstance(summary.get("targets"), list):
-        return section_generic(report, "fedavg", "FedAvg baseline vs FedEx")
-    out += fedavg_task_note(d) + "\n\n"
-    out += fedavg_final_table(summary) + "\n\n" + fedavg_target_table(summary)
-    head = d.get("headline") or {}
-    met = "met" if d.get("meets_target") else "not met"
-    ratio = spread_cell(
-        head.get("bytes_ratio"), head.get("bytes_ratio_min"), head.get("bytes_ratio_max")
-    )
-    out += (
-        f"\n\nBytes per device to FedEx's accuracy, FedAvg {head.get('dtype', '?')} / FedEx: "
-        f"**{ratio}**"
-        f" (median, min–max over the {num(head.get('reached'))} of {num(head.get('of'))} seeds "
-        f"that reached it; target ≥ {num(d.get('target_ratio'))}: {met})."
-    )
-    if img:
-        out += f"\n\n![FedAvg accuracy vs bytes per device, FedEx as points]({img})"
-    return out + f"\n\nReproduce: `{r.command}`."
-
-
-def spread_cell(median: Any, low: Any, high: Any, digits: int = 3) -> str:
-    """``median (min–max)``; the median alone when the range is one value; ``—`` if none."""
-    if median is None:
-        return "—"
-    if low is None or high is None or low == high:
-        return num(median, digits)
-    return f"{num(median, digits)} ({num(low, digits)}–{num(high, digits)})"
-
-
-def stats_cell(doc: Any, digits: int = 3) -> str:
-    """:func:`spread_cell` of a ``{median, min, max}`` document."""
-    if not isinstance(doc, Mapping):
-        return "—"
-    return spread_cell(doc.get("median"), doc.get("min"), doc.get("max"), digits)
-
-
-def fedavg_task_note(d: Mapping[str, Any]) -> str:
-    """The task both arms share, its distinctness check and the trainer's settings."""
-    task, summary = d.get("task") or {}, d.get("summary") or {}
-    checks = task.get("distinct") or []
-    copies = sum(
-        int(c.get(k, 0))
-        for c in checks
-        for k in ("sample_copies", "validation_in_trained", "test_in_trained", "test_in_validation")
-    )
-    ts = d.get("trainer_settings") or {}
-    return (
-        f"Same task for both arms, {num(summary.get('seeds'))} seeds: "
-        f"{num(task.get('devices'))} devices x {num(task.get('samples_per_device'))} samples, "
-        f"{num(task.get('num_classes'))} classes, {task.get('backbone', '?')} at "
-        f"{task.get('cut', '?')}; v0 accuracy {stats_cell(summary.get('base_accuracy'))}. "
-        f"Data: {task.get('data', '?')}; copies of a trained vector among the samples, the "
-        f"trainer's validation split and the test rows: {num(copies)} over "
-        f"{num(len(checks))} seeds. Evaluation: {task.get('evaluation', '?')}. FedEx's trainer "
-        f"ran with val_device_fraction {num(ts.get('val_device_fraction'))}, val_fraction "
-        f"{num(ts.get('val_fraction'))}, val_max_samples {num(ts.get('val_max_samples'))}, "
-        f"replay_max_samples {num(ts.get('replay_max_samples'))}, promote_margin "
-        f"{num(ts.get('promote_margin'))}. Bytes are real encoded message sizes; FedAvg's head "
-        "travels in fp32 and, in a second run on the same seed, in fp16 (FedEx pushes fp16)."
-    )
-
-
-def fedavg_final_table(summary: Mapping[str, Any]) -> str:
-    """Each arm's final model: accuracy, vendor spread, worst vendor, rounds, bytes, wall."""
-    fx = summary.get("fedex") or {}
-    rows = [
-        [
-            "FedEx",
-            stats_cell(fx.get("accuracy")),
-            stats_cell(fx.get("vendor_spread")),
-            stats_cell(fx.get("worst_vendor_accuracy")),
-            "1",
-            stats_cell(fx.get("bytes_per_device")),
-            stats_cell(fx.get("wall_seconds")),
-        ]
-    ]
-    for dtype, arm in (summary.get("fedavg") or {}).items():
-        rows.append(
-            [
-                f"FedAvg {dtype}",
-                stats_cell(arm.get("final_accuracy")),
-                stats_cell(arm.get("vendor_spread")),
-                stats_cell(arm.get("worst_vendor_accuracy")),
-                stats_cell(arm.get("rounds")),
-                "see below",
-                "see below",
-            ]
-        )
-    return table(
-        [
-            "arm (final model)",
-            "accuracy",
-            "vendor spread",
-            "worst vendor",
-            "rounds",
-            "B/device",
-            "wall s",
-        ],
-        rows,
-    )
-
-
-def fedavg_target_table(summary: Mapping[str, Any]) -> str:
-    """Per target and FedAvg precision: seeds reached, rounds, and the ratios to FedEx."""
-    seeds = summary.get("seeds")
-    rows = []
-    for t in summary.get("targets") or []:
-        for dtype, arm in (t.get("fedavg") or {}).items():
-            bounds = arm.get("unreached_ratio_lower_bounds") or []
-            rows.append(
-                [
-                    t.get("name", "?"),
-                    stats_cell(t.get("accuracy")),
-                    f"{num(t.get('fedex_reached'))}/{num(seeds)}",
-                    dtype,
-                    f"{num(arm.get('reached'))}/{num(arm.get('of'))}",
-                    stats_cell(arm.get("rounds")),
-                    stats_cell(arm.get("bytes_per_device")),
-                    stats_cell(arm.get("bytes_ratio")),
-                    stats_cell(arm.get("wall_ratio")),
-                    ", ".join(f"> {num(b)}" for b in bounds) or "—",
-                ]
-            )
-    return table(
-        [
-            "target",
-            "accuracy",
-            "FedEx reached",
-            "FedAvg",
-            "FedAvg reached",
-            "rounds",
-            "FedAvg B/device",
-            "B × FedEx",
-            "wall × FedEx",
-            "not reached: B × FedEx",
-        ],
-        rows,
-    )
