@@ -11,9 +11,10 @@ machine-readable :class:`Reject` reason and a message a person understands, and 
 bytes raise nothing else.
 
 Callers use this package as one module (``from pipeline import codec``). Inside it:
-``envelope`` (header, kinds, rejects, the error, shared field checks), ``features`` (the
-push), ``control`` (trigger, model update, dead letter), ``fedavg`` (round records),
-``internal`` (the agents' table value and batch summary) and ``keys`` (message keys).
+``envelope`` (header, kinds, rejects, the error, framing), ``fields`` (the metadata
+readers every kind shares), ``features`` (the push), ``control`` (trigger, model update,
+dead letter), ``fedavg`` (round records), ``internal`` (the agents' table value and batch
+summary) and ``keys`` (message keys).
 """
 
 from pipeline.codec.control import (
@@ -36,9 +37,6 @@ from pipeline.codec.envelope import (
     Reject,
     peek_kind,
 )
-
-# Not public API: the codec's tests frame malformed records with it.
-from pipeline.codec.envelope import _envelope as _envelope
 from pipeline.codec.features import DEFAULT_MAX_SAMPLES, decode_push, encode_push, push_layout
 from pipeline.codec.fedavg import (
     MAX_SELECTED,

@@ -9,20 +9,8 @@ import binascii
 import re
 from typing import Final
 
-from pipeline.codec.envelope import (
-    CodecError,
-    Kind,
-    Reject,
-    _enum,
-    _envelope,
-    _float_or_none,
-    _get,
-    _id,
-    _nonneg_int,
-    _open,
-    _optional,
-    _optional_id,
-)
+from pipeline.codec import fields
+from pipeline.codec.envelope import CodecError, Kind, Reject, frame, unframe
 from pipeline.records import (
     Backbone,
     Cut,
@@ -51,23 +39,23 @@ def encode_trigger(trigger: TrainingTrigger) -> bytes:
         "attempt": trigger.attempt,
         "created_at_ms": trigger.created_at_ms,
     }
-    return _envelope(Kind.TRAINING_TRIGGER, meta)
+    return frame(Kind.TRAINING_TRIGGER, meta)
 
 
 def decode_trigger(data: bytes | bytearray | memoryview) -> TrainingTrigger:
-    _, meta, body = _open(data, Kind.TRAINING_TRIGGER)
+    _, meta, body = unframe(data, Kind.TRAINING_TRIGGER)
     _no_body(body, "a training trigger")
-    ranges = _decode_ranges(_get(meta, "ranges", list, "a list of [partition, start, end]"))
-    attempt = _nonneg_int(meta, "attempt")
+    ranges = _decode_ranges(fields.get(meta, "ranges", list, "a list of [partition, start, end]"))
+    attempt = fields.nonneg_int(meta, "attempt")
     return TrainingTrigger(
-        model_id=_id(meta, "model_id"),
-        trigger_id=_id(meta, "trigger_id"),
+        model_id=fields.ident(meta, "model_id"),
+        trigger_id=fields.ident(meta, "trigger_id"),
         ranges=ranges,
-        sample_count=_nonneg_int(meta, "sample_count"),
-        reason=_enum(meta, "reason", TriggerReason, Reject.BAD_FIELD),
-        base_version=_optional_id(meta, "base_version"),
+        sample_count=fields.nonneg_int(meta, "sample_count"),
+        reason=fields.choice(meta, "reason", TriggerReason, Reject.BAD_FIELD),
+        base_version=fields.optional_ident(meta, "base_version"),
         attempt=attempt,
-        created_at_ms=_nonneg_int(meta, "created_at_ms"),
+        created_at_ms=fields.nonneg_int(meta, "created_at_ms"),
     )
 
 
@@ -132,59 +120,59 @@ def encode_update(update: ModelUpdate) -> bytes:
             Reject.SIZE_MISMATCH,
             f"inline checkpoint is {len(update.checkpoint)} bytes, update says {update.size}",
         )
-    return _envelope(Kind.MODEL_UPDATE, meta, [update.checkpoint] if update.checkpoint else None)
+    return frame(Kind.MODEL_UPDATE, meta, [update.checkpoint] if update.checkpoint else None)
 
 
 def decode_update(data: bytes | bytearray | memoryview) -> ModelUpdate:
     """Decodes an update. The inline checkpoint's sha256 is the consumer's to verify."""
-    _, meta, body = _open(data, Kind.MODEL_UPDATE)
-    size = _nonneg_int(meta, "size")
-    inline = _get(meta, "inline", bool, "true or false")
+    _, meta, body = unframe(data, Kind.MODEL_UPDATE)
+    size = fields.nonneg_int(meta, "size")
+    inline = fields.get(meta, "inline", bool, "true or false")
     if inline and len(body) != size:
         raise CodecError(
             Reject.SIZE_MISMATCH, f"inline checkpoint is {len(body)} bytes, size says {size}"
         )
     if not inline:
         _no_body(body, "a by-reference model update")
-    sha = _get(meta, "sha256", str, "64 lowercase hex digits")
+    sha = fields.get(meta, "sha256", str, "64 lowercase hex digits")
     if not _SHA256_PATTERN.fullmatch(sha):
         raise CodecError(Reject.BAD_FIELD, f"sha256 {sha!r:.80} is not 64 lowercase hex digits")
-    num_classes = _nonneg_int(meta, "num_classes")
+    num_classes = fields.nonneg_int(meta, "num_classes")
     if num_classes == 0:
         raise CodecError(Reject.BAD_FIELD, "num_classes must be positive")
-    raw = _get(meta, "metrics", dict, "an object")
+    raw = fields.get(meta, "metrics", dict, "an object")
     number = (int, float)
     metrics = ModelMetrics(
-        val_accuracy=float(_get(raw, "val_accuracy", number, "a number")),
-        champion_val_accuracy=_float_or_none(
-            _optional(raw, "champion_val_accuracy", number, "a number")
+        val_accuracy=float(fields.get(raw, "val_accuracy", number, "a number")),
+        champion_val_accuracy=fields.float_or_none(
+            fields.optional(raw, "champion_val_accuracy", number, "a number")
         ),
-        train_samples=_nonneg_int(raw, "train_samples"),
-        val_samples=_nonneg_int(raw, "val_samples"),
-        train_seconds=float(_get(raw, "train_seconds", number, "a number")),
-        epochs=_nonneg_int(raw, "epochs"),
+        train_samples=fields.nonneg_int(raw, "train_samples"),
+        val_samples=fields.nonneg_int(raw, "val_samples"),
+        train_seconds=float(fields.get(raw, "train_seconds", number, "a number")),
+        epochs=fields.nonneg_int(raw, "epochs"),
         # Absent from updates published before replay and the fixed validation set.
-        replay_samples=_nonneg_int(raw, "replay_samples") if "replay_samples" in raw else 0,
-        eval_samples=_nonneg_int(raw, "eval_samples") if "eval_samples" in raw else 0,
+        replay_samples=fields.nonneg_int(raw, "replay_samples") if "replay_samples" in raw else 0,
+        eval_samples=fields.nonneg_int(raw, "eval_samples") if "eval_samples" in raw else 0,
     )
     return ModelUpdate(
-        model_id=_id(meta, "model_id"),
-        version=_id(meta, "version"),
-        parent_version=_optional_id(meta, "parent_version"),
-        trigger_id=_optional_id(meta, "trigger_id"),
-        backbone=_enum(meta, "backbone", Backbone, Reject.UNKNOWN_BACKBONE),
-        cut=_enum(meta, "cut", Cut, Reject.UNKNOWN_CUT),
+        model_id=fields.ident(meta, "model_id"),
+        version=fields.ident(meta, "version"),
+        parent_version=fields.optional_ident(meta, "parent_version"),
+        trigger_id=fields.optional_ident(meta, "trigger_id"),
+        backbone=fields.choice(meta, "backbone", Backbone, Reject.UNKNOWN_BACKBONE),
+        cut=fields.choice(meta, "cut", Cut, Reject.UNKNOWN_CUT),
         num_classes=num_classes,
-        checkpoint_uri=_get(meta, "checkpoint_uri", str, "a string"),
+        checkpoint_uri=fields.get(meta, "checkpoint_uri", str, "a string"),
         sha256=sha,
         size=size,
-        encoding=_get(meta, "encoding", str, "a string"),
+        encoding=fields.get(meta, "encoding", str, "a string"),
         metrics=metrics,
-        is_best=_get(meta, "is_best", bool, "true or false"),
-        created_at_ms=_nonneg_int(meta, "created_at_ms"),
+        is_best=fields.get(meta, "is_best", bool, "true or false"),
+        created_at_ms=fields.nonneg_int(meta, "created_at_ms"),
         checkpoint=bytes(body) if inline else None,
         trigger_ranges=_decode_ranges(
-            _optional(meta, "trigger_ranges", list, "a list of [partition, start, end]") or []
+            fields.optional(meta, "trigger_ranges", list, "a list of [partition, start, end]") or []
         ),
     )
 
@@ -202,27 +190,27 @@ def encode_dead_letter(letter: DeadLetter) -> bytes:
         "key": None if letter.key is None else base64.b64encode(letter.key).decode("ascii"),
         "at_ms": letter.at_ms,
     }
-    return _envelope(Kind.DEAD_LETTER, meta, [letter.original])
+    return frame(Kind.DEAD_LETTER, meta, [letter.original])
 
 
 def decode_dead_letter(data: bytes | bytearray | memoryview) -> DeadLetter:
-    _, meta, body = _open(data, Kind.DEAD_LETTER)
-    raw_key = _optional(meta, "key", str, "base64 text")
+    _, meta, body = unframe(data, Kind.DEAD_LETTER)
+    raw_key = fields.optional(meta, "key", str, "base64 text")
     try:
         key = None if raw_key is None else base64.b64decode(raw_key, validate=True)
     except binascii.Error:
         raise CodecError(Reject.BAD_FIELD, "key is not valid base64") from None
-    partition: int = _get(meta, "partition", int, "an integer")
-    offset: int = _get(meta, "offset", int, "an integer")
+    partition: int = fields.get(meta, "partition", int, "an integer")
+    offset: int = fields.get(meta, "offset", int, "an integer")
     return DeadLetter(
         original=bytes(body),
-        topic=_get(meta, "topic", str, "a string"),
+        topic=fields.get(meta, "topic", str, "a string"),
         partition=partition,
         offset=offset,
-        reason=_get(meta, "reason", str, "a string"),
-        message=_get(meta, "message", str, "a string"),
+        reason=fields.get(meta, "reason", str, "a string"),
+        message=fields.get(meta, "message", str, "a string"),
         key=key,
-        at_ms=_nonneg_int(meta, "at_ms"),
+        at_ms=fields.nonneg_int(meta, "at_ms"),
     )
 
 

@@ -28,16 +28,16 @@ ALIGN: Final = 8
 
 MAX_META_BYTES: Final = 64 * 1024
 
-_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+ID_PATTERN: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
-_EXPONENT_BITS: Final[dict[FeatureDType, tuple[np.dtype[np.unsignedinteger], int]]] = {
+EXPONENT_BITS: Final[dict[FeatureDType, tuple[np.dtype[np.unsignedinteger], int]]] = {
     FeatureDType.FLOAT16: (np.dtype("<u2"), 0x7C00),
     FeatureDType.FLOAT32: (np.dtype("<u4"), 0x7F800000),
 }
 
-_U64 = np.dtype("<u8")
-_I64 = np.dtype("<i8")
-_I32 = np.dtype("<i4")
+U64 = np.dtype("<u8")
+I64 = np.dtype("<i8")
+I32 = np.dtype("<i4")
 
 
 class Kind(enum.IntEnum):
@@ -97,11 +97,11 @@ class CodecError(FedexError):
 # ---------------------------------------------------------------------------- envelope
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
-def _envelope(kind: Kind, meta: Mapping[str, Any], body_parts: list[bytes] | None = None) -> bytes:
+def frame(kind: Kind, meta: Mapping[str, Any], body_parts: list[bytes] | None = None) -> bytes:
     meta_bytes = orjson.dumps(meta)
     if len(meta_bytes) > MAX_META_BYTES:
         raise CodecError(
@@ -109,12 +109,12 @@ def _envelope(kind: Kind, meta: Mapping[str, Any], body_parts: list[bytes] | Non
         )
     parts = body_parts or []
     body_len = sum(len(p) for p in parts)
-    pad = _align(HEADER_SIZE + len(meta_bytes)) - HEADER_SIZE - len(meta_bytes)
+    pad = align(HEADER_SIZE + len(meta_bytes)) - HEADER_SIZE - len(meta_bytes)
     header = HEADER.pack(MAGIC, VERSION, kind, 0, len(meta_bytes), body_len)
     return b"".join([header, meta_bytes, b"\0" * pad, *parts])
 
 
-def _open(
+def unframe(
     data: bytes | bytearray | memoryview, expected: Kind | None
 ) -> tuple[Kind, dict[str, Any], memoryview]:
     """Checks the header and returns (kind, metadata, body view)."""
@@ -153,7 +153,7 @@ def _open(
         raise CodecError(
             Reject.BAD_METADATA, f"metadata length {meta_len} is over {MAX_META_BYTES}"
         )
-    body_at = _align(HEADER_SIZE + meta_len)
+    body_at = align(HEADER_SIZE + meta_len)
     end = body_at + body_len
     if len(view) < end:
         raise CodecError(
@@ -178,67 +178,4 @@ def _open(
 
 def peek_kind(data: bytes | bytearray | memoryview) -> Kind:
     """The kind of a record, checking only the header."""
-    return _open(data, None)[0]
-
-
-# ------------------------------------------------------------------- metadata access
-
-
-def _get(meta: Mapping[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
-    if key not in meta or meta[key] is None:
-        raise CodecError(Reject.MISSING_FIELD, f"metadata has no {key!r} ({what})")
-    value = meta[key]
-    # bool is an int in Python; a JSON true is never a valid count or offset.
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
-        raise CodecError(Reject.BAD_FIELD, f"{key!r} must be {what}, got {value!r:.80}")
-    return value
-
-
-def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
-    return types if isinstance(types, tuple) else (types,)
-
-
-def _optional(meta: Mapping[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
-    if meta.get(key) is None:
-        return None
-    return _get(meta, key, types, what)
-
-
-def _id(meta: Mapping[str, Any], key: str) -> str:
-    value = meta.get(key)
-    if value is None or value == "":
-        raise CodecError(Reject.MISSING_ID, f"{key!r} is missing or empty")
-    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
-        raise CodecError(
-            Reject.BAD_ID,
-            f"{key!r} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -, got {value!r:.80}",
-        )
-    return value
-
-
-def _optional_id(meta: Mapping[str, Any], key: str) -> str | None:
-    return None if meta.get(key) is None else _id(meta, key)
-
-
-def _enum(meta: Mapping[str, Any], key: str, cls: type[enum.StrEnum], reason: Reject) -> Any:
-    value = meta.get(key)
-    if isinstance(value, str):
-        try:  # not contextlib.suppress: this is on every push's hot path
-            return cls(value)
-        except ValueError:
-            pass
-    # The list of choices is built only for the error (it cost half of decode_push).
-    choices = ", ".join(m.value for m in cls)
-    value = _get(meta, key, str, f"one of {choices}")
-    raise CodecError(reason, f"{key} {value!r:.40} is unknown; expected one of {choices}")
-
-
-def _nonneg_int(meta: Mapping[str, Any], key: str) -> int:
-    value: int = _get(meta, key, int, "a non-negative integer")
-    if value < 0:
-        raise CodecError(Reject.BAD_FIELD, f"{key!r} must be non-negative, got {value}")
-    return value
-
-
-def _float_or_none(value: float | int | None) -> float | None:
-    return None if value is None else float(value)
+    return unframe(data, None)[0]

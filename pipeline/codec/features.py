@@ -8,21 +8,18 @@ from typing import Any, Final
 
 import numpy as np
 
+from pipeline.codec import fields
 from pipeline.codec.envelope import (
-    _EXPONENT_BITS,
-    _I32,
-    _I64,
-    _U64,
+    EXPONENT_BITS,
+    I32,
+    I64,
+    U64,
     CodecError,
     Kind,
     Reject,
-    _align,
-    _enum,
-    _envelope,
-    _get,
-    _id,
-    _nonneg_int,
-    _open,
+    align,
+    frame,
+    unframe,
 )
 from pipeline.records import FEATURE_SHAPES, Backbone, Cut, FeatureDType, FeaturePush
 
@@ -37,7 +34,7 @@ def push_layout(
     ids_at = 0
     ts_at = 8 * n
     labels_at = 16 * n
-    features_at = labels_at + _align(4 * n)
+    features_at = labels_at + align(4 * n)
     total = features_at + n * math.prod(shape) * dtype.numpy.itemsize
     return ids_at, ts_at, labels_at, features_at, total
 
@@ -61,15 +58,15 @@ def encode_push(push: FeaturePush) -> bytes:
         "shape": list(shape),
         "n": n,
     }
-    label_bytes = np.ascontiguousarray(push.labels, dtype=_I32).tobytes()
-    return _envelope(
+    label_bytes = np.ascontiguousarray(push.labels, dtype=I32).tobytes()
+    return frame(
         Kind.FEATURE_PUSH,
         meta,
         [
-            np.ascontiguousarray(push.sample_ids, dtype=_U64).tobytes(),
-            np.ascontiguousarray(push.timestamps_ms, dtype=_I64).tobytes(),
+            np.ascontiguousarray(push.sample_ids, dtype=U64).tobytes(),
+            np.ascontiguousarray(push.timestamps_ms, dtype=I64).tobytes(),
             label_bytes,
-            b"\0" * (_align(len(label_bytes)) - len(label_bytes)),
+            b"\0" * (align(len(label_bytes)) - len(label_bytes)),
             np.ascontiguousarray(push.features, dtype=push.dtype.numpy).tobytes(),
         ],
     )
@@ -77,7 +74,7 @@ def encode_push(push: FeaturePush) -> bytes:
 
 def _shape(meta: dict[str, Any], backbone: Backbone, cut: Cut) -> tuple[int, ...]:
     """The push's feature shape, which must be the backbone/cut table's."""
-    raw_shape = _get(meta, "shape", list, "a list of dimensions")
+    raw_shape = fields.get(meta, "shape", list, "a list of dimensions")
     expected_shape = FEATURE_SHAPES[backbone][cut]
     if len(raw_shape) != len(expected_shape) or any(
         not isinstance(d, int) or isinstance(d, bool) for d in raw_shape
@@ -107,14 +104,14 @@ def decode_push(
     ``num_classes`` (the model's label range) is checked when given; labels must be
     non-negative in any case.
     """
-    _, meta, body = _open(data, Kind.FEATURE_PUSH)
-    model_id = _id(meta, "model_id")
-    device_id = _id(meta, "device_id")
-    backbone: Backbone = _enum(meta, "backbone", Backbone, Reject.UNKNOWN_BACKBONE)
-    cut: Cut = _enum(meta, "cut", Cut, Reject.UNKNOWN_CUT)
-    dtype: FeatureDType = _enum(meta, "dtype", FeatureDType, Reject.UNKNOWN_DTYPE)
+    _, meta, body = unframe(data, Kind.FEATURE_PUSH)
+    model_id = fields.ident(meta, "model_id")
+    device_id = fields.ident(meta, "device_id")
+    backbone: Backbone = fields.choice(meta, "backbone", Backbone, Reject.UNKNOWN_BACKBONE)
+    cut: Cut = fields.choice(meta, "cut", Cut, Reject.UNKNOWN_CUT)
+    dtype: FeatureDType = fields.choice(meta, "dtype", FeatureDType, Reject.UNKNOWN_DTYPE)
     shape = _shape(meta, backbone, cut)
-    n = _nonneg_int(meta, "n")
+    n = fields.nonneg_int(meta, "n")
     if n == 0:
         raise CodecError(Reject.EMPTY_BATCH, "the push holds no samples")
     if n > max_samples:
@@ -127,16 +124,16 @@ def decode_push(
             Reject.SIZE_MISMATCH,
             f"body is {len(body)} bytes; {n} samples of {dtype} {list(shape)} need {total}",
         )
-    sample_ids = np.frombuffer(body, _U64, n, ids_at)
-    timestamps = np.frombuffer(body, _I64, n, ts_at)
-    labels = np.frombuffer(body, _I32, n, labels_at)
+    sample_ids = np.frombuffer(body, U64, n, ids_at)
+    timestamps = np.frombuffer(body, I64, n, ts_at)
+    labels = np.frombuffer(body, I32, n, labels_at)
     features = np.frombuffer(body, dtype.numpy, n * math.prod(shape), features_at).reshape(
         n, *shape
     )
 
     # NaN and ±Inf are exactly the values whose exponent bits are all ones: one integer
     # pass over the raw bits, no float conversion on the hot path.
-    bits, exponent = _EXPONENT_BITS[dtype]
+    bits, exponent = EXPONENT_BITS[dtype]
     if int((features.view(bits) & exponent).max()) == exponent:
         bad = int(np.count_nonzero(~np.isfinite(features)))
         raise CodecError(Reject.NON_FINITE, f"{bad} feature values are NaN or Inf")

@@ -8,21 +8,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from pipeline.codec.envelope import (
-    _EXPONENT_BITS,
-    CodecError,
-    Kind,
-    Reject,
-    _align,
-    _enum,
-    _envelope,
-    _float_or_none,
-    _get,
-    _id,
-    _nonneg_int,
-    _open,
-    _optional,
-)
+from pipeline.codec import fields
+from pipeline.codec.envelope import EXPONENT_BITS, CodecError, Kind, Reject, align, frame, unframe
 from pipeline.records import Backbone, Cut, FeatureDType, RoundBroadcast, RoundUpdate, UpdateKind
 
 # ------------------------------------------------------------- FedAvg baseline (issue 5)
@@ -47,7 +34,7 @@ def _tensor_body(
     for name, array in tensors.items():
         raw = np.ascontiguousarray(array, dtype=dtype.numpy).tobytes()
         table.append([name, [int(d) for d in np.shape(array)]])
-        parts += [raw, b"\0" * (_align(len(raw)) - len(raw))]
+        parts += [raw, b"\0" * (align(len(raw)) - len(raw))]
     return table, parts
 
 
@@ -55,7 +42,7 @@ def _tensors_from(
     meta: Mapping[str, Any], body: memoryview, dtype: FeatureDType
 ) -> dict[str, np.ndarray]:
     """Read-only views of the body's tensors, checked against the metadata's table."""
-    table = _get(meta, "tensors", list, "a list of [name, shape]")
+    table = fields.get(meta, "tensors", list, "a list of [name, shape]")
     if not table or len(table) > MAX_TENSORS:
         raise CodecError(
             Reject.BAD_FIELD, f"a record carries 1 to {MAX_TENSORS} tensors, got {len(table)}"
@@ -86,12 +73,12 @@ def _tensors_from(
                 f"body is {len(body)} bytes; tensor {name!r} {list(shape)} ends past it",
             )
         tensors[name] = np.frombuffer(body, dtype.numpy, count, at).reshape(shape)
-        at += _align(size)
+        at += align(size)
     if at != len(body):
         raise CodecError(
             Reject.SIZE_MISMATCH, f"body is {len(body)} bytes, the tensor table needs {at}"
         )
-    bits, exponent = _EXPONENT_BITS[dtype]
+    bits, exponent = EXPONENT_BITS[dtype]
     for name, array in tensors.items():
         if array.size and int((array.view(bits) & exponent).max()) == exponent:
             raise CodecError(Reject.NON_FINITE, f"tensor {name!r} holds NaN or Inf")
@@ -99,7 +86,7 @@ def _tensors_from(
 
 
 def _positive_int(meta: Mapping[str, Any], key: str) -> int:
-    value = _nonneg_int(meta, key)
+    value = fields.nonneg_int(meta, key)
     if value == 0:
         raise CodecError(Reject.BAD_FIELD, f"{key!r} must be positive")
     return value
@@ -124,39 +111,39 @@ def encode_round_broadcast(broadcast: RoundBroadcast) -> bytes:
         "tensors": table,
         "created_at_ms": broadcast.created_at_ms,
     }
-    return _envelope(Kind.ROUND_BROADCAST, meta, parts)
+    return frame(Kind.ROUND_BROADCAST, meta, parts)
 
 
 def decode_round_broadcast(data: bytes | bytearray | memoryview) -> RoundBroadcast:
     """Decodes and validates a broadcast; tensors are read-only views into ``data``."""
-    _, meta, body = _open(data, Kind.ROUND_BROADCAST)
-    raw_selected = _get(meta, "selected", list, "a list of device ids")
+    _, meta, body = unframe(data, Kind.ROUND_BROADCAST)
+    raw_selected = fields.get(meta, "selected", list, "a list of device ids")
     if len(raw_selected) > MAX_SELECTED:
         raise CodecError(
             Reject.BAD_FIELD, f"{len(raw_selected)} devices selected, the limit is {MAX_SELECTED}"
         )
-    selected = tuple(_id({"device_id": d}, "device_id") for d in raw_selected)
+    selected = tuple(fields.ident({"device_id": d}, "device_id") for d in raw_selected)
     if len(set(selected)) != len(selected):
         raise CodecError(Reject.BAD_FIELD, "a device is selected twice")
-    lr = _get(meta, "lr", (int, float), "a number")
+    lr = fields.get(meta, "lr", (int, float), "a number")
     if not math.isfinite(lr) or lr < 0:
         raise CodecError(Reject.BAD_FIELD, f"'lr' must be finite and ≥ 0, got {lr}")
-    dtype: FeatureDType = _enum(meta, "dtype", FeatureDType, Reject.UNKNOWN_DTYPE)
+    dtype: FeatureDType = fields.choice(meta, "dtype", FeatureDType, Reject.UNKNOWN_DTYPE)
     return RoundBroadcast(
-        model_id=_id(meta, "model_id"),
-        run_id=_id(meta, "run_id"),
-        round=_nonneg_int(meta, "round"),
-        backbone=_enum(meta, "backbone", Backbone, Reject.UNKNOWN_BACKBONE),
-        cut=_enum(meta, "cut", Cut, Reject.UNKNOWN_CUT),
+        model_id=fields.ident(meta, "model_id"),
+        run_id=fields.ident(meta, "run_id"),
+        round=fields.nonneg_int(meta, "round"),
+        backbone=fields.choice(meta, "backbone", Backbone, Reject.UNKNOWN_BACKBONE),
+        cut=fields.choice(meta, "cut", Cut, Reject.UNKNOWN_CUT),
         num_classes=_positive_int(meta, "num_classes"),
         selected=selected,
-        local_epochs=_nonneg_int(meta, "local_epochs"),
+        local_epochs=fields.nonneg_int(meta, "local_epochs"),
         batch_size=_positive_int(meta, "batch_size"),
         lr=float(lr),
-        deadline_ms=_nonneg_int(meta, "deadline_ms"),
+        deadline_ms=fields.nonneg_int(meta, "deadline_ms"),
         dtype=dtype,
         tensors=_tensors_from(meta, body, dtype),
-        created_at_ms=_nonneg_int(meta, "created_at_ms"),
+        created_at_ms=fields.nonneg_int(meta, "created_at_ms"),
     )
 
 
@@ -177,26 +164,26 @@ def encode_round_update(update: RoundUpdate) -> bytes:
         "tensors": table,
         "created_at_ms": update.created_at_ms,
     }
-    return _envelope(Kind.ROUND_UPDATE, meta, parts)
+    return frame(Kind.ROUND_UPDATE, meta, parts)
 
 
 def decode_round_update(data: bytes | bytearray | memoryview) -> RoundUpdate:
     """Decodes and validates a round update; tensors are read-only views into ``data``.
     Whether its tensors fit the round's head is the server's check."""
-    _, meta, body = _open(data, Kind.ROUND_UPDATE)
-    loss = _optional(meta, "loss", (int, float), "a number")
+    _, meta, body = unframe(data, Kind.ROUND_UPDATE)
+    loss = fields.optional(meta, "loss", (int, float), "a number")
     if loss is not None and not math.isfinite(loss):
         raise CodecError(Reject.NON_FINITE, f"loss {loss} is not finite")
-    dtype: FeatureDType = _enum(meta, "dtype", FeatureDType, Reject.UNKNOWN_DTYPE)
+    dtype: FeatureDType = fields.choice(meta, "dtype", FeatureDType, Reject.UNKNOWN_DTYPE)
     return RoundUpdate(
-        model_id=_id(meta, "model_id"),
-        run_id=_id(meta, "run_id"),
-        round=_nonneg_int(meta, "round"),
-        device_id=_id(meta, "device_id"),
+        model_id=fields.ident(meta, "model_id"),
+        run_id=fields.ident(meta, "run_id"),
+        round=fields.nonneg_int(meta, "round"),
+        device_id=fields.ident(meta, "device_id"),
         sample_count=_positive_int(meta, "sample_count"),
-        kind=_enum(meta, "kind", UpdateKind, Reject.BAD_FIELD),
+        kind=fields.choice(meta, "kind", UpdateKind, Reject.BAD_FIELD),
         dtype=dtype,
         tensors=_tensors_from(meta, body, dtype),
-        loss=_float_or_none(loss),
-        created_at_ms=_nonneg_int(meta, "created_at_ms"),
+        loss=fields.float_or_none(loss),
+        created_at_ms=fields.nonneg_int(meta, "created_at_ms"),
     )

@@ -10,17 +10,8 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from pipeline.codec.envelope import (
-    _I32,
-    _I64,
-    _ID_PATTERN,
-    CodecError,
-    Kind,
-    Reject,
-    _envelope,
-    _nonneg_int,
-    _open,
-)
+from pipeline.codec import fields
+from pipeline.codec.envelope import I32, I64, ID_PATTERN, CodecError, Kind, Reject, frame, unframe
 from pipeline.records import BatchSummary
 
 # ------------------------------------------------------------------ agent table value
@@ -91,15 +82,15 @@ def encode_summary(summary: BatchSummary) -> bytes:
         "models": len(summary.models),
         "devices": len(summary.devices),
     }
-    return _envelope(
+    return frame(
         Kind.BATCH_SUMMARY,
         meta,
         [
-            np.ascontiguousarray(summary.offsets, dtype=_I64).tobytes(),
-            np.ascontiguousarray(summary.times_ms, dtype=_I64).tobytes(),
-            np.ascontiguousarray(summary.samples, dtype=_I32).tobytes(),
-            np.ascontiguousarray(summary.model_index, dtype=_I32).tobytes(),
-            np.ascontiguousarray(summary.device_index, dtype=_I32).tobytes(),
+            np.ascontiguousarray(summary.offsets, dtype=I64).tobytes(),
+            np.ascontiguousarray(summary.times_ms, dtype=I64).tobytes(),
+            np.ascontiguousarray(summary.samples, dtype=I32).tobytes(),
+            np.ascontiguousarray(summary.model_index, dtype=I32).tobytes(),
+            np.ascontiguousarray(summary.device_index, dtype=I32).tobytes(),
             names,
         ],
     )
@@ -107,9 +98,9 @@ def encode_summary(summary: BatchSummary) -> bytes:
 
 def decode_summary(data: bytes | bytearray | memoryview) -> BatchSummary:
     """Decodes and checks a batch summary; columns are read-only views into ``data``."""
-    _, meta, body = _open(data, Kind.BATCH_SUMMARY)
-    partition = _nonneg_int(meta, "partition")
-    n = _nonneg_int(meta, "n")
+    _, meta, body = unframe(data, Kind.BATCH_SUMMARY)
+    partition = fields.nonneg_int(meta, "partition")
+    n = fields.nonneg_int(meta, "n")
     if n == 0:
         raise CodecError(Reject.EMPTY_BATCH, "the summary holds no pushes")
     if n > MAX_SUMMARY_PUSHES:
@@ -117,18 +108,18 @@ def decode_summary(data: bytes | bytearray | memoryview) -> BatchSummary:
             Reject.OVERSIZED_BATCH,
             f"the summary holds {n} pushes, the limit is {MAX_SUMMARY_PUSHES}",
         )
-    model_count = _nonneg_int(meta, "models")
-    device_count = _nonneg_int(meta, "devices")
+    model_count = fields.nonneg_int(meta, "models")
+    device_count = fields.nonneg_int(meta, "devices")
     size = _SUMMARY_ENTRY_BYTES * n
     if len(body) < size:
         raise CodecError(
             Reject.SIZE_MISMATCH, f"body is {len(body)} bytes; {n} pushes need at least {size}"
         )
-    offsets = np.frombuffer(body, _I64, n, 0)
-    times_ms = np.frombuffer(body, _I64, n, 8 * n)
-    samples = np.frombuffer(body, _I32, n, 16 * n)
-    model_index = np.frombuffer(body, _I32, n, 20 * n)
-    device_index = np.frombuffer(body, _I32, n, 24 * n)
+    offsets = np.frombuffer(body, I64, n, 0)
+    times_ms = np.frombuffer(body, I64, n, 8 * n)
+    samples = np.frombuffer(body, I32, n, 16 * n)
+    model_index = np.frombuffer(body, I32, n, 20 * n)
+    device_index = np.frombuffer(body, I32, n, 24 * n)
     try:
         text = bytes(body[size:]).decode("utf-8")
     except UnicodeDecodeError:
@@ -141,7 +132,7 @@ def decode_summary(data: bytes | bytearray | memoryview) -> BatchSummary:
             f"the body holds {len(names)} ids",
         )
     for name in names:
-        if not _ID_PATTERN.fullmatch(name):
+        if not ID_PATTERN.fullmatch(name):
             raise CodecError(Reject.BAD_ID, f"id {name!r:.80} is not a valid model or device id")
     if int(offsets[0]) < 0 or (n > 1 and bool((np.diff(offsets) <= 0).any())):
         raise CodecError(Reject.BAD_FIELD, "offsets must be non-negative and strictly increasing")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from pipeline.codec.envelope import _ID_PATTERN, CodecError, Reject
+from pipeline.codec.envelope import ID_PATTERN, CodecError, Reject
 
 #: Separates model id and version in a model update's key; the id alphabet has no ``/``,
 #: so the split is unambiguous.
@@ -36,7 +36,7 @@ def encode_update_key(model_id: str, version: str) -> bytes:
     would make the key ambiguous.
     """
     for what, value in (("model id", model_id), ("version", version)):
-        if not _ID_PATTERN.fullmatch(value):
+        if not ID_PATTERN.fullmatch(value):
             raise CodecError(
                 Reject.BAD_ID,
                 f"{what} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -, got {value!r:.80}",

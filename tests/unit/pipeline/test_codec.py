@@ -14,6 +14,7 @@ import pytest
 
 from pipeline import codec
 from pipeline.codec import CodecError, Kind, Reject
+from pipeline.codec.envelope import frame
 from pipeline.records import (
     FEATURE_SHAPES,
     Backbone,
@@ -88,7 +89,7 @@ def rewrite_meta(data: bytes, **changes: Any) -> bytes:
         else:
             meta[key] = value
     body = data[len(data) - body_len :]
-    return codec._envelope(Kind(data[5]), meta, [body])
+    return frame(Kind(data[5]), meta, [body])
 
 
 # --------------------------------------------------------------------------- round trips
@@ -243,7 +244,7 @@ def test_reject_metadata_not_json_or_not_object() -> None:
     _, _, _, _, meta_len, _ = codec.HEADER.unpack_from(GOOD, 0)
     broken = GOOD[:16] + b"{" * meta_len + GOOD[16 + meta_len :]
     assert reject_reason(broken) is Reject.BAD_METADATA
-    as_list = codec._envelope(Kind.FEATURE_PUSH, {}, [])  # valid framing
+    as_list = frame(Kind.FEATURE_PUSH, {}, [])  # valid framing
     as_list = as_list[:8] + struct.pack("<II", 2, 0) + b"[]" + b"\0" * 6
     assert reject_reason(as_list) is Reject.BAD_METADATA
 
