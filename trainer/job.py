@@ -3,8 +3,10 @@
 :func:`train_candidate` warm-starts the head from the champion, evaluates the champion on
 the model's validation set, trains (the job's new samples and its replay, planned by
 :mod:`trainer.replay`), evaluates the challenger on the same set and applies the recipe's
-champion/challenger rule (a tie is not a win). :class:`HeadCache` keeps built heads across jobs.
-The trainer process (:mod:`trainer.worker`) is the I/O shell around this.
+champion/challenger rule (a tie is not a win). :func:`assemble_job` takes the job's samples
+and validation set from the cache; :class:`JobReport` says what a trigger came to;
+:class:`HeadCache` keeps built heads across jobs. The trainer process
+(:mod:`trainer.worker`) is the I/O shell around this.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ from trainer.replay import JobPlan, plan_job
 class JobError(FedexError):
     """A trigger cannot be trained (unknown model, no samples, no champion checkpoint).
     The trigger is committed and skipped: the agents re-fire it if it still matters."""
+
+
+class JobAbandoned(Exception):
+    """The job stops without publishing or committing (partition lost, trainer stopping);
+    the trigger stays for the partition's next owner."""
 
 
 class JobOutcome(enum.StrEnum):

@@ -1,10 +1,12 @@
 """The trainer: training triggers in, model versions out.
 
 A thin I/O shell around pure parts (:mod:`trainer.dataset` assembles the data,
-:mod:`trainer.recipe` trains and judges, :mod:`pipeline.publishing` encodes and announces)
-and its helpers (:mod:`trainer.feature_log` reads the log into per-model caches,
+:mod:`trainer.recipe` trains and judges, :mod:`trainer.training` runs a job's training
+step, :mod:`trainer.publisher` on :mod:`pipeline.publishing` encodes and announces) and its
+helpers (:mod:`trainer.feature_log` reads the log into per-model caches,
 :mod:`trainer.champions` finds the champion's checkpoint, :mod:`trainer.ledger` keeps one
-set of ranges per trigger id; :mod:`trainer.process` is the ``fedex trainer`` process).
+set of ranges per trigger id, :mod:`trainer.ownership` follows the group's rebalances;
+:mod:`trainer.process` is the ``fedex trainer`` process).
 One :class:`Trainer` per GPU, all in the consumer group ``<prefix>-trainers`` on the
 trigger topic, one job at a time:
 
@@ -43,11 +45,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
-from torch import Tensor
 
 from pipeline import codec
 from pipeline.broker_health import (
@@ -68,29 +68,22 @@ from pipeline.records import (
     version_for_trigger,
 )
 from pipeline.registry import ModelEntry, Registry, RegistryFollower
-from pipeline.samples import ValidationRule
 from pipeline.topics import Topics
 from trainer.champions import Champions
-from trainer.dataset import Dataset
 from trainer.feature_log import FeatureLog
 from trainer.job import (
     Candidate,
-    HeadCache,
+    JobAbandoned,
     JobError,
     JobOutcome,
     JobReport,
-    assemble_job,
     check_device,
     job_seed,
-    train_candidate,
 )
 from trainer.ledger import Refused, TriggerLedger
+from trainer.ownership import PartitionOwnership
 from trainer.publisher import VersionPublisher, version_spec
-from trainer.recipe import (
-    EpochStats,
-    TrainConfig,
-)
-from trainer.replay import JobPlan
+from trainer.training import JobHook, JobTraining
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -105,35 +98,7 @@ class TrainerError(FedexError):
     """A trainer could not start or run; the message says what to fix."""
 
 
-class _Abandoned(Exception):
-    """The job stops without publishing or committing (partition lost, trainer stopping)."""
-
-
 # --------------------------------------------------------------------------- the process
-
-
-class _Ownership:
-    """Which trigger partitions this member owns, from the group's rebalance callbacks."""
-
-    def __init__(self) -> None:
-        self.assigned: set[TopicPartition] = set()
-        self.stable = asyncio.Event()
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.stable.clear()
-        self.assigned -= set(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.assigned = set(assigned)
-        self.stable.set()
-
-    async def owns(self, tp: TopicPartition, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stable.wait(), timeout)
-        return self.stable.is_set() and tp in self.assigned
-
-
-JobHook = Callable[[TrainingTrigger], None]
 
 
 class Trainer(Service):
@@ -176,12 +141,10 @@ class Trainer(Service):
             3_600_000, int(4 * settings.job_timeout_s * 1000)
         )
         self._registry_timeout = registry_timeout
-        self._threads = threads
-        self._on_job_started = on_job_started
         self._follower: RegistryFollower | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._ownership = _Ownership()
+        self._ownership = PartitionOwnership()
         self._features = FeatureLog(
             bootstrap=settings.bootstrap,
             topic=self.topics.features,
@@ -190,7 +153,13 @@ class Trainer(Service):
             max_models=max_cached_models,
             read_timeout=read_timeout,
         )
-        self._heads = HeadCache()
+        self._training = JobTraining(
+            settings,
+            device=self.device,
+            threads=threads,
+            should_stop=lambda: self._stopping,
+            on_job_started=on_job_started,
+        )
         self._champions = Champions(settings, self.store)
         self._publisher = VersionPublisher(settings, self.store, self.topics.models)
         #: The last trained candidate, kept so that a job retried after a broker outage
@@ -249,7 +218,7 @@ class Trainer(Service):
                 max_poll_interval_ms=self._max_poll_interval_ms,
                 rebalance_timeout_ms=max(self._session_timeout_ms * 3, 30_000),
             )
-            self._consumer.subscribe([self.topics.triggers], listener=self._listener())
+            self._consumer.subscribe([self.topics.triggers], listener=self._ownership.listener())
             await self._consumer.start()
         except BaseException:
             await self.stop()
@@ -261,20 +230,6 @@ class Trainer(Service):
             self.group_id,
             len(self.registry),
         )
-
-    def _listener(self) -> Any:
-        from aiokafka import ConsumerRebalanceListener
-
-        ownership = self._ownership
-
-        class Listener(ConsumerRebalanceListener):
-            async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-                await ownership.on_partitions_revoked(revoked)
-
-            async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-                await ownership.on_partitions_assigned(assigned)
-
-        return Listener()
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop taking triggers, let a running job finish its epoch (it is then abandoned,
@@ -390,7 +345,7 @@ class Trainer(Service):
         except Refused as exc:
             await self._ledger.refuse(self._producer, record, exc.reason, exc.message)
             report = self._report(record, trigger, JobOutcome.REFUSED, exc.message)
-        except _Abandoned as exc:
+        except JobAbandoned as exc:
             report = self._report(record, trigger, JobOutcome.ABANDONED, str(exc))
             log.warning("%s", report.summary())
         else:
@@ -448,7 +403,7 @@ class Trainer(Service):
         candidate, records = await self._candidate(entry, trigger)
 
         if not await self._ownership.owns(tp, self._session_timeout_ms / 1000 * 3):
-            raise _Abandoned(f"partition {tp.partition} of {tp.topic} moved to another trainer")
+            raise JobAbandoned(f"partition {tp.partition} of {tp.topic} moved to another trainer")
         await self._sync_registry()
         if entry.version(version) is not None:
             return JobReport(
@@ -486,27 +441,9 @@ class Trainer(Service):
         seed = job_seed(trigger.trigger_id)
         # In a thread: hashing a large window's new rows and copying the job's samples
         # would hold up the event loop (heartbeats); nothing else touches the cache now.
-        train, val, plan = await asyncio.to_thread(
-            assemble_job,
-            cache,
-            trigger,
-            ValidationRule(self.settings.val_fraction, self.settings.val_device_fraction),
-            val_max_samples=self.settings.val_max_samples,
-            replay_max_samples=self.settings.replay_max_samples,
-            seed=seed,
-        )
-        cfg = TrainConfig(
-            epochs=self.settings.train_epochs,
-            batch_size=self.settings.train_batch_size,
-            lr=self.settings.train_lr,
-            weight_decay=self.settings.train_weight_decay,
-            seed=seed,
-            device=self.device,
-            threads=self._threads,
-            swa_start=self.settings.train_swa_start,
-        )
+        data = await asyncio.to_thread(self._training.assemble, cache, trigger, seed)
         candidate = await asyncio.to_thread(
-            self._train, entry, trigger, champion_state, train, val, cfg, plan
+            self._training.train, entry, trigger, champion_state, data, self._training.config(seed)
         )
         self._trained = (trigger.trigger_id, candidate, records)
         return candidate, records
@@ -523,50 +460,6 @@ class Trainer(Service):
         if self.registry.apply(update) and update.checkpoint is not None:
             self._champions.keep(self.registry, update, update.checkpoint)
         return update
-
-    def _train(
-        self,
-        entry: ModelEntry,
-        trigger: TrainingTrigger,
-        champion: Mapping[str, Tensor],
-        train: Dataset,
-        val: Dataset,
-        cfg: TrainConfig,
-        plan: JobPlan,
-    ) -> Candidate:
-        """Runs in a worker thread: builds the head, trains and judges it."""
-        head = self._heads.get(entry.backbone, entry.cut, entry.num_classes)
-        if self._on_job_started is not None:
-            self._on_job_started(trigger)
-        log.info(
-            "job %s: training %s/%s (%d classes) on %d new + %d replayed samples "
-            "(%d new held out; validation set %d), %d epochs, %s",
-            trigger.trigger_id, entry.backbone, entry.cut, entry.num_classes,
-            len(plan.train), len(plan.replay), plan.held_out, len(val), cfg.epochs,
-            cfg.device,
-        )  # fmt: skip
-
-        def on_epoch(stats: EpochStats) -> None:
-            if stats.seconds > 2.0:
-                log.info(
-                    "job %s: epoch %d/%d loss %.4f, %,.0f samples/s",
-                    trigger.trigger_id, stats.epoch + 1, cfg.epochs, stats.mean_loss,
-                    stats.samples_per_s,
-                )  # fmt: skip
-            if self._stopping:
-                raise _Abandoned("the trainer is stopping")
-
-        return train_candidate(
-            head,
-            champion,
-            train,
-            val,
-            cfg,
-            on_epoch=on_epoch,
-            margin=self.settings.promote_margin,
-            replay_samples=len(plan.replay),
-            held_out=plan.held_out,
-        )
 
     # ----------------------------------------------------------------- registry & blobs
 
