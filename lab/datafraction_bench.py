@@ -32,7 +32,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -272,74 +272,151 @@ def sweep_model(
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise ValueError(f"unknown arms {unknown}; use {', '.join(ARMS)}")
-    vendors = list(bank.vendor_domains)
-    pretrain_ids = bank.pretrain_identities(model_id)
-    fixed_val, user_rows = fixed_validation(bank.select(model_id, domains=vendors, holdout=False))
-    device_val = _EvalSet.of(bank, bank.select(model_id, domains=vendors, holdout=True))
-    val = _EvalSet.of(bank, fixed_val)
-    pre_rows = bank.select(model_id, domains=[CLEAN_DOMAIN], identities=pretrain_ids, holdout=False)
-    pre_val = _EvalSet.of(
-        bank, bank.select(model_id, domains=[CLEAN_DOMAIN], identities=pretrain_ids, holdout=True)
-    )
-    counts = fraction_counts(int(user_rows.size), fractions)
-    sweep = Sweep(
-        model_id=model_id,
-        user_train_rows=int(user_rows.size),
-        device_val_rows=int(device_val.y.size),
-        fixed_val_rows=int(val.y.size),
-        pretrain_train_rows=int(pre_rows.size),
-        pretrain_val_rows=int(pre_val.y.size),
-    )
+    sets = _SweepSets.of(bank, model_id)
+    counts = fraction_counts(int(sets.user_rows.size), fractions)
+    sweep = sets.sweep(model_id)
     for seed in seeds:
-        base = train_base_head(bank, model_id, **recipe.base_kwargs(seed))
-        v0 = new_head(bank.backbone, bank.cut, bank.num_classes, seed=seed)
-        load_head_state(v0, base.state_dict)
-        v0.eval()
-        v0_val = float(val.correct(v0).mean()) if val.y.size else math.nan
+        run = _SeedRun.start(bank, model_id, sets, recipe, seed)
         for f, count, subset in zip(
-            fractions, counts, user_subsets(user_rows, counts, seed), strict=True
+            fractions, counts, user_subsets(sets.user_rows, counts, seed), strict=True
         ):
             trained: dict[str, tuple[Any, int, float]] = {}  # arm → head, samples, seconds
             for arm in arms:
                 started = time.perf_counter()
-                head, samples, promoted = v0, 0, None
-                rows = subset if arm != ARM_MIXED else np.concatenate([pre_rows, subset])
-                if arm == ARM_SYSTEM:
-                    user = trained.get(ARM_USER) or _fit(v0, bank, subset, recipe, seed)
-                    trained.setdefault(ARM_USER, user)
-                    head, samples = user[0], user[1]
-                    if head is not v0:
-                        promoted = promotes(float(val.correct(head).mean()), v0_val)
-                        head = head if promoted else v0
-                elif count > 0 and rows.size >= 2:
-                    swa = SWA_START if arm == ARM_SWA else None
-                    trained[arm] = _fit(v0, bank, rows, replace(recipe, swa_start=swa), seed)
-                    head, samples = trained[arm][0], trained[arm][1]
-                correct = device_val.correct(head)
-                per_vendor, vendor_gap, worst = vendor_summary(correct, device_val.domains)
-                sweep.points.append(
-                    Point(
-                        model_id=model_id,
-                        seed=seed,
-                        arm=arm,
-                        fraction=f,
-                        user_samples=count,
-                        train_samples=samples,
-                        device_accuracy=float(correct.mean()),
-                        pretrain_accuracy=float(pre_val.correct(head).mean()),
-                        seconds=time.perf_counter() - started,
-                        vendor_accuracy=per_vendor,
-                        vendor_spread=vendor_gap,
-                        worst_vendor=worst,
-                        val_accuracy=float(val.correct(head).mean()) if val.y.size else math.nan,
-                        promoted=promoted,
-                    )
-                )
+                head, samples, promoted = run.arm_head(arm, subset, count, trained)
+                sweep.points.append(run.point(arm, f, count, head, samples, promoted, started))
             log(
                 f"{model_id} seed {seed} {f:.0%}: "
                 + ", ".join(f"{p.arm} {p.device_accuracy:.3f}" for p in sweep.points[-len(arms) :])
             )
     return sweep
+
+
+@dataclass(frozen=True)
+class _SweepSets:
+    """The rows one model's sweep trains on (the user rows left after the fixed validation
+    rows, the clean pre-training rows) and the sets it measures on (the devices' held-out
+    rows, the fixed validation rows, the pre-training identities' clean held-out rows)."""
+
+    user_rows: npt.NDArray[np.int64]
+    pre_rows: npt.NDArray[np.int64]
+    device_val: _EvalSet
+    val: _EvalSet
+    pre_val: _EvalSet
+
+    @classmethod
+    def of(cls, bank: FeatureBank, model_id: str) -> _SweepSets:
+        vendors = list(bank.vendor_domains)
+        pretrain_ids = bank.pretrain_identities(model_id)
+        fixed_val, user_rows = fixed_validation(
+            bank.select(model_id, domains=vendors, holdout=False)
+        )
+        device_val = _EvalSet.of(bank, bank.select(model_id, domains=vendors, holdout=True))
+        val = _EvalSet.of(bank, fixed_val)
+        pre_rows = bank.select(
+            model_id, domains=[CLEAN_DOMAIN], identities=pretrain_ids, holdout=False
+        )
+        pre_val = _EvalSet.of(
+            bank,
+            bank.select(model_id, domains=[CLEAN_DOMAIN], identities=pretrain_ids, holdout=True),
+        )
+        return cls(user_rows, pre_rows, device_val, val, pre_val)
+
+    def sweep(self, model_id: str) -> Sweep:
+        """An empty sweep of ``model_id`` that records these sets' sizes."""
+        return Sweep(
+            model_id=model_id,
+            user_train_rows=int(self.user_rows.size),
+            device_val_rows=int(self.device_val.y.size),
+            fixed_val_rows=int(self.val.y.size),
+            pretrain_train_rows=int(self.pre_rows.size),
+            pretrain_val_rows=int(self.pre_val.y.size),
+        )
+
+
+@dataclass(frozen=True)
+class _SeedRun:
+    """One seed of one model's sweep: its base head ``v0`` (and v0's accuracy on the fixed
+    validation rows, the champion the system arm must beat); trains each arm's head from
+    ``v0`` and measures it."""
+
+    bank: FeatureBank
+    model_id: str
+    sets: _SweepSets
+    recipe: Recipe
+    seed: int
+    v0: Any
+    v0_val: float
+
+    @classmethod
+    def start(
+        cls, bank: FeatureBank, model_id: str, sets: _SweepSets, recipe: Recipe, seed: int
+    ) -> _SeedRun:
+        base = train_base_head(bank, model_id, **recipe.base_kwargs(seed))
+        v0 = new_head(bank.backbone, bank.cut, bank.num_classes, seed=seed)
+        load_head_state(v0, base.state_dict)
+        v0.eval()
+        v0_val = float(sets.val.correct(v0).mean()) if sets.val.y.size else math.nan
+        return cls(bank, model_id, sets, recipe, seed, v0, v0_val)
+
+    def arm_head(
+        self,
+        arm: str,
+        subset: npt.NDArray[np.int64],
+        count: int,
+        trained: dict[str, tuple[Any, int, float]],
+    ) -> tuple[Any, int, bool | None]:
+        """The head ``arm`` ships at this fraction (``subset``, ``count`` user rows), the
+        samples it trained on and, for the system arm, whether it promoted. ``trained`` is
+        shared by the fraction's arms: the system arm ships the user arm's head (trained
+        once) only when it beats ``v0`` by the trainer's rule."""
+        v0, bank, recipe, seed = self.v0, self.bank, self.recipe, self.seed
+        head, samples, promoted = v0, 0, None
+        rows = subset if arm != ARM_MIXED else np.concatenate([self.sets.pre_rows, subset])
+        if arm == ARM_SYSTEM:
+            user = trained.get(ARM_USER) or _fit(v0, bank, subset, recipe, seed)
+            trained.setdefault(ARM_USER, user)
+            head, samples = user[0], user[1]
+            if head is not v0:
+                promoted = promotes(float(self.sets.val.correct(head).mean()), self.v0_val)
+                head = head if promoted else v0
+        elif count > 0 and rows.size >= 2:
+            swa = SWA_START if arm == ARM_SWA else None
+            trained[arm] = _fit(v0, bank, rows, replace(recipe, swa_start=swa), seed)
+            head, samples = trained[arm][0], trained[arm][1]
+        return head, samples, promoted
+
+    def point(
+        self,
+        arm: str,
+        fraction: float,
+        count: int,
+        head: Any,
+        samples: int,
+        promoted: bool | None,
+        started: float,
+    ) -> Point:
+        """What ``head`` scores on every set; ``seconds`` runs from ``started``, so it
+        covers training the head and measuring it."""
+        sets = self.sets
+        correct = sets.device_val.correct(head)
+        per_vendor, vendor_gap, worst = vendor_summary(correct, sets.device_val.domains)
+        return Point(
+            model_id=self.model_id,
+            seed=self.seed,
+            arm=arm,
+            fraction=fraction,
+            user_samples=count,
+            train_samples=samples,
+            device_accuracy=float(correct.mean()),
+            pretrain_accuracy=float(sets.pre_val.correct(head).mean()),
+            seconds=time.perf_counter() - started,
+            vendor_accuracy=per_vendor,
+            vendor_spread=vendor_gap,
+            worst_vendor=worst,
+            val_accuracy=float(sets.val.correct(head).mean()) if sets.val.y.size else math.nan,
+            promoted=promoted,
+        )
 
 
 def _fit(
@@ -447,10 +524,40 @@ def run_datafraction_bench(
 ) -> dict[str, Any]:
     """``fedex bench datafraction``: sweep, print the curve, write JSON (and the plot)."""
     from lab.benchio import write_result
-    from pipeline.tables import print_table
 
     started = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    bank, bank_doc = _bench_bank(config, bank_dir, home, scale, started)
+    doc = run_sweeps(bank, seeds=range(seeds), arms=arms, recipe=Recipe(epochs=epochs), log=print)
+    doc.update(
+        config=config,
+        scale=scale,
+        bank=bank_doc,
+        validation=(
+            "device accuracy: held-out rows of every device identity through every vendor "
+            "camera (never trained on); pre-training accuracy: clean held-out rows of the "
+            "pre-training identities"
+        ),
+        seconds=round(time.perf_counter() - started, 2),
+        loadavg_start=[round(v, 2) for v in load_start] if load_start else None,
+        loadavg_end=[round(v, 2) for v in os.getloadavg()] if load_start else None,
+    )
+    path = write_result("datafraction", doc, out)
+    _print_curves(doc, seeds)
+    print(f"wrote {path}")
+    if plot is not None:
+        from lab.report_plots import plot_datafraction
+
+        plot_datafraction({"benchmark": "datafraction", **doc}, plot)
+        print(f"wrote {plot}")
+    return doc
+
+
+def _bench_bank(
+    config: str, bank_dir: Path, home: Path | None, scale: float | None, started: float
+) -> tuple[FeatureBank, dict[str, Any]]:
+    """The bank the bench sweeps (the real one, or the expanded world at ``scale`` fitted on
+    it) and its record for the result; its time counts from ``started``."""
     bank = real = load_bank(config, bank_dir, home=home)
     fitted: dict[str, Any] | None = None
     if scale is not None:
@@ -462,34 +569,26 @@ def run_datafraction_bench(
         f"{bank.num_classes:,} identities "
         f"({'cache' if bank.from_cache else f'ready in {bank_seconds:.0f} s'})"
     )
-    doc = run_sweeps(bank, seeds=range(seeds), arms=arms, recipe=Recipe(epochs=epochs), log=print)
-    doc.update(
-        config=config,
-        scale=scale,
-        bank={
-            "file": bank.path.name,
-            "key": bank.key,
-            "backbone": bank.backbone.value,
-            "cut": bank.cut.value,
-            "world": real.spec.get("world"),
-            "expansion": bank.spec.get("expansion"),
-            "fitted_on": real.path.name if scale is not None else None,
-            "feature_model": fitted,
-            "identities": bank.num_classes,
-            "weights_sha256": real.spec.get("weights_sha256"),
-            "from_cache": bank.from_cache,
-            "seconds": round(bank_seconds, 2),
-        },
-        validation=(
-            "device accuracy: held-out rows of every device identity through every vendor "
-            "camera (never trained on); pre-training accuracy: clean held-out rows of the "
-            "pre-training identities"
-        ),
-        seconds=round(time.perf_counter() - started, 2),
-        loadavg_start=[round(v, 2) for v in load_start] if load_start else None,
-        loadavg_end=[round(v, 2) for v in os.getloadavg()] if load_start else None,
-    )
-    path = write_result("datafraction", doc, out)
+    return bank, {
+        "file": bank.path.name,
+        "key": bank.key,
+        "backbone": bank.backbone.value,
+        "cut": bank.cut.value,
+        "world": real.spec.get("world"),
+        "expansion": bank.spec.get("expansion"),
+        "fitted_on": real.path.name if scale is not None else None,
+        "feature_model": fitted,
+        "identities": bank.num_classes,
+        "weights_sha256": real.spec.get("weights_sha256"),
+        "from_cache": bank.from_cache,
+        "seconds": round(bank_seconds, 2),
+    }
+
+
+def _print_curves(doc: Mapping[str, Any], seeds: int) -> None:
+    """One table per arm: its accuracy curve over the fractions."""
+    from pipeline.tables import print_table
+
     for arm, rows in doc["curves"].items():
         print_table(
             f"accuracy vs fraction of additional user data — retrained on {arm} "
@@ -516,10 +615,3 @@ def run_datafraction_bench(
                 for r in rows
             ],
         )
-    print(f"wrote {path}")
-    if plot is not None:
-        from lab.report_plots import plot_datafraction
-
-        plot_datafraction({"benchmark": "datafraction", **doc}, plot)
-        print(f"wrote {plot}")
-    return doc
