@@ -266,10 +266,42 @@ def _range(s: Mapping[str, Any], digits: int = 3) -> str:
 
 
 def print_report(result: Mapping[str, Any], console: Console) -> None:
+    """The command's summary at the terminal: both arms' final numbers, FedAvg's cost of
+    each target, and the headline ratio."""
     from pipeline.tables import print_table
 
     summary, dtypes = result["summary"], result["config"]["fedavg_dtypes"]
     task = result["task"]
+    print_table(
+        f"FedEx vs FedAvg, {task['devices']} devices x {task['samples_per_device']} samples, "
+        f"{task['num_classes']} classes, {summary['seeds']} seeds: median (min–max); "
+        f"v0 {_range(summary['base_accuracy'])}",
+        ["arm", "final accuracy", "vendor spread", "worst vendor", "rounds", "B/device"],
+        _final_rows(summary, dtypes),
+        console,
+    )
+    print_table(
+        "FedAvg's cost to reach each target, as a multiple of FedEx's (median (min–max))",
+        [
+            "target",
+            "accuracy",
+            "FedEx reached",
+            "FedAvg",
+            "reached",
+            "round",
+            "B/device ×",
+            "wall ×",
+            "not reached: ×",
+        ],
+        _target_rows(summary, dtypes),
+        console,
+    )
+    console.print(_headline_line(result), highlight=False)
+
+
+def _final_rows(summary: Mapping[str, Any], dtypes: Sequence[str]) -> list[list[str]]:
+    """Per arm (FedEx, then FedAvg at each precision): final accuracy, vendor spread, worst
+    vendor, rounds and bytes per device, over seeds."""
     fx = summary["fedex"]
     rows = [
         [
@@ -293,20 +325,17 @@ def print_report(result: Mapping[str, Any], console: Console) -> None:
                 "-",
             ]
         )
-    print_table(
-        f"FedEx vs FedAvg, {task['devices']} devices x {task['samples_per_device']} samples, "
-        f"{task['num_classes']} classes, {summary['seeds']} seeds: median (min–max); "
-        f"v0 {_range(summary['base_accuracy'])}",
-        ["arm", "final accuracy", "vendor spread", "worst vendor", "rounds", "B/device"],
-        rows,
-        console,
-    )
-    target_rows = []
+    return rows
+
+
+def _target_rows(summary: Mapping[str, Any], dtypes: Sequence[str]) -> list[list[str]]:
+    """Per target and FedAvg precision: how many seeds reached it and at what cost."""
+    rows = []
     for t in summary["targets"]:
         for dtype in dtypes:
             arm = t["fedavg"][dtype]
             bounds = arm["unreached_ratio_lower_bounds"]
-            target_rows.append(
+            rows.append(
                 [
                     t["name"],
                     _range(t["accuracy"]),
@@ -319,25 +348,14 @@ def print_report(result: Mapping[str, Any], console: Console) -> None:
                     ", ".join(f">{b:.1f}" for b in bounds) or "-",
                 ]
             )
-    print_table(
-        "FedAvg's cost to reach each target, as a multiple of FedEx's (median (min–max))",
-        [
-            "target",
-            "accuracy",
-            "FedEx reached",
-            "FedAvg",
-            "reached",
-            "round",
-            "B/device ×",
-            "wall ×",
-            "not reached: ×",
-        ],
-        target_rows,
-        console,
-    )
+    return rows
+
+
+def _headline_line(result: Mapping[str, Any]) -> str:
+    """The headline: FedAvg's bytes per device to FedEx's accuracy over FedEx's."""
     head = result["headline"]
     ratio = head.get("bytes_ratio")
-    console.print(
+    return (
         f"FedAvg ({head['dtype']}) / FedEx bytes per device to FedEx's accuracy: "
         + (
             f"median {ratio:.1f} ({head['bytes_ratio_min']:.1f}–{head['bytes_ratio_max']:.1f}) "
@@ -346,6 +364,5 @@ def print_report(result: Mapping[str, Any], console: Console) -> None:
             else f"not reached in any of {head['of']} seeds"
         )
         + f" (target ≥ {result['target_ratio']:g}: "
-        f"{'met' if result['meets_target'] else 'not met'})",
-        highlight=False,
+        f"{'met' if result['meets_target'] else 'not met'})"
     )
