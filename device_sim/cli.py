@@ -93,7 +93,7 @@ def devices(
     summary table and a JSON report; Ctrl-C flushes and reports."""
     from device_sim.console import run_devices
     from device_sim.devices import Availability, DeviceParams
-    from device_sim.fleet import FleetConfig
+    from device_sim.fleet_config import FleetConfig, FleetSchedule, SendPolicy
     from device_sim.fleet_setup import parse_duration
     from pipeline.errors import ConfigError
     from pipeline.records import Backbone, Cut
@@ -105,21 +105,24 @@ def devices(
             models=models,
             cut=Cut(cut),
             backbone=Backbone(backbone),
-            duration_s=parse_duration(duration) if duration else None,
-            max_pushes=max_pushes,
             seed=seed,
             features=features,  # type: ignore[arg-type]  # validated by FleetConfig
-            time_scale=time_scale or settings.fleet_time_scale,
-            send_timeout_s=settings.fleet_send_timeout_s,
+            schedule=FleetSchedule(
+                duration_s=parse_duration(duration) if duration else None,
+                max_pushes=max_pushes,
+                time_scale=time_scale or settings.fleet_time_scale,
+            ),
+            sending=SendPolicy(
+                compression=compression, send_timeout_s=settings.fleet_send_timeout_s
+            ),
             params=DeviceParams(
                 availability=Availability(availability), simulate_transfer=transfer_time
             ),
-            compression=compression,
             per_device=per_device,
         )
     except (ConfigError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if config.duration_s is None and config.max_pushes is None:
+    if config.schedule.duration_s is None and config.schedule.max_pushes is None:
         typer.echo("no --duration or --max-pushes: running until Ctrl-C", err=True)
     run_devices(settings, config, processes=processes, out=out)
 

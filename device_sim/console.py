@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from device_sim.fleet import FleetConfig, FleetReport, run_fleet
+from device_sim.fleet import FleetReport, run_fleet
+from device_sim.fleet_config import FleetConfig
 from device_sim.report import FleetProgress, print_summary
 from device_sim.shards import run_sharded
 from pipeline.settings import Settings

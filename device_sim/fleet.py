@@ -33,22 +33,22 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from device_sim.accounting import VersionLedger
-from device_sim.devices import DeviceFleet, DeviceParams, PushState
-from device_sim.energy import EnergyModel
+from device_sim.devices import DeviceFleet, PushState
+from device_sim.fleet_config import FleetConfig
 from device_sim.fleet_setup import build_fleet, ensure_models, load_bank
 from device_sim.report import FleetProgress, ProcessSampler, summarize
 from pipeline import codec
 from pipeline.errors import ConfigError
 from pipeline.lifecycle import Service
 from pipeline.processes import trim_memory
-from pipeline.records import Backbone, Cut, FeatureDType, FeaturePush
+from pipeline.records import FeatureDType, FeaturePush
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -57,71 +57,11 @@ if TYPE_CHECKING:
     from device_sim.bank import FeatureBank
     from device_sim.evaluation import RefusedVersion, VersionEvent
     from device_sim.subscription import ModelSubscriber
-    from device_sim.world import WorldConfig
 
 log = logging.getLogger(__name__)
 
 
-Features = Literal["fresh", "bank", "live"]
 ProgressCallback = Callable[[FleetProgress], Awaitable[None] | None]
-
-#: Default simulated seconds per wall second: one simulated day every 3 minutes.
-DEFAULT_TIME_SCALE = 480.0
-
-
-@dataclass(frozen=True)
-class FleetConfig:
-    """One fleet run. ``count`` devices over the world's first ``models`` models; this
-    process simulates shard ``shard_index`` of ``shard_count`` (devices ``g`` with
-    ``g % shard_count == shard_index``)."""
-
-    count: int = 1000
-    models: int = 2
-    cut: Cut = Cut.FREEZE6
-    backbone: Backbone = Backbone.INCEPTION_RESNET_V1
-    duration_s: float | None = None
-    max_pushes: int | None = None
-    seed: int = 0
-    features: Features = "fresh"
-    #: Backbone weights of the world's bank: ``pretrained``, ``none`` or a file.
-    weights: str = "pretrained"
-    time_scale: float = DEFAULT_TIME_SCALE
-    tick_s: float = 0.1
-    params: DeviceParams = field(default_factory=DeviceParams)
-    world: WorldConfig | None = None
-    shard_index: int = 0
-    shard_count: int = 1
-    register: bool = True
-    subscribe: bool = True
-    compression: str | None = None
-    send_timeout_s: float = 10.0
-    drain_timeout_s: float = 15.0
-    progress_s: float = 1.0
-    max_sends_per_tick: int = 1000
-    max_in_flight: int = 2000
-    energy: EnergyModel = field(default_factory=EnergyModel.calibrated)
-    per_device: bool = False
-    #: Keep every settled push's sample ids in ``FleetRunner.pushed`` (tests, audits).
-    audit: bool = False
-
-    def __post_init__(self) -> None:
-        if self.count < 1 or self.models < 1:
-            raise ConfigError("a fleet needs ≥ 1 device and ≥ 1 model")
-        if not 0 <= self.shard_index < self.shard_count:
-            raise ConfigError(f"shard {self.shard_index}/{self.shard_count} does not exist")
-        if self.time_scale <= 0 or self.tick_s <= 0:
-            raise ConfigError("time_scale and tick_s must be > 0")
-        if self.features not in ("fresh", "bank", "live"):
-            raise ConfigError(f"features must be fresh, bank or live, got {self.features!r}")
-
-    def world_config(self) -> WorldConfig:
-        from device_sim.world import WorldConfig
-
-        base = self.world or WorldConfig(seed=self.seed)
-        models = tuple(f"faces-{i + 1}" for i in range(self.models))
-        if self.world is None or len(base.models) != self.models:
-            base = replace(base, models=models)
-        return base
 
 
 @dataclass
@@ -244,8 +184,8 @@ class FleetRunner(Service):
             bootstrap=settings.bootstrap,
             client_id=f"fedex-fleet-{cfg.shard_index}",
             linger_ms=20,
-            compression_type=cfg.compression,
-            request_timeout_ms=int(cfg.send_timeout_s * 1000),
+            compression_type=cfg.sending.compression,
+            request_timeout_ms=int(cfg.sending.send_timeout_s * 1000),
             max_request_size=settings.max_push_bytes + 64 * 1024,
         )
         await self._producer.start()
@@ -315,7 +255,7 @@ class FleetRunner(Service):
         producer, self._producer = self._producer, None
         if producer is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), self.config.drain_timeout_s)
+                await asyncio.wait_for(producer.stop(), self.config.sending.drain_timeout_s)
 
     # ---------------------------------------------------------------- the loop
 
@@ -331,7 +271,7 @@ class FleetRunner(Service):
                 await sampler
 
     async def _run(self) -> FleetReport:
-        cfg, fleet = self.config, self.fleet
+        schedule, fleet = self.config.schedule, self.fleet
         if fleet is None or self._producer is None:
             raise ConfigError("start the fleet runner before run()")
         loop = asyncio.get_running_loop()
@@ -343,32 +283,28 @@ class FleetRunner(Service):
         while True:
             wall = loop.time()
             elapsed = wall - self._wall0
-            self.now = elapsed * cfg.time_scale
-            dt = (wall - last) * cfg.time_scale
+            self.now = elapsed * schedule.time_scale
+            dt = (wall - last) * schedule.time_scale
             last = wall
             await self._tick(dt)
             if wall >= next_progress:
                 last_totals = await self._progress(elapsed, last_totals)
-                next_progress = wall + cfg.progress_s
+                next_progress = wall + schedule.progress_s
             reason = self._should_stop(elapsed)
             if reason:
                 self.stop_reason = reason
                 break
-            await asyncio.sleep(max(0.0, cfg.tick_s - (loop.time() - wall)))
+            await asyncio.sleep(max(0.0, schedule.tick_s - (loop.time() - wall)))
         await self._drain()
         await self._progress(loop.time() - self._wall0, last_totals)
         return FleetReport(self.summary())
 
     def _should_stop(self, elapsed: float) -> str | None:
-        cfg, fleet = self.config, self.fleet
+        fleet = self.fleet
         assert fleet is not None
         if self.stop_event.is_set():
             return "stopped"
-        if cfg.duration_s is not None and elapsed >= cfg.duration_s:
-            return "duration"
-        if cfg.max_pushes is not None and int(fleet.counters["pushes"].sum()) >= cfg.max_pushes:
-            return "max_pushes"
-        return None
+        return self.config.schedule.stop_reason(elapsed, int(fleet.counters["pushes"].sum()))
 
     async def _tick(self, dt: float) -> None:
         fleet, now = self.fleet, self.now
@@ -409,14 +345,15 @@ class FleetRunner(Service):
             fleet.failed(np.asarray(failed, dtype=np.int64), self.now, self._rng)
 
     async def _send_due(self, *, allow: bool = True) -> None:
-        cfg, fleet, producer = self.config, self.fleet, self._producer
+        fleet, producer = self.fleet, self._producer
+        sending, max_pushes = self.config.sending, self.config.schedule.max_pushes
         assert fleet is not None and producer is not None
         due = fleet.due(self.now)
-        room = min(cfg.max_sends_per_tick, cfg.max_in_flight - self._in_flight)
-        if cfg.max_pushes is not None:
+        room = min(sending.max_sends_per_tick, sending.max_in_flight - self._in_flight)
+        if max_pushes is not None:
             # Pushes started and not yet settled (sending, acked, backing off) count too.
             pinned = int(np.count_nonzero(fleet.push_state != PushState.IDLE))
-            room = min(room, cfg.max_pushes - int(fleet.counters["pushes"].sum()) - pinned)
+            room = min(room, max_pushes - int(fleet.counters["pushes"].sum()) - pinned)
         if due.size == 0 or room <= 0:
             return
         if due.size > room:
@@ -455,7 +392,7 @@ class FleetRunner(Service):
         fleet = self.fleet
         assert fleet is not None and self._features is not None
         rows, labels, ids, ts = fleet.pushed(k)
-        scale = self.config.time_scale
+        scale = self.config.schedule.time_scale
         push = FeaturePush(
             model_id=fleet.model_ids[fleet.model_of[k]],
             device_id=fleet.device_ids[k],
@@ -526,7 +463,7 @@ class FleetRunner(Service):
         fleet, producer = self.fleet, self._producer
         assert fleet is not None and producer is not None
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(producer.flush(), self.config.drain_timeout_s)
+            await asyncio.wait_for(producer.flush(), self.config.sending.drain_timeout_s)
         # Completion callbacks run on the loop: give them their turn.
         await asyncio.sleep(0)
         self._apply_completions()

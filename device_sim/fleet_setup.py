@@ -21,7 +21,7 @@ from pipeline.settings import Settings
 
 if TYPE_CHECKING:
     from device_sim.bank import FeatureBank
-    from device_sim.fleet import FleetConfig
+    from device_sim.fleet_config import FleetConfig
     from device_sim.world import World
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from device_sim.accounting import VersionLedger
     from device_sim.devices import DeviceFleet
-    from device_sim.fleet import FleetConfig
+    from device_sim.fleet_config import FleetConfig
 
 
 FLOAT_COLUMNS = ("accuracy", "first_accuracy", "energy_mah")
@@ -297,13 +297,13 @@ def _config_dict(config: FleetConfig) -> dict[str, Any]:
         "cut": str(config.cut),
         "backbone": str(config.backbone),
         "features": config.features,
-        "duration_s": config.duration_s,
-        "max_pushes": config.max_pushes,
+        "duration_s": config.schedule.duration_s,
+        "max_pushes": config.schedule.max_pushes,
         "seed": config.seed,
-        "time_scale": config.time_scale,
-        "tick_s": config.tick_s,
+        "time_scale": config.schedule.time_scale,
+        "tick_s": config.schedule.tick_s,
         "shard": [config.shard_index, config.shard_count],
-        "compression": config.compression,
+        "compression": config.sending.compression,
         "params": params,
     }
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import orjson
 
-from device_sim.fleet import FleetConfig, FleetReport, run_fleet
+from device_sim.fleet import FleetReport, run_fleet
+from device_sim.fleet_config import FleetConfig
 from device_sim.fleet_setup import ensure_models, load_bank
 from device_sim.report import FleetProgress, combine_progress, merge_summaries, write_json
 from pipeline.errors import FedexError
