@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from lab.feature_pushes import feature_push
 from pipeline import codec
 from pipeline.audit import AuditReport
 from pipeline.audit_log import audit_deployment
 from pipeline.kafka_local import LocalKafka, free_port
 from pipeline.processes import die_with_parent
-from pipeline.records import Backbone, Cut, FeatureDType, FeaturePush
+from pipeline.records import Backbone, Cut, FeaturePush
 from pipeline.settings import Settings
 from pipeline.supervisor import ChildSpec, Supervisor, child_env, fedex_argv
 from pipeline.topics import ensure_topics, topic_specs
@@ -133,16 +134,16 @@ def random_push(
     ``timestamp_ms``, and random labels (below ``num_classes``) and 512-d float16 features
     at FREEZE6 drawn from ``seed``."""
     rng = np.random.default_rng(seed)
-    return FeaturePush(
-        model_id=model_id,
-        device_id=device_id,
+    labels = rng.integers(0, num_classes, n, dtype=np.int32)
+    return feature_push(
+        model_id,
+        device_id,
         backbone=backbone,
         cut=Cut.FREEZE6,
-        dtype=FeatureDType.FLOAT16,
-        sample_ids=np.arange(first_id, first_id + n, dtype=np.uint64),
-        labels=rng.integers(0, num_classes, n, dtype=np.int32),
-        timestamps_ms=np.full(n, timestamp_ms, np.int64),
-        features=rng.standard_normal((n, 512), dtype=np.float32).astype(np.float16),
+        sample_ids=np.arange(first_id, first_id + n),
+        labels=labels,
+        features=rng.standard_normal((n, 512), dtype=np.float32),
+        timestamp_ms=timestamp_ms,
     )
 
 

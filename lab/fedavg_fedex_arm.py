@@ -10,12 +10,11 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from lab.feature_pushes import feature_push
 from lab.fedavg_arm import Arm, BenchError, bytes_per_device, wait_for_groups
 from lab.fedavg_task import Device
 from pipeline import codec
-from pipeline.records import FeatureDType, FeaturePush, ModelUpdate
+from pipeline.records import FeaturePush, ModelUpdate
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
@@ -116,16 +115,15 @@ async def _push_and_await_version(
 
 def push_of(arm: Arm, device: Device, now_ms: int) -> FeaturePush:
     """A device's one float16 feature push: its fresh samples, keyed by their rows."""
-    return FeaturePush(
-        model_id=arm.model_id,
-        device_id=device.device_id,
+    return feature_push(
+        arm.model_id,
+        device.device_id,
         backbone=arm.bank.backbone,
         cut=arm.bank.cut,
-        dtype=FeatureDType.FLOAT16,
-        sample_ids=device.sample_ids.astype(np.uint64),
+        sample_ids=device.sample_ids,
         labels=device.labels,
-        timestamps_ms=np.full(device.labels.size, now_ms, dtype=np.int64),
         features=device.features,
+        timestamp_ms=now_ms,
     )
 
 

@@ -15,8 +15,13 @@ from typing import Any, Final
 
 #: The code each benchmark measures (the bench's own module and what it drives).
 BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
-    "codec": ("pipeline/codec", "lab/transport_bench.py"),
-    "kafka": ("pipeline/clients.py", "lab/transport_bench.py", "lab/bench_broker.py"),
+    "codec": ("pipeline/codec", "lab/transport_bench.py", "lab/feature_pushes.py"),
+    "kafka": (
+        "pipeline/clients.py",
+        "lab/transport_bench.py",
+        "lab/feature_pushes.py",
+        "lab/bench_broker.py",
+    ),
     "pipeline": (
         "agents",
         "pipeline/codec",
@@ -24,6 +29,7 @@ BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
         "trainer",
         "lab/pipeline_bench.py",
         "lab/update_latency.py",
+        "lab/feature_pushes.py",
         "lab/measure.py",
     ),
     "train": ("trainer/recipe.py", "pipeline/zoo.py", "lab/train_bench.py", "lab/measure.py"),
@@ -40,6 +46,7 @@ BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
         "device_sim/expansion.py",
         "device_sim/feature_model.py",
         "lab/paper_job.py",
+        "lab/feature_pushes.py",
     ),
     "expansion": (
         "device_sim",
@@ -54,6 +61,7 @@ BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
         "lab/fedavg_arm.py",
         "lab/fedavg_fedex_arm.py",
         "lab/fedavg_baseline_arm.py",
+        "lab/feature_pushes.py",
         "lab/fedavg_devices.py",
         "lab/fedavg_server.py",
         "lab/fedavg_report.py",
@@ -62,7 +70,14 @@ BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
         "device_sim/feature_model.py",
         "trainer",
     ),
-    "chaos": ("agents", "trainer", "pipeline/samples.py", "lab/chaos.py", "lab/chaos_bench.py"),
+    "chaos": (
+        "agents",
+        "trainer",
+        "pipeline/samples.py",
+        "lab/chaos.py",
+        "lab/chaos_bench.py",
+        "lab/feature_pushes.py",
+    ),
 }
 
 

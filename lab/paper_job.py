@@ -30,11 +30,12 @@ import numpy as np
 from device_sim.bank import FeatureBank
 from device_sim.heads import head_accuracy, new_head, train_base_head
 from lab.datafraction_bench import expanded_bank, load_bank
+from lab.feature_pushes import feature_push
 from pipeline import codec
 from pipeline.checkpoints import LocalCheckpointStore, checkpoint_uri, decode_checkpoint
 from pipeline.clients import make_producer
 from pipeline.publishing import register_model
-from pipeline.records import FeatureDType, FeaturePush, ModelUpdate, TrainingTrigger, TriggerReason
+from pipeline.records import FeaturePush, ModelUpdate, TrainingTrigger, TriggerReason
 from pipeline.registry import RegistryFollower
 from pipeline.settings import Settings
 from pipeline.topics import Topics, ensure_topics, topic_specs
@@ -56,16 +57,15 @@ def pushes_of(bank: FeatureBank, rows: np.ndarray, model_id: str) -> list[Featur
         chunk = rows[start : start + PER_PUSH]
         x, y = bank.take(chunk)
         out.append(
-            FeaturePush(
-                model_id=model_id,
-                device_id=f"paper-dev{k:06d}",
+            feature_push(
+                model_id,
+                f"paper-dev{k:06d}",
                 backbone=bank.backbone,
                 cut=bank.cut,
-                dtype=FeatureDType.FLOAT16,
-                sample_ids=np.arange(chunk.size, dtype=np.uint64),
-                labels=y.astype(np.int32),
-                timestamps_ms=np.full(chunk.size, now, dtype=np.int64),
-                features=np.ascontiguousarray(x, dtype=np.float16),
+                sample_ids=np.arange(chunk.size),
+                labels=y,
+                features=x,
+                timestamp_ms=now,
             )
         )
     return out

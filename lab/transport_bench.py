@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lab.benchio import best_rate, write_result
+from lab.feature_pushes import feature_push
 from lab.measure import Warmup
 from pipeline import codec
 from pipeline.records import FEATURE_SHAPES, Backbone, Cut, FeatureDType, FeaturePush
@@ -45,16 +46,17 @@ def synthetic_push(
     """A valid push of random features, for benchmarks."""
     rng = np.random.default_rng(seed)
     shape = FEATURE_SHAPES[backbone][cut]
-    return FeaturePush(
-        model_id="bench",
-        device_id=f"dev-{device:06d}",
+    labels = rng.integers(0, 1000, n, dtype=np.int32)
+    return feature_push(
+        "bench",
+        f"dev-{device:06d}",
         backbone=backbone,
         cut=cut,
         dtype=dtype,
-        sample_ids=np.arange(first_id, first_id + n, dtype=np.uint64),
-        labels=rng.integers(0, 1000, n, dtype=np.int32),
-        timestamps_ms=np.full(n, int(time.time() * 1000), dtype=np.int64),
-        features=rng.standard_normal((n, *shape), dtype=np.float32).astype(dtype.numpy),
+        sample_ids=np.arange(first_id, first_id + n),
+        labels=labels,
+        features=rng.standard_normal((n, *shape), dtype=np.float32),
+        timestamp_ms=int(time.time() * 1000),
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lab.feature_pushes import feature_push
 from lab.measure import Distribution
 from pipeline import codec
 from pipeline.checkpoints import LocalCheckpointStore
@@ -25,7 +26,6 @@ from pipeline.publishing import register_model
 from pipeline.records import (
     Backbone,
     Cut,
-    FeatureDType,
     FeaturePush,
     ModelUpdate,
     TrainingTrigger,
@@ -48,16 +48,15 @@ def _pushes(
         labels = rng.integers(0, num_classes, per_push).astype(np.int32)
         features = prototypes[labels] + 0.5 * rng.standard_normal((per_push, 512))
         pushes.append(
-            FeaturePush(
-                model_id=model_id,
-                device_id=f"dev-{job}-{first // per_push}",
+            feature_push(
+                model_id,
+                f"dev-{job}-{first // per_push}",
                 backbone=Backbone.INCEPTION_RESNET_V1,
                 cut=Cut.FREEZE6,
-                dtype=FeatureDType.FLOAT16,
-                sample_ids=np.arange(per_push, dtype=np.uint64),
+                sample_ids=np.arange(per_push),
                 labels=labels,
-                timestamps_ms=np.full(per_push, int(time.time() * 1000), dtype=np.int64),
-                features=features.astype(np.float16),
+                features=features,
+                timestamp_ms=int(time.time() * 1000),
             )
         )
     return pushes
