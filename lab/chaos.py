@@ -119,6 +119,29 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def racing_settings(
+    settings: Settings, *, min_samples: int, job_timeout_s: float, **more: Any
+) -> Settings:
+    """``settings`` for a chaos run: two partitions per topic, an age trigger every 2 s
+    (agents tick every 0.5 s) and one epoch per job, so triggers, jobs and updates
+    interleave with every push and every fault. A high ``min_samples`` leaves the age
+    triggers alone; ``more`` sets any other field."""
+    return settings.model_copy(
+        update={
+            "features_partitions": 2,
+            "models_partitions": 2,
+            "triggers_partitions": 2,
+            "min_samples": min_samples,
+            "age_floor_samples": 1,
+            "max_age_s": 2.0,
+            "agent_tick_s": 0.5,
+            "job_timeout_s": job_timeout_s,
+            "train_epochs": 1,
+            **more,
+        }
+    )
+
+
 def random_push(
     model_id: str,
     device_id: str,

@@ -32,7 +32,15 @@ from typing import Any
 import numpy as np
 
 from lab.benchio import write_result
-from lab.chaos import ChaosConfig, ChaosRun, Fault, FaultKind, model_ids, random_push
+from lab.chaos import (
+    ChaosConfig,
+    ChaosRun,
+    Fault,
+    FaultKind,
+    model_ids,
+    racing_settings,
+    random_push,
+)
 from pipeline import codec
 from pipeline.audit_log import audit_deployment
 from pipeline.kafka_local import LocalKafka, free_port
@@ -67,20 +75,8 @@ SETTINGS_SHOWN = (
 
 
 def bench_settings(settings: Settings) -> Settings:
-    """Age triggers every 2 s: triggers, jobs and updates interleave with every push."""
-    return settings.model_copy(
-        update={
-            "features_partitions": 2,
-            "models_partitions": 2,
-            "triggers_partitions": 2,
-            "min_samples": 1_000_000,
-            "age_floor_samples": 1,
-            "max_age_s": 2.0,
-            "agent_tick_s": 0.5,
-            "job_timeout_s": 30.0,
-            "train_epochs": 1,
-        }
-    )
+    """Age triggers only (:func:`lab.chaos.racing_settings`), a job's timeout 30 s."""
+    return racing_settings(settings, min_samples=1_000_000, job_timeout_s=30.0)
 
 
 def scenario(name: str, libs_dir: Path | None) -> ChaosConfig:

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from lab.chaos import ChaosConfig, ChaosResult, ChaosRun, Fault, FaultKind
+from lab.chaos import ChaosConfig, ChaosResult, ChaosRun, Fault, FaultKind, racing_settings
 from pipeline.auth import ANY_MODEL, issue_token
 from pipeline.kafka_local import free_port
 from pipeline.settings import Settings
@@ -27,20 +27,8 @@ JAR_CACHE = REPO / ".fedex" / "kafka" / "libs"
 
 
 def chaos_settings(settings: Settings) -> Settings:
-    return settings.model_copy(
-        update={
-            "features_partitions": 2,
-            "models_partitions": 2,
-            "triggers_partitions": 2,
-            "min_samples": 100_000,  # age triggers only: they race the pushes
-            "age_floor_samples": 1,
-            "max_age_s": 2.0,
-            "agent_tick_s": 0.5,
-            "job_timeout_s": 20.0,
-            "train_epochs": 1,
-            "val_fraction": 0.2,
-        }
-    )
+    # age triggers only: they race the pushes
+    return racing_settings(settings, min_samples=100_000, job_timeout_s=20.0, val_fraction=0.2)
 
 
 async def test_a_broker_kill_midway_loses_and_duplicates_nothing(
