@@ -13,10 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from agents.policy import ModelState, TriggerPolicy
 from pipeline import codec
 from pipeline.records import DeadLetter, TrainingTrigger
+
+if TYPE_CHECKING:
+    from aiokafka.structs import ConsumerRecord
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,18 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp: float
+
+    @classmethod
+    def of_consumer_record(cls, record: ConsumerRecord[Any, Any]) -> Record:
+        """An aiokafka record (the ingest stage's input; its timestamp is in ms)."""
+        r = record
+        return cls(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp / 1000)
+
+    @classmethod
+    def of_faust_event(cls, event: Any) -> Record:
+        """A Faust event's message (the agents' input; its timestamp is in seconds)."""
+        m = event.message
+        return cls(m.topic, m.partition, m.offset, m.key, m.value, float(m.timestamp))
 
 
 def dead_letter(record: Record, reason: str, message: str, at: float) -> DeadLetter:

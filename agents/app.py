@@ -57,7 +57,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import faust
 from faust.streams import _current_event  # the contextvar behind faust.current_event()
@@ -123,18 +123,6 @@ def _withhold_acks(events: Sequence[Any]) -> None:
         event.message.acked = True
 
 
-def _record(event: Any) -> Record:
-    message = event.message
-    return Record(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key,
-        value=message.value,
-        timestamp=float(message.timestamp),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Emitted:
     """What the agents put on the output topics, for observers (tests, the bench)."""
@@ -143,26 +131,40 @@ class Emitted:
     dead_letters: int
 
 
-class AgentApp:
-    """Builds and owns the Faust app of one worker.
+@dataclass(frozen=True, slots=True)
+class AppOptions:
+    """How one worker's Faust app runs, beyond the process's settings: one value that the
+    worker hands to its app unchanged, so the two cannot drift apart.
 
     ``store``: ``rocksdb://`` (default; table data under ``settings.state_dir``) or
     ``memory://`` (tests: state then comes back only from the changelog). ``clock``
-    returns seconds since the epoch; tests inject their own. ``on_emit`` is awaited after
-    every batch whose outputs are durable.
+    returns seconds since the epoch; tests inject their own. ``batch_max`` /
+    ``batch_within_s`` bound a summaries batch. ``datadir`` defaults to
+    ``settings.state_dir / <app id>``. ``on_emit`` is awaited after every batch whose
+    outputs are durable.
     """
+
+    store: str = "rocksdb://"
+    clock: Callable[[], float] = time.time
+    web_enabled: bool = False
+    batch_max: int = BATCH_MAX
+    batch_within_s: float = BATCH_WITHIN_S
+    datadir: Path | None = None
+    on_emit: Callable[[Emitted], Awaitable[None] | None] | None = None
+
+
+#: The production options (RocksDB, the wall clock, no web server); frozen, so shared.
+DEFAULT_OPTIONS: Final = AppOptions()
+
+
+class AgentApp:
+    """Builds and owns the Faust app of one worker, run as ``options`` say."""
 
     def __init__(
         self,
         settings: Settings,
+        options: AppOptions = DEFAULT_OPTIONS,
         *,
-        store: str = "rocksdb://",
-        clock: Callable[[], float] = time.time,
-        web_enabled: bool = False,
-        batch_max: int = BATCH_MAX,
-        batch_within_s: float = BATCH_WITHIN_S,
-        datadir: Path | None = None,
-        on_emit: Callable[[Emitted], Awaitable[None] | None] | None = None,
         on_error: Callable[[str, BaseException], Awaitable[None]] | None = None,
     ) -> None:
         if settings.models_partitions != settings.features_partitions:
@@ -172,15 +174,17 @@ class AgentApp:
                 "by model id); set FEDEX_MODELS_PARTITIONS = FEDEX_FEATURES_PARTITIONS"
             )
         self.settings = settings
-        self.clock = clock
-        self.on_emit = on_emit
-        self.batch_max = batch_max
-        self.batch_within_s = batch_within_s
+        self.clock = options.clock
+        self.on_emit = options.on_emit
+        self.batch_max = options.batch_max
+        self.batch_within_s = options.batch_within_s
         self.topics = Topics(settings.topic_prefix)
         self.app_id = self.topics.agents_app_id
         partitions = settings.features_partitions
-        self.datadir = datadir or settings.state_dir / self.app_id
-        self.app = _faust_app(settings, self.app_id, store, self.datadir, web_enabled)
+        self.datadir = options.datadir or settings.state_dir / self.app_id
+        self.app = _faust_app(
+            settings, self.app_id, options.store, self.datadir, options.web_enabled
+        )
         raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
         self.models_topic = self.app.topic(self.topics.models, allow_empty=True, **raw)
         self.triggers_topic = self.app.topic(self.topics.triggers, **raw)
@@ -251,14 +255,16 @@ class AgentApp:
     async def _summaries_agent(self, stream: Any) -> AsyncIterator[None]:
         async for events in stream.take_events(self.batch_max, self.batch_within_s):
             async with self.transition:
-                outcome = self.aggregator.add_summaries([_record(e) for e in events], self.clock())
+                outcome = self.aggregator.add_summaries(
+                    [Record.of_faust_event(e) for e in events], self.clock()
+                )
                 await self._guarded(events, outcome)
             yield None
 
     async def _updates_agent(self, stream: Any) -> AsyncIterator[None]:
         async for event in stream.events():
             async with self.transition:
-                outcome = self.aggregator.add_update(_record(event), self.clock())
+                outcome = self.aggregator.add_update(Record.of_faust_event(event), self.clock())
                 await self._guarded([event], outcome)
             yield None
 

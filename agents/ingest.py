@@ -207,11 +207,7 @@ class IngestStage(Service):
             )
             for tp, rs in more.items():
                 batches[tp] = [*batches.get(tp, []), *rs]
-        return [
-            Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp / 1000)
-            for rs in batches.values()
-            for r in rs
-        ]
+        return [Record.of_consumer_record(r) for rs in batches.values() for r in rs]
 
     async def _handle_through_outages(self, records: list[Record]) -> None:
         """:meth:`_handle`, retried with backoff while the broker is away (the batch is

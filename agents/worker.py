@@ -19,11 +19,8 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
-from agents.app import AgentApp, Emitted
+from agents.app import DEFAULT_OPTIONS, AgentApp, AppOptions
 from agents.ingest import IngestStage
 from agents.policy import ModelState
 from pipeline.broker_health import BrokerHealth, install_noise_filter
@@ -43,35 +40,17 @@ class AgentError(FedexError):
 class AgentWorker(Service):
     """One agents worker in the current event loop: ``start()``, ``stop()``, ``async with``.
 
-    ``wait_ready()`` returns once this worker has partitions of both groups and its table
-    is recovered. A crashed agent or ingest stage fails ``wait_stopped()`` and
-    ``wait_ready()``.
+    ``options`` run its Faust app (and give the ingest stage its clock). ``wait_ready()``
+    returns once this worker has partitions of both groups and its table is recovered. A
+    crashed agent or ingest stage fails ``wait_stopped()`` and ``wait_ready()``.
     """
 
     def __init__(
-        self,
-        settings: Settings,
-        *,
-        store: str = "rocksdb://",
-        clock: Callable[[], float] = time.time,
-        web_enabled: bool = False,
-        ensure: bool = True,
-        datadir: Path | None = None,
-        on_emit: Callable[[Emitted], Awaitable[None] | None] | None = None,
-        **app_options: Any,
+        self, settings: Settings, options: AppOptions = DEFAULT_OPTIONS, *, ensure: bool = True
     ) -> None:
         self.settings = settings
         self._ensure = ensure
-        self.agents = AgentApp(
-            settings,
-            store=store,
-            clock=clock,
-            web_enabled=web_enabled,
-            datadir=datadir,
-            on_emit=on_emit,
-            on_error=self._on_agent_error,
-            **app_options,
-        )
+        self.agents = AgentApp(settings, options, on_error=self._on_agent_error)
         self.app = self.agents.app
         self.health = BrokerHealth(f"agents worker {self.agents.app_id}")
         self.ingest = IngestStage(
@@ -84,7 +63,7 @@ class AgentWorker(Service):
             max_push_samples=settings.max_push_samples,
             batch_max=settings.ingest_batch_max,
             linger_ms=settings.ingest_linger_ms,
-            clock=clock,
+            clock=options.clock,
             on_error=self._on_agent_error,
             health=self.health,
         )
@@ -200,7 +179,7 @@ async def _serve(settings: Settings, max_runtime: float | None) -> None:
 
 
 async def _run(settings: Settings, max_runtime: float | None, stop: asyncio.Event) -> None:
-    worker = AgentWorker(settings, web_enabled=True)
+    worker = AgentWorker(settings, AppOptions(web_enabled=True))
     install_noise_filter(worker.health)
     try:
         await worker.start()

@@ -22,6 +22,7 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
+from agents.app import AppOptions
 from agents.policy import ModelState
 from agents.summarizer import UNKNOWN_MODEL
 from agents.worker import AgentError, AgentWorker
@@ -148,7 +149,7 @@ class Harness:
 
     async def start_worker(self, name: str = "faust") -> AgentWorker:
         worker = AgentWorker(
-            self.settings, store="memory://", clock=self.clock, datadir=self.tmp / name
+            self.settings, AppOptions(store="memory://", clock=self.clock, datadir=self.tmp / name)
         )
         self.workers.append(worker)
         await worker.start()

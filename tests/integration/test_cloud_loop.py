@@ -11,6 +11,7 @@ import aiohttp
 import numpy as np
 import torch
 
+from agents.app import AppOptions
 from agents.worker import AgentWorker
 from pipeline.auth import issue_token
 from pipeline.checkpoints import LocalCheckpointStore, decode_checkpoint, sha256_hex
@@ -78,7 +79,7 @@ async def test_pushes_become_a_better_downloadable_model(settings: Settings) -> 
         base = await register_model(
             live, MODEL, Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, CLASSES, seed=1, store=store
         )
-        worker = AgentWorker(live, store="memory://")
+        worker = AgentWorker(live, AppOptions(store="memory://"))
         trainer = Trainer(live, device="cpu", store=store)
         server = ModelServer.from_settings(live, secret=SECRET, store=store, port=0)
         async with worker, trainer, server, aiohttp.ClientSession() as http:
