@@ -27,6 +27,7 @@ from torch import nn
 
 from device_sim.images import rng_for, stable_key
 from pipeline import codec
+from pipeline.duplex import Duplex
 from pipeline.errors import FedexError
 from pipeline.head_loop import CPU, Schedule, as_tensor, train_epochs, trainable_parameters
 from pipeline.lifecycle import Service
@@ -35,7 +36,7 @@ from pipeline.topics import Topics
 from pipeline.zoo import build_backbone, head_state_dict, load_head_state, split
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -173,29 +174,17 @@ class FedAvgFleet(Service):
         self.seed = seed
         self.ledgers = {d: DeviceLedger() for d in self.devices}
         self.rounds_seen: list[int] = []
-        self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        self._clients = Duplex(
+            bootstrap=bootstrap, topic=topics.fedavg_rounds, client_id="fedex-fedavg-devices"
+        )
         self._head: nn.Module | None = None
         self._template: dict[str, torch.Tensor] = {}
 
     async def start(self) -> None:
-        if self._producer is not None:
-            return
-
-        from pipeline.clients import start_reader_and_producer
-
-        self._consumer, self._producer = await start_reader_and_producer(
-            bootstrap=self.bootstrap,
-            topic=self.topics.fedavg_rounds,
-            client_id="fedex-fedavg-devices",
-        )
+        await self._clients.start()
 
     async def stop(self) -> None:
-        from pipeline.clients import stop_clients
-
-        consumer, producer = self._consumer, self._producer
-        self._consumer = self._producer = None
-        await stop_clients(producer, consumer)
+        await self._clients.stop()
 
     def _head_for(self, broadcast: RoundBroadcast) -> nn.Module:
         if self._head is None:
@@ -228,7 +217,8 @@ class FedAvgFleet(Service):
 
     async def handle(self, broadcast: RoundBroadcast, size: int) -> int:
         """Run one round on the hosted selected devices; returns how many pushed."""
-        assert self._producer is not None, "start() the fleet first"
+        producer = self._clients.producer
+        assert producer is not None, "start() the fleet first"
         mine = [d for d in broadcast.selected if d in self.devices]
         if not mine:
             return 0
@@ -254,7 +244,7 @@ class FedAvgFleet(Service):
             )
             ledger.bytes_up += len(value)
             sends.append(
-                await self._producer.send(
+                await producer.send(
                     self.topics.fedavg_updates, value, key=codec.encode_key(self.model_id)
                 )
             )
@@ -270,13 +260,14 @@ class FedAvgFleet(Service):
         """Serve rounds until the final broadcast (nobody selected), ``on_broadcast`` says
         stop, or ``idle_timeout`` seconds pass without a broadcast. Returns the last
         broadcast seen (None if none came)."""
-        assert self._consumer is not None, "start() the fleet first"
+        consumer = self._clients.consumer
+        assert consumer is not None, "start() the fleet first"
         last: RoundBroadcast | None = None
         idle_since = time.monotonic()
         while True:
             if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
                 return last
-            batches = await self._consumer.getmany(timeout_ms=500)
+            batches = await consumer.getmany(timeout_ms=500)
             for messages in batches.values():
                 for message in messages:
                     try:

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline import codec
+from pipeline.duplex import Duplex
 from pipeline.errors import ConfigError
 from pipeline.lifecycle import Service
 from pipeline.records import (
@@ -52,7 +53,7 @@ from pipeline.records import (
 from pipeline.topics import Topics
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -294,29 +295,17 @@ class FedAvgServer(Service):
         self.config = config
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.reports: list[RoundReport] = []
-        self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        # Positioned at the end before the first broadcast: updates sent after it are ours.
+        self._clients = Duplex(
+            bootstrap=bootstrap, topic=topics.fedavg_updates, client_id="fedex-fedavg-server"
+        )
         self._leftover: Counter[OfferOutcome] = Counter()
 
     async def start(self) -> None:
-        if self._producer is not None:
-            return
-
-        from pipeline.clients import start_reader_and_producer
-
-        # Positioned at the end before the first broadcast: updates sent after it are ours.
-        self._consumer, self._producer = await start_reader_and_producer(
-            bootstrap=self.bootstrap,
-            topic=self.topics.fedavg_updates,
-            client_id="fedex-fedavg-server",
-        )
+        await self._clients.start()
 
     async def stop(self) -> None:
-        from pipeline.clients import stop_clients
-
-        consumer, producer = self._consumer, self._producer
-        self._consumer = self._producer = None
-        await stop_clients(producer, consumer)
+        await self._clients.stop()
 
     def broadcast_for(self, round_no: int, selected: tuple[str, ...]) -> RoundBroadcast:
         cfg = self.config
@@ -337,16 +326,18 @@ class FedAvgServer(Service):
         )
 
     async def _send(self, broadcast: RoundBroadcast) -> int:
-        assert self._producer is not None, "start() the server first"
+        producer = self._clients.producer
+        assert producer is not None, "start() the server first"
         value = codec.encode_round_broadcast(broadcast)
-        await self._producer.send_and_wait(
+        await producer.send_and_wait(
             self.topics.fedavg_rounds, value, key=codec.encode_key(self.model_id)
         )
         return len(value)
 
     async def run_round(self, round_no: int) -> RoundReport:
         """Broadcast, collect until quorum or deadline, average, step."""
-        assert self._consumer is not None, "start() the server first"
+        consumer = self._clients.consumer
+        assert consumer is not None, "start() the server first"
         cfg = self.config
         started = time.monotonic()
         selected = select_devices(
@@ -367,7 +358,7 @@ class FedAvgServer(Service):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            batches = await self._consumer.getmany(timeout_ms=int(min(remaining, 1.0) * 1000) + 1)
+            batches = await consumer.getmany(timeout_ms=int(min(remaining, 1.0) * 1000) + 1)
             for messages in batches.values():
                 for message in messages:
                     try:

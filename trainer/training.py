@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipeline.records import TrainingTrigger
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 JobHook = Callable[[TrainingTrigger], None]
 
 
+@dataclass(eq=False)
 class JobTraining:
     """Assembles and trains one job at a time from the process's settings.
 
@@ -41,21 +43,12 @@ class JobTraining:
     ``on_job_started`` is called in the training thread right before training.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        device: str,
-        threads: int | None,
-        should_stop: Callable[[], bool],
-        on_job_started: JobHook | None = None,
-    ) -> None:
-        self.settings = settings
-        self.device = device
-        self._threads = threads
-        self._should_stop = should_stop
-        self._on_job_started = on_job_started
-        self._heads = HeadCache()
+    settings: Settings
+    device: str
+    threads: int | None
+    should_stop: Callable[[], bool]
+    on_job_started: JobHook | None = None
+    _heads: HeadCache = field(default_factory=HeadCache, init=False)
 
     def assemble(
         self, cache: FeatureCache, trigger: TrainingTrigger, seed: int
@@ -79,7 +72,7 @@ class JobTraining:
             weight_decay=self.settings.train_weight_decay,
             seed=seed,
             device=self.device,
-            threads=self._threads,
+            threads=self.threads,
             swa_start=self.settings.train_swa_start,
         )
 
@@ -94,8 +87,8 @@ class JobTraining:
         """Runs in a worker thread: builds the head, trains and judges it."""
         train, val, plan = data
         head = self._heads.get(entry.backbone, entry.cut, entry.num_classes)
-        if self._on_job_started is not None:
-            self._on_job_started(trigger)
+        if self.on_job_started is not None:
+            self.on_job_started(trigger)
         log.info(
             "job %s: training %s/%s (%d classes) on %d new + %d replayed samples "
             "(%d new held out; validation set %d), %d epochs, %s",
@@ -111,7 +104,7 @@ class JobTraining:
                     trigger.trigger_id, stats.epoch + 1, cfg.epochs, stats.mean_loss,
                     stats.samples_per_s,
                 )  # fmt: skip
-            if self._should_stop():
+            if self.should_stop():
                 raise JobAbandoned("the trainer is stopping")
 
         return train_candidate(

@@ -13,18 +13,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from device_sim.bank import FeatureBank, build_bank
 from device_sim.heads import train_base_head
 from device_sim.world import World, WorldConfig
-from lab.fedavg_devices import DeviceData, FedAvgFleet
+from lab.fedavg_devices import DeviceData, FedAvgFleet, OnBroadcast
 from lab.fedavg_report import copies
-from lab.fedavg_server import FedAvgConfig, FedAvgServer
-from lab.fedavg_task import Evaluator, distinct_check, make_devices
+from lab.fedavg_server import FedAvgConfig, FedAvgServer, RoundReport
+from lab.fedavg_task import Device, Evaluator, distinct_check, make_devices
 from pipeline import codec
 from pipeline.clients import make_consumer
 from pipeline.records import Backbone, Cut, FeatureDType, RoundBroadcast
@@ -73,6 +75,78 @@ async def read_all(bootstrap: str, topic: str, count: int) -> list[bytes]:
         await consumer.stop()
 
 
+def arms(
+    settings: Settings,
+    topics: Topics,
+    bank: FeatureBank,
+    base: Mapping[str, torch.Tensor],
+    devices: Sequence[Device],
+    config: FedAvgConfig,
+) -> tuple[FedAvgFleet, FedAvgServer]:
+    """The devices and the server of one FedAvg run over ``devices``, from ``base``, in
+    ``config.dtype``."""
+    data = {d.device_id: DeviceData(d.features, d.labels) for d in devices}
+    fleet = FedAvgFleet(
+        bootstrap=settings.bootstrap,
+        topics=topics,
+        model_id=MODEL,
+        devices=data,
+        dtype=config.dtype,
+    )
+    server = FedAvgServer(
+        bootstrap=settings.bootstrap,
+        topics=topics,
+        model_id=MODEL,
+        backbone=bank.backbone,
+        cut=bank.cut,
+        num_classes=bank.num_classes,
+        init_state=base,
+        devices=[d.device_id for d in devices],
+        config=config,
+    )
+    return fleet, server
+
+
+async def run_rounds(
+    fleet: FedAvgFleet, server: FedAvgServer, on_broadcast: OnBroadcast
+) -> tuple[list[RoundReport], RoundBroadcast | None]:
+    """Every round of ``server`` with ``fleet`` answering; the reports and the last
+    broadcast the devices saw."""
+    async with fleet, server:
+        devices_task = asyncio.create_task(fleet.run(on_broadcast=on_broadcast, idle_timeout=60))
+        reports = await asyncio.wait_for(server.run(), 120)
+        last = await asyncio.wait_for(devices_task, 60)
+    return reports, last
+
+
+async def assert_bytes_are_message_sizes(
+    settings: Settings,
+    topics: Topics,
+    fleet: FedAvgFleet,
+    devices: Sequence[Device],
+    seen: Sequence[tuple[RoundBroadcast, int, float, dict[str, np.ndarray]]],
+) -> list[bytes]:
+    """Bytes per device are the real message sizes: pushes read back from the update topic,
+    broadcasts of the rounds the device was selected in. Returns the pushes."""
+    pushed = await read_all(settings.bootstrap, topics.fedavg_updates, 3 * 6)
+    up: dict[str, int] = defaultdict(int)
+    for value in pushed:
+        up[codec.decode_round_update(value).device_id] += len(value)
+    down: dict[str, int] = defaultdict(int)
+    for broadcast, size, _, _ in seen:
+        for device_id in broadcast.selected:
+            down[device_id] += size
+    broadcasts = await read_all(settings.bootstrap, topics.fedavg_rounds, 4)
+    assert [len(v) for v in broadcasts] == [size for _, size, _, _ in seen]
+    for device in devices:
+        ledger = fleet.ledgers[device.device_id]
+        assert ledger.bytes_up == up[device.device_id]
+        assert ledger.bytes_down == down[device.device_id]
+        assert (ledger.compute_seconds > 0) == (ledger.rounds > 0)
+    assert sum(ledger.rounds for ledger in fleet.ledgers.values()) == 3 * 6
+    return pushed
+
+
 async def test_fedavg_rounds_over_kafka(
     settings: Settings, kafka_topics: Topics, bank: FeatureBank
 ) -> None:
@@ -82,24 +156,10 @@ async def test_fedavg_rounds_over_kafka(
     devices = make_devices(bank, world, MODEL, 12, 16, seed=0)
     assert copies(distinct_check(bank, devices, np.zeros(12 * 16, dtype=np.bool_))) == 0
     evaluate = Evaluator(bank, devices)
-    data = {d.device_id: DeviceData(d.features, d.labels) for d in devices}
-    fleet = FedAvgFleet(
-        bootstrap=settings.bootstrap, topics=kafka_topics, model_id=MODEL, devices=data
-    )
     config = FedAvgConfig(
         rounds=3, fraction=0.5, deadline_s=60, local_epochs=2, batch_size=8, lr=0.1
     )
-    server = FedAvgServer(
-        bootstrap=settings.bootstrap,
-        topics=kafka_topics,
-        model_id=MODEL,
-        backbone=bank.backbone,
-        cut=bank.cut,
-        num_classes=bank.num_classes,
-        init_state=base.state_dict,
-        devices=[d.device_id for d in devices],
-        config=config,
-    )
+    fleet, server = arms(settings, kafka_topics, bank, base.state_dict, devices, config)
     seen: list[tuple[RoundBroadcast, int, float, dict[str, np.ndarray]]] = []
 
     async def on_broadcast(broadcast: RoundBroadcast, size: int) -> bool:
@@ -107,10 +167,7 @@ async def test_fedavg_rounds_over_kafka(
         seen.append((broadcast, size, evaluate(broadcast.tensors), copy))
         return False
 
-    async with fleet, server:
-        devices_task = asyncio.create_task(fleet.run(on_broadcast=on_broadcast, idle_timeout=60))
-        reports = await asyncio.wait_for(server.run(), 120)
-        last = await asyncio.wait_for(devices_task, 60)
+    reports, last = await run_rounds(fleet, server, on_broadcast)
 
     # Rounds advance, each closes when every selected device reported.
     assert [r.round for r in reports] == [0, 1, 2]
@@ -132,46 +189,19 @@ async def test_fedavg_rounds_over_kafka(
     assert accuracies[0] == evaluate(base.state_dict)
     assert all(0.0 <= a <= 1.0 for a in accuracies)
 
-    # Bytes per device are the real message sizes: pushes read back from the update topic,
-    # broadcasts of the rounds the device was selected in.
-    pushed = await read_all(settings.bootstrap, kafka_topics.fedavg_updates, 3 * 6)
-    up: dict[str, int] = defaultdict(int)
-    for value in pushed:
-        up[codec.decode_round_update(value).device_id] += len(value)
-    down: dict[str, int] = defaultdict(int)
-    for broadcast, size, _, _ in seen:
-        for device_id in broadcast.selected:
-            down[device_id] += size
-    broadcasts = await read_all(settings.bootstrap, kafka_topics.fedavg_rounds, 4)
-    assert [len(v) for v in broadcasts] == [size for _, size, _, _ in seen]
-    for device in devices:
-        ledger = fleet.ledgers[device.device_id]
-        assert ledger.bytes_up == up[device.device_id]
-        assert ledger.bytes_down == down[device.device_id]
-        assert (ledger.compute_seconds > 0) == (ledger.rounds > 0)
-    assert sum(ledger.rounds for ledger in fleet.ledgers.values()) == 3 * 6
+    pushed = await assert_bytes_are_message_sizes(settings, kafka_topics, fleet, devices, seen)
     # a freeze6 head of 4 classes in fp32: 4·512·4 + 4·4 bytes of tensors per message
     assert min(len(v) for v in pushed) > 4 * 512 * 4 + 16
     assert evaluate.vendors(server.state)["spread"] >= 0.0
 
     # The same rounds in fp16: broadcasts and updates carry half the tensor bytes.
-    half = FedAvgFleet(
-        bootstrap=settings.bootstrap,
-        topics=kafka_topics,
-        model_id=MODEL,
-        devices=data,
-        dtype=FeatureDType.FLOAT16,
-    )
-    half_server = FedAvgServer(
-        bootstrap=settings.bootstrap,
-        topics=kafka_topics,
-        model_id=MODEL,
-        backbone=bank.backbone,
-        cut=bank.cut,
-        num_classes=bank.num_classes,
-        init_state=base.state_dict,
-        devices=[d.device_id for d in devices],
-        config=replace(config, rounds=2, dtype=FeatureDType.FLOAT16),
+    half, half_server = arms(
+        settings,
+        kafka_topics,
+        bank,
+        base.state_dict,
+        devices,
+        replace(config, rounds=2, dtype=FeatureDType.FLOAT16),
     )
     sizes: list[int] = []
 
@@ -180,10 +210,7 @@ async def test_fedavg_rounds_over_kafka(
         sizes.append(size)
         return False
 
-    async with half, half_server:
-        devices_task = asyncio.create_task(half.run(on_broadcast=on_half, idle_timeout=60))
-        half_reports = await asyncio.wait_for(half_server.run(), 120)
-        await asyncio.wait_for(devices_task, 60)
+    half_reports, _ = await run_rounds(half, half_server, on_half)
     assert [r.accepted for r in half_reports] == [6, 6]
     # a 4-class freeze6 head has 4·512 + 4 elements: 2 bytes each fewer in fp16
     saved = 2 * (4 * 512 + 4)
