@@ -343,6 +343,27 @@ async def test_state_survives_a_restart_through_the_changelog(harness: Harness) 
     assert len(await harness.triggers.drained()) == 2  # none lost, none duplicated
 
 
+def two_models_per_partition(partitions: int) -> list[str]:
+    """Model ids, two on every partition of a feature log of ``partitions``."""
+    models: list[str] = []
+    for i in range(200):
+        model = f"multi-{i}"
+        if sum(partition_of(m, partitions) == partition_of(model, partitions) for m in models) < 2:
+            models.append(model)
+    assert len(models) == 2 * partitions
+    return models
+
+
+def assert_restored(h: Harness, models: list[str]) -> None:
+    """Every model's state, as the survivor restored it from the changelog: its first job
+    in flight, the 30 samples since pending, 80 counted."""
+    for model in models:
+        state = h.state(model)
+        assert state is not None and state.in_flight is not None, model
+        assert (state.in_flight.trigger_id, state.pending_samples) == (f"{model}:1", 30)
+        assert state.counted_samples == 80
+
+
 async def test_two_workers_share_the_work_and_the_survivor_takes_over(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -356,13 +377,7 @@ async def test_two_workers_share_the_work_and_the_survivor_takes_over(
         ),
         tmp_path,
     )
-    # Two models on every partition of the feature log.
-    models: list[str] = []
-    for i in range(200):
-        model = f"multi-{i}"
-        if sum(partition_of(m, partitions) == partition_of(model, partitions) for m in models) < 2:
-            models.append(model)
-    assert len(models) == 2 * partitions
+    models = two_models_per_partition(partitions)
     await h.producer.start()
     await h.triggers.start()
     try:
@@ -396,11 +411,7 @@ async def test_two_workers_share_the_work_and_the_survivor_takes_over(
         # sometimes waits ~60 s for its partitions before it resumes (see the session note).
         await until(h.balanced, "the survivor owning every partition", 180)
         assert a.partitions == set(range(partitions))
-        for model in models:
-            state = h.state(model)
-            assert state is not None and state.in_flight is not None, model
-            assert (state.in_flight.trigger_id, state.pending_samples) == (f"{model}:1", 30)
-            assert state.counted_samples == 80
+        assert_restored(h, models)
 
         # The survivor counts new pushes for b's models too, and the answers to the first
         # jobs fire the second ones with exactly the samples since.
