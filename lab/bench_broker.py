@@ -45,6 +45,24 @@ def broker_source(settings: Settings) -> str:
     return "started by the bench"
 
 
+async def single_partition_topics(bootstrap: str, prefix: str, home: Path) -> Settings:
+    """Settings whose topics (under ``prefix``, created here) have one partition each: a
+    bench that times single records reads every record of a model, in order, from one
+    partition."""
+    from pipeline.topics import ensure_topics, topic_specs
+
+    settings = Settings(
+        kafka_bootstrap=bootstrap,
+        topic_prefix=prefix,
+        home=home,
+        features_partitions=1,
+        triggers_partitions=1,
+        models_partitions=1,
+    )
+    await ensure_topics(bootstrap, topic_specs(settings))
+    return settings
+
+
 async def list_topics(bootstrap: str) -> set[str]:
     admin = clients.make_admin(bootstrap=bootstrap)
     await admin.start()

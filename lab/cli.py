@@ -153,17 +153,13 @@ def bench_push(
     """Table 2: push (Kafka acks=all, HTTP) and pull latency per freeze level on loopback,
     plus modelled latency on the simulated mobile network tiers, and the FedAvg push."""
     from lab.bench_broker import bench_kafka
-    from lab.push_bench import run_push_bench
+    from lab.push_bench import PushBenchConfig, run_push_bench
+
+    config = PushBenchConfig(repeats=repeats, pull_repeats=pull_repeats)
 
     async def run() -> None:
         async with bench_kafka(Settings(), keep=keep) as bootstrap:
-            await asyncio.to_thread(
-                run_push_bench,
-                bootstrap=bootstrap,
-                repeats=repeats,
-                pull_repeats=pull_repeats,
-                out=out,
-            )
+            await asyncio.to_thread(run_push_bench, bootstrap=bootstrap, config=config, out=out)
 
     asyncio.run(run())
 

@@ -39,6 +39,7 @@ from typing import Any, Final
 import numpy as np
 
 from device_sim.network import TIERS, NetworkTier
+from lab.bench_broker import single_partition_topics
 from lab.benchio import write_result
 from lab.transport_bench import synthetic_push
 from pipeline import codec
@@ -344,14 +345,22 @@ async def _time_pull(
     }
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PushBenchConfig:
+    """What the push bench times: the levels pushed (``repeats`` timed pushes each, both
+    paths) and pulled (``pull_repeats`` timed pulls each), and the models' class count."""
+
+    levels: Sequence[Cut] = LEVELS
+    pull_levels: Sequence[Cut] = PULL_LEVELS
+    repeats: int = 10
+    pull_repeats: int = 5
+    num_classes: int = NUM_CLASSES
+
+
 async def measure(
     bootstrap: str,
+    config: PushBenchConfig,
     *,
-    levels: Sequence[Cut] = LEVELS,
-    pull_levels: Sequence[Cut] = PULL_LEVELS,
-    repeats: int = 10,
-    pull_repeats: int = 5,
-    num_classes: int = NUM_CLASSES,
     home: Path,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -361,23 +370,15 @@ async def measure(
 
     from pipeline import auth, clients
     from pipeline.server import ModelServer
-    from pipeline.settings import Settings
-    from pipeline.topics import Topics, ensure_topics, topic_specs
+    from pipeline.topics import Topics
 
-    settings = Settings(
-        kafka_bootstrap=bootstrap,
-        topic_prefix=f"bench-push-{uuid.uuid4().hex[:8]}",
-        home=home,
-        features_partitions=1,
-        triggers_partitions=1,
-        models_partitions=1,
-    )
+    prefix = f"bench-push-{uuid.uuid4().hex[:8]}"
+    settings = await single_partition_topics(bootstrap, prefix, home)
     features_topic = Topics(settings.topic_prefix).features
-    await ensure_topics(bootstrap, topic_specs(settings))
     result: dict[str, Any] = {"levels": [], "pull": []}
     try:
-        wanted = list(dict.fromkeys([*pull_levels, *levels]))
-        updates, result["fedavg"] = await _publish_models(settings, wanted, num_classes, log)
+        wanted = list(dict.fromkeys([*config.pull_levels, *config.levels]))
+        updates, result["fedavg"] = await _publish_models(settings, wanted, config.num_classes, log)
         secret = uuid.uuid4().hex
         token = auth.issue_token(secret, "dev-000000", auth.ANY_MODEL, 3600, time.time())
         server = ModelServer.from_settings(settings, secret=secret, host="127.0.0.1", port=0)
@@ -390,7 +391,7 @@ async def measure(
                 await server.wait_ready(60)
                 for update in updates.values():
                     await server.wait_for_version(update.model_id, update.version, 60)
-                for cut in levels:
+                for cut in config.levels:
                     row = await _time_pushes(
                         kafka,
                         http,
@@ -398,17 +399,17 @@ async def measure(
                         token,
                         features_topic,
                         cut,
-                        repeats=repeats,
-                        num_classes=num_classes,
+                        repeats=config.repeats,
+                        num_classes=config.num_classes,
                     )
                     result["levels"].append(row)
                     log(
                         f"{cut}: push {row['push_bytes']:,} B, kafka p50 "
                         f"{row['kafka_s']['p50']:.4f} s, http p50 {row['http_s']['p50']:.4f} s"
                     )
-                for cut in pull_levels:
+                for cut in config.pull_levels:
                     row = await _time_pull(
-                        http, server.url, token, updates[cut], repeats=pull_repeats
+                        http, server.url, token, updates[cut], repeats=config.pull_repeats
                     )
                     result["pull"].append(row)
                     size, p50 = row["checkpoint_bytes"], row["http_s"]["p50"]
@@ -469,14 +470,7 @@ def price(measured: Mapping[str, Any], tiers: Mapping[str, NetworkTier]) -> dict
 
 
 def run_push_bench(
-    *,
-    bootstrap: str,
-    levels: Sequence[Cut] = LEVELS,
-    pull_levels: Sequence[Cut] = PULL_LEVELS,
-    repeats: int = 10,
-    pull_repeats: int = 5,
-    num_classes: int = NUM_CLASSES,
-    out: Path | None = None,
+    *, bootstrap: str, config: PushBenchConfig = PushBenchConfig(), out: Path | None = None
 ) -> dict[str, Any]:
     """``fedex bench push``: measure, price on the tiers, print the table, write JSON."""
     tiers = mobile_tiers()
@@ -484,26 +478,16 @@ def run_push_bench(
     # time); failures still log at WARNING and above.
     logging.getLogger("pipeline.server.access").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="fedex-bench-push-") as home:
-        measured = asyncio.run(
-            measure(
-                bootstrap,
-                levels=levels,
-                pull_levels=pull_levels,
-                repeats=repeats,
-                pull_repeats=pull_repeats,
-                num_classes=num_classes,
-                home=Path(home),
-            )
-        )
+        measured = asyncio.run(measure(bootstrap, config, home=Path(home)))
     priced = price(measured, tiers)
     result = {
         "config": {
             "samples_per_push": SAMPLES,
             "dtype": "float16",
             "backbone": Backbone.INCEPTION_RESNET_V1.value,
-            "num_classes": num_classes,
-            "repeats": repeats,
-            "pull_repeats": pull_repeats,
+            "num_classes": config.num_classes,
+            "repeats": config.repeats,
+            "pull_repeats": config.pull_repeats,
             "bootstrap": bootstrap,
             "kafka": "send_and_wait, acks=all, linger 0, one push at a time",
             "http": "POST to an in-process ModelServer (aiohttp, 127.0.0.1), acks=all behind it",

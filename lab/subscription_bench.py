@@ -42,6 +42,7 @@ from device_sim.evaluation import (
 from device_sim.heads import new_head
 from device_sim.subscription import ModelSubscriber
 from device_sim.synthetic import random_devices
+from lab.bench_broker import single_partition_topics
 from lab.measure import Distribution
 from pipeline import codec
 from pipeline.auth import issue_token
@@ -63,7 +64,7 @@ from pipeline.records import (
 )
 from pipeline.server import ModelServer
 from pipeline.settings import Settings
-from pipeline.topics import Topics, ensure_topics, topic_specs
+from pipeline.topics import Topics
 
 BENCH_SECRET = "fanout-bench-secret"
 
@@ -122,16 +123,9 @@ async def measure_fanout(
     model_id = model_id or bank.model_ids[0]
     with contextlib.ExitStack() as stack:
         home = work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        settings = Settings(
-            kafka_bootstrap=bootstrap,
-            topic_prefix=f"bench-fanout-{uuid.uuid4().hex[:10]}",
-            home=home,
-            models_partitions=1,
-            triggers_partitions=1,
-            features_partitions=1,
-        )
+        prefix = f"bench-fanout-{uuid.uuid4().hex[:10]}"
+        settings = await single_partition_topics(bootstrap, prefix, home)
         topics = Topics(settings.topic_prefix)
-        await ensure_topics(bootstrap, topic_specs(settings))
         spec = FanoutSpec(
             devices, updates, quantile, prefer_http, real_pull_fraction, transfer_s, network, seed
         )
