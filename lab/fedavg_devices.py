@@ -260,34 +260,29 @@ class FedAvgFleet(Service):
         """Serve rounds until the final broadcast (nobody selected), ``on_broadcast`` says
         stop, or ``idle_timeout`` seconds pass without a broadcast. Returns the last
         broadcast seen (None if none came)."""
-        consumer = self._clients.consumer
-        assert consumer is not None, "start() the fleet first"
+        assert self._clients.consumer is not None, "start() the fleet first"
         last: RoundBroadcast | None = None
         idle_since = time.monotonic()
         while True:
             if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
                 return last
-            batches = await consumer.getmany(timeout_ms=500)
-            for messages in batches.values():
-                for message in messages:
-                    try:
-                        broadcast = codec.decode_round_broadcast(message.value)
-                    except codec.CodecError as exc:
-                        log.warning("fedavg devices: ignoring an invalid broadcast: %s", exc)
-                        continue
-                    if broadcast.model_id != self.model_id:
-                        continue
-                    if self.run_id is None:
-                        self.run_id = broadcast.run_id
-                    if broadcast.run_id != self.run_id:
-                        continue
-                    idle_since = time.monotonic()
-                    last = broadcast
-                    self.rounds_seen.append(broadcast.round)
-                    if on_broadcast is not None and await on_broadcast(
-                        broadcast, len(message.value)
-                    ):
-                        return broadcast
-                    if not broadcast.selected:
-                        return broadcast
-                    await self.handle(broadcast, len(message.value))
+            for message in await self._clients.poll(timeout_ms=500):
+                try:
+                    broadcast = codec.decode_round_broadcast(message.value)
+                except codec.CodecError as exc:
+                    log.warning("fedavg devices: ignoring an invalid broadcast: %s", exc)
+                    continue
+                if broadcast.model_id != self.model_id:
+                    continue
+                if self.run_id is None:
+                    self.run_id = broadcast.run_id
+                if broadcast.run_id != self.run_id:
+                    continue
+                idle_since = time.monotonic()
+                last = broadcast
+                self.rounds_seen.append(broadcast.round)
+                if on_broadcast is not None and await on_broadcast(broadcast, len(message.value)):
+                    return broadcast
+                if not broadcast.selected:
+                    return broadcast
+                await self.handle(broadcast, len(message.value))

@@ -336,8 +336,7 @@ class FedAvgServer(Service):
 
     async def run_round(self, round_no: int) -> RoundReport:
         """Broadcast, collect until quorum or deadline, average, step."""
-        consumer = self._clients.consumer
-        assert consumer is not None, "start() the server first"
+        assert self._clients.consumer is not None, "start() the server first"
         cfg = self.config
         started = time.monotonic()
         selected = select_devices(
@@ -358,16 +357,14 @@ class FedAvgServer(Service):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            batches = await consumer.getmany(timeout_ms=int(min(remaining, 1.0) * 1000) + 1)
-            for messages in batches.values():
-                for message in messages:
-                    try:
-                        update = codec.decode_round_update(message.value)
-                    except codec.CodecError as exc:
-                        log.warning("fedavg: ignoring an invalid update: %s", exc)
-                        current.reject(OfferOutcome.INVALID)
-                        continue
-                    current.offer(update)
+            for message in await self._clients.poll(int(min(remaining, 1.0) * 1000) + 1):
+                try:
+                    update = codec.decode_round_update(message.value)
+                except codec.CodecError as exc:
+                    log.warning("fedavg: ignoring an invalid update: %s", exc)
+                    current.reject(OfferOutcome.INVALID)
+                    continue
+                current.offer(update)
         mean = current.mean.result()
         if mean:
             self.state = apply_step(self.state, mean, cfg.kind, cfg.server_lr)

@@ -8,12 +8,13 @@ lifecycle so that each side owns only its protocol.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.lifecycle import Service
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.structs import ConsumerRecord
 
 
 class Duplex(Service):
@@ -37,6 +38,12 @@ class Duplex(Service):
         self.consumer, self.producer = await start_reader_and_producer(
             bootstrap=self.bootstrap, topic=self.topic, client_id=self.client_id
         )
+
+    async def poll(self, timeout_ms: int) -> list[ConsumerRecord[Any, Any]]:
+        """What arrived within ``timeout_ms``: every partition's records, each in order."""
+        assert self.consumer is not None, "start() first"
+        batches = await self.consumer.getmany(timeout_ms=timeout_ms)
+        return [message for messages in batches.values() for message in messages]
 
     async def stop(self) -> None:
         from pipeline.clients import stop_clients
