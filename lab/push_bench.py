@@ -252,10 +252,20 @@ async def _publish_models(
     (head → fp16 safetensors → checkpoint store → model topic, inline or by reference);
     and the wire size of a FedAvg gradient push of the heads in :data:`FEDAVG_PUSHES`."""
     from pipeline.checkpoints import LocalCheckpointStore
-    from pipeline.publishing import build_base_update, make_update_producer, publish_update
+    from pipeline.publishing import (
+        PublishTarget,
+        build_base_update,
+        make_update_producer,
+        publish_update,
+    )
     from pipeline.topics import Topics
 
-    store = LocalCheckpointStore(settings.checkpoint_dir)
+    target = PublishTarget(
+        LocalCheckpointStore(settings.checkpoint_dir),
+        "http://127.0.0.1:0",
+        settings.max_message_bytes,
+        settings.checkpoint_dtype,
+    )
     log(f"building the heads of {len(levels)} levels ({num_classes} classes)")
     states = await asyncio.to_thread(_head_blobs, levels, num_classes)
     fedavg = []
@@ -267,15 +277,12 @@ async def _publish_models(
     for cut, state in states.items():
         build = functools.partial(
             build_base_update,
-            store=store,
-            model_id=model_id_for(cut),
-            backbone=Backbone.INCEPTION_RESNET_V1,
-            cut=cut,
-            num_classes=num_classes,
-            server_url="http://127.0.0.1:0",
-            max_message_bytes=settings.max_message_bytes,
+            target,
+            model_id_for(cut),
+            Backbone.INCEPTION_RESNET_V1,
+            cut,
+            num_classes,
             head_state=state,
-            dtype=settings.checkpoint_dtype,
         )
         updates[cut] = await asyncio.to_thread(build)
     producer = make_update_producer(settings, client_id="fedex-bench-push")

@@ -205,17 +205,14 @@ def random_head_state(
 
 
 def build_base_update(
-    *,
-    store: CheckpointStore,
+    target: PublishTarget,
     model_id: str,
     backbone: Backbone | str,
     cut: Cut | str,
     num_classes: int,
-    server_url: str,
-    max_message_bytes: int,
+    *,
     head_state: Mapping[str, Tensor] | None = None,
     seed: int = 0,
-    dtype: CheckpointDType | str = CheckpointDType.FP16,
     metrics: ModelMetrics | None = None,
 ) -> ModelUpdate:
     """The base model ``v0``: best by definition, no parent, no trigger. Its head is
@@ -227,7 +224,7 @@ def build_base_update(
     )
     return build_update(
         VersionSpec(model_id, BASE_VERSION, backbone, cut, num_classes),
-        PublishTarget(store, server_url, max_message_bytes, dtype),
+        target,
         state,
         metrics=metrics or base_metrics(),
         is_best=True,
@@ -305,16 +302,13 @@ async def register_model(
             f"{entry.num_classes} classes, {len(entry.history)} versions); pick another id"
         )
     update = build_base_update(
-        store=store or LocalCheckpointStore(settings.checkpoint_dir),
-        model_id=model_id,
-        backbone=backbone,
-        cut=cut,
-        num_classes=num_classes,
-        server_url=settings.server_url,
-        max_message_bytes=settings.max_message_bytes,
+        PublishTarget.from_settings(settings, store),
+        model_id,
+        backbone,
+        cut,
+        num_classes,
         head_state=head_state,
         seed=seed,
-        dtype=settings.checkpoint_dtype,
         metrics=metrics,
     )
     producer = make_update_producer(settings, client_id="fedex-register")

@@ -190,13 +190,11 @@ def test_fp32_checkpoints(tmp_path: Path) -> None:
 def base_update(store: LocalCheckpointStore, **kw: Any) -> ModelUpdate:
     """``faces-1``'s base version (v0) over 10 classes, under an 8 MiB message limit."""
     return build_base_update(
-        store=store,
-        model_id="faces-1",
-        backbone="inception_resnet_v1",
-        cut="freeze6",
-        num_classes=10,
-        server_url=SERVER,
-        max_message_bytes=8 * MIB,
+        PublishTarget(store, SERVER, 8 * MIB),
+        "faces-1",
+        "inception_resnet_v1",
+        "freeze6",
+        10,
         **kw,
     )
 
