@@ -46,6 +46,7 @@ BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
         "device_sim/expansion.py",
         "device_sim/feature_model.py",
         "lab/paper_job.py",
+        "lab/update_latency.py",
         "lab/feature_pushes.py",
     ),
     "expansion": (

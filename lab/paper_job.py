@@ -31,18 +31,17 @@ from device_sim.bank import FeatureBank
 from device_sim.heads import head_accuracy, new_head, train_base_head
 from lab.datafraction_bench import expanded_bank, load_bank
 from lab.feature_pushes import feature_push
+from lab.update_latency import followed_trainer
 from pipeline import codec
 from pipeline.checkpoints import LocalCheckpointStore, checkpoint_uri, decode_checkpoint
 from pipeline.clients import make_producer
 from pipeline.publishing import register_model
 from pipeline.records import FeaturePush, ModelUpdate, TrainingTrigger, TriggerReason
-from pipeline.registry import RegistryFollower
 from pipeline.settings import Settings
 from pipeline.topics import Topics, ensure_topics, topic_specs
 from pipeline.zoo import load_head_state
 from trainer.dataset import offset_ranges
 from trainer.feature_log import FeatureLog
-from trainer.worker import Trainer
 
 #: Samples per push (a device's push_max).
 PER_PUSH = 64
@@ -160,13 +159,9 @@ async def _run(
             reason=TriggerReason.MANUAL,
             base_version="v0",
         )
-        async with (
-            RegistryFollower(
-                bootstrap=settings.bootstrap, topic=topics.models, on_update=on_update
-            ) as follower,
-            Trainer(settings, device=device, store=store) as trainer,
-        ):
-            await follower.wait_caught_up()
+        async with followed_trainer(
+            settings, device=device, store=store, on_update=on_update
+        ) as trainer:
             running = asyncio.create_task(trainer.run(max_jobs=1, idle_timeout=7200))
             await producer.send_and_wait(topics.triggers, codec.encode_trigger(trigger), key=key)
             sent_at = time.perf_counter()

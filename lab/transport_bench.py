@@ -37,13 +37,14 @@ def synthetic_push(
     n: int = 10,
     *,
     cut: Cut = Cut.FREEZE6,
-    backbone: Backbone = Backbone.INCEPTION_RESNET_V1,
     dtype: FeatureDType = FeatureDType.FLOAT16,
     device: int = 0,
     first_id: int = 0,
     seed: int = 0,
 ) -> FeaturePush:
-    """A valid push of random features, for benchmarks."""
+    """A valid push of random features at ``cut`` of the product's backbone, for
+    benchmarks: ``n`` samples of device ``device`` with ids from ``first_id``."""
+    backbone = Backbone.INCEPTION_RESNET_V1
     rng = np.random.default_rng(seed)
     shape = FEATURE_SHAPES[backbone][cut]
     labels = rng.integers(0, 1000, n, dtype=np.int32)

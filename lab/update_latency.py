@@ -9,9 +9,11 @@ the update's arrival at a registry follower, as any subscriber would see it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,34 @@ from pipeline.records import (
     TrainingTrigger,
     TriggerReason,
 )
-from pipeline.registry import RegistryFollower
+from pipeline.registry import RegistryFollower, UpdateCallback
 from pipeline.settings import Settings
 from pipeline.topics import Topics, ensure_topics, topic_specs
 from trainer.dataset import offset_ranges
 from trainer.worker import Trainer
+
+
+@contextlib.asynccontextmanager
+async def followed_trainer(
+    settings: Settings,
+    *,
+    device: str,
+    store: LocalCheckpointStore,
+    on_update: UpdateCallback,
+) -> AsyncIterator[Trainer]:
+    """An in-process trainer, and a registry follower of the models topic that is caught up
+    before the trainer is handed out: every version published after the first trigger
+    reaches ``on_update``, timed as any subscriber would see it."""
+    async with (
+        RegistryFollower(
+            bootstrap=settings.bootstrap,
+            topic=Topics(settings.topic_prefix).models,
+            on_update=on_update,
+        ) as follower,
+        Trainer(settings, device=device, store=store) as trainer,
+    ):
+        await follower.wait_caught_up()
+        yield trainer
 
 
 def _pushes(
@@ -109,13 +134,9 @@ async def _measure(
     producer = make_producer(bootstrap=settings.bootstrap)
     await producer.start()
     try:
-        async with (
-            RegistryFollower(
-                bootstrap=settings.bootstrap, topic=topics.models, on_update=on_update
-            ) as follower,
-            Trainer(settings, device=device, store=store) as trainer,
-        ):
-            await follower.wait_caught_up()
+        async with followed_trainer(
+            settings, device=device, store=store, on_update=on_update
+        ) as trainer:
             running = asyncio.create_task(trainer.run(max_jobs=total, idle_timeout=300))
             for job in range(1, total + 1):
                 positions = []
