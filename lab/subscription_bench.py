@@ -235,15 +235,7 @@ def _version_update(
     state: dict[str, Any],
     server_url: str,
 ) -> ModelUpdate:
-    spec = VersionSpec(
-        model_id=model_id,
-        version=f"v{n}",
-        backbone=bank.backbone,
-        cut=bank.cut,
-        num_classes=bank.num_classes,
-        parent_version=f"v{n - 1}" if n else None,
-        trigger_id=f"{model_id}:{n}" if n else None,
-    )
+    spec = VersionSpec.in_chain(model_id, n, bank.backbone, bank.cut, bank.num_classes)
     target = PublishTarget(store, server_url, settings.max_message_bytes)
     return build_update(
         spec, target, state, metrics=ModelMetrics(0.0, None, 0, 0, 0.0, 0), is_best=True

@@ -112,6 +112,23 @@ class VersionSpec:
     parent_version: str | None = None
     trigger_id: str | None = None
 
+    @classmethod
+    def in_chain(
+        cls, model_id: str, seq: int, backbone: Backbone | str, cut: Cut | str, num_classes: int
+    ) -> VersionSpec:
+        """Version ``v<seq>`` of a model whose versions follow one another: each trained by
+        trigger ``<model_id>:<seq>`` (:func:`~pipeline.records.version_for_trigger`) from
+        the one before; ``v0``, the base, has neither parent nor trigger."""
+        return cls(
+            model_id=model_id,
+            version=f"v{seq}",
+            backbone=backbone,
+            cut=cut,
+            num_classes=num_classes,
+            parent_version=f"v{seq - 1}" if seq else None,
+            trigger_id=f"{model_id}:{seq}" if seq else None,
+        )
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PublishTarget:

@@ -94,15 +94,7 @@ class Harness:
         is_best: bool = True,
     ) -> ModelUpdate:
         n = int(version[1:])
-        spec = VersionSpec(
-            model_id=MODEL,
-            version=version,
-            backbone=bank.backbone,
-            cut=bank.cut,
-            num_classes=bank.num_classes,
-            parent_version=f"v{n - 1}" if n else None,
-            trigger_id=f"{MODEL}:{n}" if n else None,
-        )
+        spec = VersionSpec.in_chain(MODEL, n, bank.backbone, bank.cut, bank.num_classes)
         max_bytes = self.settings.max_message_bytes if inline else 1
         target = PublishTarget(self.store, self.server.url, max_bytes)
         return build_update(
