@@ -254,6 +254,7 @@ async def _publish_models(
     from pipeline.checkpoints import LocalCheckpointStore
     from pipeline.publishing import (
         PublishTarget,
+        VersionSpec,
         build_base_update,
         make_update_producer,
         publish_update,
@@ -278,10 +279,9 @@ async def _publish_models(
         build = functools.partial(
             build_base_update,
             target,
-            model_id_for(cut),
-            Backbone.INCEPTION_RESNET_V1,
-            cut,
-            num_classes,
+            VersionSpec.in_chain(
+                model_id_for(cut), 0, Backbone.INCEPTION_RESNET_V1, cut, num_classes
+            ),
             head_state=state,
         )
         updates[cut] = await asyncio.to_thread(build)

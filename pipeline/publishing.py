@@ -223,24 +223,26 @@ def random_head_state(
 
 def build_base_update(
     target: PublishTarget,
-    model_id: str,
-    backbone: Backbone | str,
-    cut: Cut | str,
-    num_classes: int,
+    spec: VersionSpec,
     *,
     head_state: Mapping[str, Tensor] | None = None,
     seed: int = 0,
     metrics: ModelMetrics | None = None,
 ) -> ModelUpdate:
-    """The base model ``v0``: best by definition, no parent, no trigger. Its head is
-    ``head_state`` (e.g. a pretrained classifier) or the zoo's random init for ``seed``."""
+    """The base model ``v0`` (``spec``, from :meth:`VersionSpec.in_chain` at 0): best by
+    definition, no parent, no trigger. Its head is ``head_state`` (e.g. a pretrained
+    classifier) or the zoo's random init for ``seed``."""
+    if (spec.version, spec.parent_version, spec.trigger_id) != (BASE_VERSION, None, None):
+        raise PublishError(
+            f"{spec.model_id} {spec.version} is not a base version: build it with build_update"
+        )
     state = (
         head_state
         if head_state is not None
-        else random_head_state(backbone, cut, num_classes, seed=seed)
+        else random_head_state(spec.backbone, spec.cut, spec.num_classes, seed=seed)
     )
     return build_update(
-        VersionSpec(model_id, BASE_VERSION, backbone, cut, num_classes),
+        spec,
         target,
         state,
         metrics=metrics or base_metrics(),
@@ -320,10 +322,7 @@ async def register_model(
         )
     update = build_base_update(
         PublishTarget.from_settings(settings, store),
-        model_id,
-        backbone,
-        cut,
-        num_classes,
+        VersionSpec.in_chain(model_id, 0, backbone, cut, num_classes),
         head_state=head_state,
         seed=seed,
         metrics=metrics,

@@ -191,10 +191,7 @@ def base_update(store: LocalCheckpointStore, **kw: Any) -> ModelUpdate:
     """``faces-1``'s base version (v0) over 10 classes, under an 8 MiB message limit."""
     return build_base_update(
         PublishTarget(store, SERVER, 8 * MIB),
-        "faces-1",
-        "inception_resnet_v1",
-        "freeze6",
-        10,
+        VersionSpec.in_chain("faces-1", 0, "inception_resnet_v1", "freeze6", 10),
         **kw,
     )
 
@@ -249,9 +246,12 @@ async def test_publish_sends_to_the_models_partition_and_awaits_the_ack(tmp_path
         await publish_update(FakeProducer(0), "p.models", update)  # type: ignore[arg-type]
 
 
-def test_a_chain_version_names_its_parent_and_the_trigger_that_made_it() -> None:
+def test_a_chain_version_names_its_parent_and_the_trigger_that_made_it(tmp_path: Path) -> None:
     base = VersionSpec.in_chain("faces-1", 0, "inception_resnet_v1", "freeze6", 10)
     assert (base.version, base.parent_version, base.trigger_id) == ("v0", None, None)
     third = VersionSpec.in_chain("faces-1", 3, "inception_resnet_v1", "freeze6", 10)
     assert (third.version, third.parent_version, third.trigger_id) == ("v3", "v2", "faces-1:3")
     assert version_for_trigger(third.trigger_id, "faces-1") == third.version
+    target = PublishTarget(LocalCheckpointStore(tmp_path), SERVER, 8 * MIB)
+    with pytest.raises(PublishError, match="not a base version"):
+        build_base_update(target, third)
