@@ -179,7 +179,8 @@ def bench_datafraction(
     plot: Path | None = typer.Option(Path("docs/img/datafraction.png"), help="PNG of the curve"),
 ) -> None:
     """Figure 4: validation accuracy vs fraction of additional user data (0-100%)."""
-    from lab.datafraction_bench import ARMS, parse_scale, run_datafraction_bench
+    from lab.bench_banks import parse_scale
+    from lab.datafraction_bench import ARMS, run_datafraction_bench
 
     try:
         settings = Settings()
@@ -232,7 +233,7 @@ def bench_paper_job(
     out: Path | None = typer.Option(None, help=OUT_HELP),
 ) -> None:
     """One job of the paper's size through the real pipeline: log → trigger → trainer → update."""
-    from lab.datafraction_bench import parse_scale
+    from lab.bench_banks import parse_scale
     from lab.paper_job import run_paper_job_bench
 
     try:

@@ -32,7 +32,8 @@ from device_sim.bank import FeatureBank
 from device_sim.expansion import ExpansionConfig, expand, twin
 from device_sim.feature_model import FeatureModel, fit
 from device_sim.images import CLEAN_DOMAIN
-from lab.datafraction_bench import ARM_USER, Recipe, load_bank, sweep_model
+from lab.bench_banks import load_bank
+from lab.datafraction_bench import ARM_USER, Recipe, sweep_model
 
 FRACTIONS = (0.0, 0.1, 1.0)
 

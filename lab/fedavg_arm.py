@@ -34,7 +34,7 @@ class BenchConfig:
     samples: int = 32
     seeds: int = 5
     seed: int = 0  # the first seed; seeds are seed, seed + 1, ...
-    world: str = "default"  # a configuration of lab.datafraction_bench.CONFIGS
+    world: str = "default"  # a configuration of lab.bench_banks.CONFIGS
     model_id: str | None = None  # default: the world's first model
     world_seed: int = 0
     # targets: fixed accuracies, and shares of FedEx's gain over v0

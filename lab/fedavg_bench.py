@@ -1,7 +1,7 @@
 """``fedex bench fedavg``: FedEx and the FedAvg baseline side by side on one broker.
 
 Same task for both arms, per seed: the real bank of the default world (rendered faces
-through the pretrained backbone, :func:`lab.datafraction_bench.load_bank`), one model, its
+through the pretrained backbone, :func:`lab.bench_banks.load_bank`), one model, its
 base head ``v0`` (:func:`device_sim.heads.train_base_head`), the same devices (vendors and
 identities from :meth:`World.device_profile`), and the same ``samples`` local samples per
 device. Those samples are **fresh draws** (:class:`device_sim.fresh.FreshFeatures`: the
@@ -154,7 +154,7 @@ def load_task(settings: Settings, cfg: BenchConfig) -> Task:
     pretrained backbone) and the model of the comparison."""
     from dataclasses import replace
 
-    from lab.datafraction_bench import CONFIGS, load_bank
+    from lab.bench_banks import CONFIGS, load_bank
 
     bank = load_bank(cfg.world, settings.bank_dir, seed=cfg.world_seed, home=settings.home)
     world = World(replace(CONFIGS[cfg.world][0], seed=cfg.world_seed))

@@ -2,7 +2,7 @@
 
 The paper trains its classifier on 437,855 additional features of 8,631 identities for 10
 epochs in 231 s on a Titan Xp. Here the same job goes the product's way: the expanded
-world's device features (:func:`lab.datafraction_bench.expanded_bank`, ``--scale 1`` is the
+world's device features (:func:`lab.bench_banks.expanded_bank`, ``--scale 1`` is the
 paper's size) are pushed to the feature topic as devices' ``FeaturePush`` records, one
 trigger names their offset ranges, a real :class:`~trainer.worker.Trainer` reads the log,
 trains from ``v0`` and publishes the version, and a registry follower sees it. Measured:
@@ -29,7 +29,7 @@ import numpy as np
 
 from device_sim.bank import FeatureBank
 from device_sim.heads import head_accuracy, new_head, train_base_head
-from lab.datafraction_bench import expanded_bank, load_bank
+from lab.bench_banks import expanded_bank, load_bank
 from lab.feature_pushes import feature_push
 from lab.update_latency import followed_trainer
 from pipeline import codec

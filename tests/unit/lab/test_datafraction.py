@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from device_sim.bank import BANK_FORMAT, FeatureBank
+from lab.bench_banks import parse_scale
 from lab.datafraction_bench import (
     ARM_MIXED,
     ARM_SWA,
@@ -22,7 +23,6 @@ from lab.datafraction_bench import (
     curves,
     fixed_validation,
     fraction_counts,
-    parse_scale,
     promotes,
     run_sweeps,
     sweep_model,
