@@ -28,7 +28,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,15 +75,8 @@ class BankSpec:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "world": self.world,
-            "backbone": self.backbone,
-            "cut": self.cut,
-            "weights_sha256": self.weights_sha256,
-            "backbone_seed": self.backbone_seed,
-            "calibration_images": self.calibration_images,
-            "format": self.format,
-        }
+        # Every field, and nothing else, is what the content depends on: the key hashes it.
+        return asdict(self)
 
 
 def bank_path(out: Path, spec: BankSpec) -> Path:
@@ -340,6 +333,15 @@ class FeatureBank:
         h = np.asarray(holdout, dtype=np.int64)
         i = np.asarray(identities, dtype=np.int64)
         return ((m * self.num_domains + d) * 2 + h) * self.num_classes + i
+
+    def with_features(
+        self, features: npt.NDArray[np.float16], meta: dict[str, object], path: Path
+    ) -> FeatureBank:
+        """A bank of the same rows (labels, models, domains, images, hold-out) with other
+        ``features`` and ``meta``, held in memory only (a twin, an expansion)."""
+        return replace(
+            self, path=path, meta=meta, features=features, from_cache=False, build_seconds=0.0
+        )
 
     # ---------------------------------------------------------------- loading
 

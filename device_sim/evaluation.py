@@ -211,18 +211,13 @@ class VersionEvent:
     seconds). ``activated``: devices now run this head (see the module docstring).
     ``source`` is ``inline`` or ``http``; ``eval_seconds`` the worker thread's time to
     verify, decode, load and evaluate it. ``state_dict`` is the decoded checkpoint (one per
-    process, shared by its devices).
+    process, shared by its devices). ``update`` is the record it came in, without its inline
+    checkpoint; the version's identity (model, version, lineage, size) is read from it.
     """
 
-    model_id: str
-    version: str
-    parent_version: str | None
-    trigger_id: str | None
-    is_best: bool
     activated: bool
     replayed: bool
     update: ModelUpdate
-    size_bytes: int
     source: str
     accuracy: npt.NDArray[np.float32]
     mean_accuracy: float
@@ -232,6 +227,30 @@ class VersionEvent:
     eval_seconds: float
     covers: tuple[OffsetRange, ...]
     state_dict: Mapping[str, Tensor]
+
+    @property
+    def model_id(self) -> str:
+        return self.update.model_id
+
+    @property
+    def version(self) -> str:
+        return self.update.version
+
+    @property
+    def parent_version(self) -> str | None:
+        return self.update.parent_version
+
+    @property
+    def trigger_id(self) -> str | None:
+        return self.update.trigger_id
+
+    @property
+    def is_best(self) -> bool:
+        return self.update.is_best
+
+    @property
+    def size_bytes(self) -> int:
+        return self.update.size
 
 
 @dataclass(frozen=True)
@@ -244,6 +263,27 @@ class RefusedVersion:
     message: str
     produced_at: float
     is_best: bool
+
+    @classmethod
+    def of(cls, update: ModelUpdate, refusal: Refused, produced_at: float) -> RefusedVersion:
+        """The refusal of ``update`` (produced at ``produced_at``) for ``refusal``'s reason."""
+        return cls(
+            update.model_id,
+            update.version,
+            refusal.reason,
+            refusal.message,
+            produced_at=produced_at,
+            is_best=update.is_best,
+        )
+
+    def as_row(self) -> dict[str, str]:
+        """The row a fleet's summary lists under ``refused`` (JSON-ready)."""
+        return {
+            "model_id": self.model_id,
+            "version": self.version,
+            "reason": str(self.reason),
+            "message": self.message,
+        }
 
 
 # --------------------------------------------------------------------------- helpers

@@ -236,7 +236,7 @@ def twin(bank: FeatureBank, model: FeatureModel, model_id: str, seed: int = 0) -
     features[rows] = _sample(model, centres, own, plan, rng)
     spec = {**bank.spec, "twin_of": bank.key, "twin_seed": seed, "twin_model": model_id}
     meta = {**bank.meta, "spec": spec, "key": _key(spec)}
-    copy = _with_meta(bank, features, meta)
+    copy = bank.with_features(features, meta, Path(f"twin-{bank.key[:16]}"))
     meta["content_sha256"] = content_sha256(
         {name: getattr(copy, name) for name in ("features", "labels", "models", "domains")}
         | {"image_index": copy.image_index, "holdout": copy.holdout.astype(np.uint8)}
@@ -296,22 +296,6 @@ def in_memory_bank(
 
 def _key(spec: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _with_meta(
-    bank: FeatureBank, features: npt.NDArray[np.float16], meta: dict[str, object]
-) -> FeatureBank:
-    return FeatureBank(
-        path=Path(f"twin-{bank.key[:16]}"),
-        meta=meta,
-        features=features,
-        labels=bank.labels,
-        models=bank.models,
-        domains=bank.domains,
-        image_index=bank.image_index,
-        holdout=bank.holdout,
-        from_cache=False,
-    )
 
 
 def _image_index(

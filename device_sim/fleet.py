@@ -42,7 +42,7 @@ import numpy as np
 from device_sim.accounting import VersionLedger
 from device_sim.devices import DeviceFleet, PushState
 from device_sim.fleet_config import FleetConfig
-from device_sim.fleet_setup import build_fleet, ensure_models, load_bank
+from device_sim.fleet_setup import attach_features, build_fleet, ensure_models, load_bank
 from device_sim.report import FleetProgress, ProcessSampler, summarize
 from pipeline import codec
 from pipeline.errors import ConfigError
@@ -141,41 +141,8 @@ class FleetRunner(Service):
         fleet = await asyncio.to_thread(build_fleet, world, cfg, bank.num_classes)
         self.fleet = fleet
         self.bank = bank
-        if cfg.features == "live":
-            from device_sim.live import LiveFeatures
-
-            p = cfg.params
-            self.live = await asyncio.to_thread(
-                LiveFeatures,
-                world,
-                cfg.backbone,
-                cfg.cut,
-                vendors=fleet.vendor,
-                capacity=fleet.n * (p.cache_capacity + p.push_max) + 64,
-            )
-            fleet.release = self.live.release
-            self._features = self.live.features
-            self._draw = self.live.draw
-        elif cfg.features == "fresh":
-            from device_sim.fresh import FreshFeatures
-
-            fresh = await asyncio.to_thread(
-                FreshFeatures, bank, vendors=fleet.vendor, seed=cfg.seed * 65_537 + cfg.shard_index
-            )
-            self._draw = fresh.draw
-            self._features = fresh.features
-            fleet.seed_backlog(fresh.draw, self._rng, now=0.0)
-        else:
-            model_ids = list(world.model_ids)
-
-            def draw(m: int, devices: Any, identities: Any, rng: np.random.Generator) -> Any:
-                return bank.draw_batch(
-                    model_ids[m], fleet.vendor[devices], identities[:, None], 1, rng
-                )[:, 0]
-
-            self._draw = draw
-            self._features = lambda rows: bank.features[rows]
-            fleet.seed_backlog(draw, self._rng, now=0.0)
+        source = await asyncio.to_thread(attach_features, cfg, world, bank, fleet, self._rng)
+        self.live, self._draw, self._features = source.live, source.draw, source.features
         from pipeline.topics import Topics
 
         self.topics = Topics(settings.topic_prefix)
@@ -239,14 +206,7 @@ class FleetRunner(Service):
 
     def _on_refused(self, refused: RefusedVersion) -> None:
         log.warning("refused %s/%s: %s", refused.model_id, refused.version, refused.message)
-        self.refused.append(
-            {
-                "model_id": refused.model_id,
-                "version": refused.version,
-                "reason": str(refused.reason),
-                "message": refused.message,
-            }
-        )
+        self.refused.append(refused.as_row())
 
     async def stop(self) -> None:
         subscriber, self.subscriber = self.subscriber, None

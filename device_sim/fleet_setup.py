@@ -1,4 +1,5 @@
-"""Preparing a fleet run: its feature bank, its models on the model topic, its devices.
+"""Preparing a fleet run: its feature bank, its models on the model topic, its devices and
+where their features come from.
 
 Pure preparation, shared by the runner (:mod:`device_sim.fleet`), the shard parent
 (:mod:`device_sim.shards`) and the benchmark.
@@ -9,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +25,7 @@ from pipeline.settings import Settings
 if TYPE_CHECKING:
     from device_sim.bank import FeatureBank
     from device_sim.fleet_config import FleetConfig
+    from device_sim.live import LiveFeatures
     from device_sim.world import World
 
 log = logging.getLogger(__name__)
@@ -136,3 +140,55 @@ def build_fleet(world: World, config: FleetConfig, num_classes: int) -> DeviceFl
         params=config.params,
         seed=config.seed,
     )
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """Where a fleet's features come from (``FleetConfig.features``): ``draw(m, devices,
+    identities, rng)`` picks the rows of new samples, ``features(rows)`` turns rows into
+    the vectors a push carries. ``live`` is set when images are rendered and embedded as
+    devices need them (then inference runs off the event loop)."""
+
+    draw: Callable[..., Any]
+    features: Callable[[Any], Any]
+    live: LiveFeatures | None = None
+
+
+def attach_features(
+    config: FleetConfig,
+    world: World,
+    bank: FeatureBank,
+    fleet: DeviceFleet,
+    rng: np.random.Generator,
+) -> FeatureSource:
+    """Build ``config.features``'s source for ``fleet`` and seed the devices' backlogs from
+    it with ``rng`` (the fleet's generator: what it draws here fixes every later draw)."""
+    cfg = config
+    # Each source imports only when chosen: live loads a backbone, fresh fits a model.
+    if cfg.features == "live":
+        from device_sim.live import LiveFeatures
+
+        p = cfg.params
+        live = LiveFeatures(
+            world,
+            cfg.backbone,
+            cfg.cut,
+            vendors=fleet.vendor,
+            capacity=fleet.n * (p.cache_capacity + p.push_max) + 64,
+        )
+        fleet.release = live.release
+        return FeatureSource(live.draw, live.features, live)
+    if cfg.features == "fresh":
+        from device_sim.fresh import FreshFeatures
+
+        fresh = FreshFeatures(bank, vendors=fleet.vendor, seed=cfg.seed * 65_537 + cfg.shard_index)
+        fleet.seed_backlog(fresh.draw, rng, now=0.0)
+        return FeatureSource(fresh.draw, fresh.features)
+    model_ids = list(world.model_ids)
+
+    def draw(m: int, devices: Any, identities: Any, rng: np.random.Generator) -> Any:
+        rows = bank.draw_batch(model_ids[m], fleet.vendor[devices], identities[:, None], 1, rng)
+        return rows[:, 0]
+
+    fleet.seed_backlog(draw, rng, now=0.0)
+    return FeatureSource(draw, lambda rows: bank.features[rows])

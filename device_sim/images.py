@@ -250,25 +250,32 @@ def render_faces(
     v, mix = float(variation), min(float(variation), 1.0)
     pose = _pose(_stack(easy, "pose"), _stack(hard, "pose"), v, size)
     age = _stack(hard, "age")[:, 0] * v
-    image = _scene(idp, easy, hard, pose, mix, age, size)
-    image = _paint_face(image, idp, easy, hard, pose, v, age)
+    draws = _Draws(idp, easy, hard, pose, age)
+    image = _scene(draws, mix, size)
+    image = _paint_face(image, draws, v)
     image = _occlude(image, hard, pose, mix)
     image = _light(image, easy, hard, v, size)
     noise = pixel_noise([int(p["noise_seed"][0]) for p in easy], size)
     return (image + 0.015 * noise).clamp(0, 1)
 
 
-def _scene(
-    idp: dict[str, Tensor],
-    easy: Sequence[dict[str, np.ndarray]],
-    hard: Sequence[dict[str, np.ndarray]],
-    pose: _Pose,
-    mix: float,
-    age: Tensor,
-    size: int,
-) -> Tensor:
+@dataclass(frozen=True, slots=True)
+class _Draws:
+    """What one batch's painting steps read: the identity's prototype ``idp`` (tensors),
+    each image's easy and hard draws, its pose and its age (already scaled by
+    ``variation``)."""
+
+    idp: dict[str, Tensor]
+    easy: Sequence[dict[str, np.ndarray]]
+    hard: Sequence[dict[str, np.ndarray]]
+    pose: _Pose
+    age: Tensor
+
+
+def _scene(draws: _Draws, mix: float, size: int) -> Tensor:
     """Background (the identity's, blended towards the image's own by ``mix``), clutter,
     back hair, shoulders and the identity's texture gratings."""
+    idp, easy, hard, pose, age = draws.idp, draws.easy, draws.hard, draws.pose, draws.age
     n = len(easy)
     x, y = pose.x, pose.y
     coarse = (idp["bg"].expand(n, 3, 3, 3) + _stack(easy, "bg")).clamp(0, 1)
@@ -315,17 +322,10 @@ def _hair_colour(idp: dict[str, Tensor], age: Tensor) -> Tensor:
     return _lerp(idp["hair_rgb"], grey, 0.6 * age.clamp(0, 1)[:, None])
 
 
-def _paint_face(
-    image: Tensor,
-    idp: dict[str, Tensor],
-    easy: Sequence[dict[str, np.ndarray]],
-    hard: Sequence[dict[str, np.ndarray]],
-    pose: _Pose,
-    variation: float,
-    age: Tensor,
-) -> Tensor:
+def _paint_face(image: Tensor, draws: _Draws, variation: float) -> Tensor:
     """Skin, fringe, beard, eyes, mouth and nose; expression and age from the draws, the
     inner features moved by yaw and pitch."""
+    idp, easy, hard, pose, age = draws.idp, draws.easy, draws.hard, draws.pose, draws.age
     n = image.shape[0]
     x, y, v = pose.x, pose.y, variation
     fcx, fcy, frx, fry = (t.expand(n) for t in idp["face"].unbind(0))

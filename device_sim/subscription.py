@@ -411,15 +411,9 @@ class ModelSubscriber(Service):
         self.stats.versions += 1
         self.stats.eval_seconds += eval_seconds
         event = VersionEvent(
-            model_id=update.model_id,
-            version=update.version,
-            parent_version=update.parent_version,
-            trigger_id=update.trigger_id,
-            is_best=update.is_best,
             activated=activate,
             replayed=replayed,
             update=replace(update, checkpoint=None),
-            size_bytes=update.size,
             source=source,
             accuracy=accuracy,
             mean_accuracy=mean_accuracy(accuracy),
@@ -511,14 +505,7 @@ class ModelSubscriber(Service):
     async def _refuse(self, update: ModelUpdate, exc: Refused, produced_at: float) -> None:
         self.stats.refused += 1
         log.error("refused %s/%s: %s", update.model_id, update.version, exc)
-        refused = RefusedVersion(
-            model_id=update.model_id,
-            version=update.version,
-            reason=exc.reason,
-            message=exc.message,
-            produced_at=produced_at,
-            is_best=update.is_best,
-        )
+        refused = RefusedVersion.of(update, exc, produced_at)
         await _call(self._on_refused, refused)
         self._record(refused)
 
