@@ -18,7 +18,6 @@ from device_sim.expansion import expand, split_world
 from device_sim.feature_model import fit
 from device_sim.world import World
 from lab.fedavg_bench import with_costs
-from lab.fedavg_task import distinct_check, make_devices, sample_identities
 from lab.fedavg_devices import load_global, local_update
 from lab.fedavg_report import (
     FEDEX_TARGET,
@@ -42,6 +41,7 @@ from lab.fedavg_server import (
     quorum_size,
     select_devices,
 )
+from lab.fedavg_task import distinct_check, make_devices, sample_identities
 from pipeline.errors import ConfigError
 from pipeline.records import Backbone, Cut, FeatureDType, RoundUpdate, UpdateKind
 from pipeline.zoo import build_backbone, head_state_dict, split
