@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Final
 
 from lab.report import render_report
-from lab.report_data import BENCHES, IMG_DIR, RUNS_FILE
+from lab.report_data import BENCHES, IMG_DIR, ON_REQUEST, RUNS_FILE, SAME_BENCH
 
 #: Extra arguments per bench (the report's Table 1 is the CPU run).
 EXTRA_ARGS: Final[dict[str, list[str]]] = {
     "train": ["--device", "cpu"],
     "datafraction": ["--scale", "0.1", "--seeds", "2"],
+    "datafraction-paper": ["--scale", "paper", "--seeds", "1", "--arm", "user", "--arm", "system"],
     "paper-job": ["--scale", "0.1"],
+    "paper-job-paper": ["--scale", "paper"],
 }
 DEFAULT_TIMEOUT_S: Final = 1800.0
 
@@ -45,11 +47,13 @@ class RunOutcome:
 
 
 def plan(only: Sequence[str] | None = None, skip: Sequence[str] = ()) -> list[str]:
-    """The benches to run, in report order. Unknown names raise ValueError."""
+    """The benches to run, in report order; those :data:`ON_REQUEST` only when named in
+    ``only``. Unknown names raise ValueError."""
     unknown = sorted(n for n in {*(only or ()), *skip} if n not in BENCHES)
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; known: {', '.join(BENCHES)}")
-    return [n for n in BENCHES if (not only or n in only) and n not in skip]
+    chosen = [n for n in BENCHES if (n in only if only else n not in ON_REQUEST)]
+    return [n for n in chosen if n not in skip]
 
 
 def result_path(results_dir: Path, name: str) -> Path:
@@ -59,9 +63,10 @@ def result_path(results_dir: Path, name: str) -> Path:
 def bench_argv(
     name: str, *, out: Path | None, docs_dir: Path | None = None, python: str = sys.executable
 ) -> list[str]:
-    argv = [python, "-m", "pipeline", "bench", name, *EXTRA_ARGS.get(name, [])]
-    if name == "datafraction" and docs_dir is not None:  # its plot goes beside the report's
-        argv += ["--plot", str(docs_dir / IMG_DIR / "datafraction.png")]
+    command = SAME_BENCH.get(name, name)
+    argv = [python, "-m", "pipeline", "bench", command, *EXTRA_ARGS.get(name, [])]
+    if command == "datafraction" and docs_dir is not None:  # its plot goes beside the report's
+        argv += ["--plot", str(docs_dir / IMG_DIR / f"{name}.png")]
     return [*argv, "--out", str(out)] if out is not None else argv
 
 
@@ -103,11 +108,11 @@ def run_bench(
 ) -> RunOutcome:
     """Runs one bench to completion (or ``timeout``), its output teed to a log file."""
     path = result_path(results_dir, name)
-    accepts = _accepts_out(name)
+    command = SAME_BENCH.get(name, name)
+    accepts = _accepts_out(command)
     if accepts is None:
-        return RunOutcome(
-            name, "failed", 0.0, None, f"fedex bench {name}", f"no command `fedex bench {name}`"
-        )
+        why = f"no command `fedex bench {command}`"
+        return RunOutcome(name, "failed", 0.0, None, f"fedex bench {command}", why)
     argv = bench_argv(name, out=path if accepts else None, docs_dir=docs_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
@@ -127,17 +132,17 @@ def run_bench(
                 proc.kill()
                 proc.wait()
     seconds = round(time.perf_counter() - wall, 2)
-    command = " ".join(["fedex", *argv[3:]])
+    command_line = " ".join(["fedex", *argv[3:]])
     tail = log_path.read_text(errors="replace")[-4000:]
     if timed_out or proc.returncode != 0:
         reason = failure_reason(proc.returncode, tail, timed_out)
         return RunOutcome(
-            name, "failed", seconds, proc.returncode, command, reason, load, str(log_path)
+            name, "failed", seconds, proc.returncode, command_line, reason, load, str(log_path)
         )
     if not path.is_file() or path.stat().st_mtime < started:
         reason = f"exited 0 but did not write {path}"
-        return RunOutcome(name, "failed", seconds, 0, command, reason, load, str(log_path))
-    return RunOutcome(name, "ok", seconds, 0, command, None, load, str(log_path))
+        return RunOutcome(name, "failed", seconds, 0, command_line, reason, load, str(log_path))
+    return RunOutcome(name, "ok", seconds, 0, command_line, None, load, str(log_path))
 
 
 def record_runs(results_dir: Path, outcomes: Sequence[RunOutcome]) -> Path:

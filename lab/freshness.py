@@ -13,6 +13,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+#: Figure 4 and the paper-sized job, at a tenth of the paper and at its size alike.
+_DATAFRACTION: Final = (
+    "device_sim",
+    "pipeline/head_loop.py",
+    "pipeline/facenet_weights.py",
+    "lab/datafraction_bench.py",
+    "lab/bench_banks.py",
+)
+_PAPER_JOB: Final = (
+    "trainer",
+    "pipeline/codec",
+    "device_sim/expansion.py",
+    "device_sim/feature_model.py",
+    "lab/paper_job.py",
+    "lab/bench_banks.py",
+    "lab/update_latency.py",
+    "lab/feature_pushes.py",
+)
+
 #: The code each benchmark measures (the bench's own module and what it drives).
 BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
     "codec": ("pipeline/codec", "lab/transport_bench.py", "lab/feature_pushes.py"),
@@ -34,23 +53,10 @@ BENCH_CODE: Final[dict[str, tuple[str, ...]]] = {
     ),
     "train": ("trainer/recipe.py", "pipeline/zoo.py", "lab/train_bench.py", "lab/measure.py"),
     "push": ("pipeline/server.py", "pipeline/http_api.py", "pipeline/codec", "lab/push_bench.py"),
-    "datafraction": (
-        "device_sim",
-        "pipeline/head_loop.py",
-        "pipeline/facenet_weights.py",
-        "lab/datafraction_bench.py",
-        "lab/bench_banks.py",
-    ),
-    "paper-job": (
-        "trainer",
-        "pipeline/codec",
-        "device_sim/expansion.py",
-        "device_sim/feature_model.py",
-        "lab/paper_job.py",
-        "lab/bench_banks.py",
-        "lab/update_latency.py",
-        "lab/feature_pushes.py",
-    ),
+    "datafraction": _DATAFRACTION,
+    "datafraction-paper": _DATAFRACTION,
+    "paper-job": _PAPER_JOB,
+    "paper-job-paper": _PAPER_JOB,
     "expansion": (
         "device_sim",
         "pipeline/head_loop.py",

@@ -31,8 +31,10 @@ def render(report: Report, docs_dir: Path) -> tuple[str, list[Path]]:
 
     train_img = plot("train.png", plot_train(report, img_dir / "train.png"))
     push_img = plot("push.png", plot_push(report, img_dir / "push.png"))
-    df = report.results["datafraction"].data
-    df_img = plot("datafraction.png", plot_datafraction(df, img_dir / "datafraction.png"))
+    df_img, df_paper_img = (
+        plot(f"{name}.png", plot_datafraction(report.results[name].data, img_dir / f"{name}.png"))
+        for name in ("datafraction", "datafraction-paper")
+    )
     fedavg = report.results["fedavg"].data
     fedavg_img = plot("fedavg.png", plot_fedavg(fedavg, img_dir / "fedavg.png"))
     parts = [
@@ -56,8 +58,10 @@ def render(report: Report, docs_dir: Path) -> tuple[str, list[Path]]:
         sec.section_train(report, train_img),
         sec.section_push(report, push_img),
         learning.section_datafraction(report, df_img),
+        learning.section_datafraction(report, df_paper_img, "datafraction-paper"),
         learning.section_expansion(report),
         learning.section_paper_job(report),
+        learning.section_paper_job(report, "paper-job-paper"),
         sec.section_transport(report),
         sec.section_pipeline(report),
         sec.section_fleet(report),

@@ -23,12 +23,24 @@ BENCHES: Final[dict[str, str]] = {
     "train": "fedex bench train --device cpu",
     "push": "fedex bench push",
     "datafraction": "fedex bench datafraction --scale 0.1 --seeds 2",
+    "datafraction-paper": (
+        "fedex bench datafraction --scale paper --seeds 1 --arm user --arm system"
+    ),
     "expansion": "fedex bench expansion",
     "paper-job": "fedex bench paper-job --scale 0.1",
+    "paper-job-paper": "fedex bench paper-job --scale paper",
     "fleet": "fedex bench fleet",
     "fedavg": "fedex bench fedavg",
     "chaos": "fedex bench chaos",
 }
+#: Report entries measured by another bench's command at another size: entry → bench.
+SAME_BENCH: Final[dict[str, str]] = {
+    "datafraction-paper": "datafraction",
+    "paper-job-paper": "paper-job",
+}
+#: Entries ``fedex bench report`` runs only when named with ``--only`` (the paper's size
+#: takes an hour or more on a 2-core CPU).
+ON_REQUEST: Final = frozenset({"datafraction-paper", "paper-job-paper"})
 GPU_COMMAND: Final = (
     "python -m lab.train_bench --device cuda:0 --out bench/results/train-<gpu>.json"
 )

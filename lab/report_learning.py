@@ -20,9 +20,11 @@ def _mean_std(cell: Mapping[str, Any] | None) -> str:
     return f"{num(cell.get('mean'))} ± {num(cell.get('std'), 2)}"
 
 
-def section_datafraction(report: Report, img: str | None) -> str:
-    r = report.results["datafraction"]
-    out, data = open_section(r, "Figure 4 analog: accuracy vs fraction of additional user data")
+def section_datafraction(report: Report, img: str | None, name: str = "datafraction") -> str:
+    r = report.results[name]
+    at_paper_size = name.endswith("-paper")
+    title = "Figure 4 analog: accuracy vs fraction of additional user data"
+    out, data = open_section(r, title + (", at the paper's size" if at_paper_size else ""))
     if data is None:
         return out
     bank, recipe = data.get("bank", {}), data.get("recipe", {})
@@ -74,7 +76,8 @@ def section_datafraction(report: Report, img: str | None) -> str:
     ]
     out += "Accuracy on the pre-training identities' clean held-out features (forgetting):\n\n"
     out += table(["fraction", *arms], pre)
-    return out + f"\n\nReproduce: `{r.command}` (`--scale paper` for the paper's size)."
+    out += f"\n\nReproduce: `{r.command}`"
+    return out + ("." if at_paper_size else " (`--scale paper` for the paper's size).")
 
 
 def section_expansion(report: Report) -> str:
@@ -110,9 +113,10 @@ def section_expansion(report: Report) -> str:
     return out + table(headers, rows) + f"\n\nReproduce: `{r.command}`."
 
 
-def section_paper_job(report: Report) -> str:
-    r = report.results["paper-job"]
-    out, d = open_section(r, "One paper-sized job through the pipeline")
+def section_paper_job(report: Report, name: str = "paper-job") -> str:
+    r = report.results[name]
+    size = "at the paper's size" if name.endswith("-paper") else "at a tenth of the paper"
+    out, d = open_section(r, f"One paper-sized job through the pipeline, {size}")
     if d is None:
         return out
     path = d.get("data_path", {})

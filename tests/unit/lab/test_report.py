@@ -238,7 +238,9 @@ def test_render_only_runs_nothing_and_writes_the_document(
 
 
 def test_plan_honours_only_and_skip_and_rejects_unknown_names() -> None:
-    assert plan() == list(BENCHES)
+    assert plan() == [n for n in BENCHES if not n.endswith("-paper")]
+    assert "datafraction-paper" in BENCHES  # an hour on this CPU: run only when named
+    assert plan(only=["datafraction-paper"]) == ["datafraction-paper"]
     assert plan(only=["push", "codec"]) == ["codec", "push"]
     assert plan(skip=["fleet", "fedavg", "train", "chaos"]) == [
         "codec",
@@ -278,6 +280,24 @@ def test_bench_argv_runs_each_bench_as_its_own_fedex_process(tmp_path: Path) -> 
     assert argv == ["py", "-m", "pipeline", "bench", "train", "--device", "cpu", "--out", str(out)]
     argv = bench_report.bench_argv("datafraction", out=None, docs_dir=tmp_path, python="py")
     assert argv[-2:] == ["--plot", str(tmp_path / "img" / "datafraction.png")]
+    # The paper-size entry runs the same bench with its own arguments and plot.
+    argv = bench_report.bench_argv("datafraction-paper", out=out, docs_dir=tmp_path, python="py")
+    assert argv[:8] == [
+        "py",
+        "-m",
+        "pipeline",
+        "bench",
+        "datafraction",
+        "--scale",
+        "paper",
+        "--seeds",
+    ]
+    assert argv[-4:] == [
+        "--plot",
+        str(tmp_path / "img" / "datafraction-paper.png"),
+        "--out",
+        str(out),
+    ]
 
 
 FLEET = {
