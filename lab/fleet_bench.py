@@ -33,6 +33,7 @@ from typing import Any
 from rich.console import Console
 
 from device_sim.fleet import FleetConfig
+from device_sim.fleet_config import FleetSchedule
 from device_sim.fleet_setup import ensure_models, load_bank
 from device_sim.report import FleetProgress
 from device_sim.shards import run_sharded
@@ -90,7 +91,11 @@ async def _one_process(live: Settings, config: FleetBenchConfig) -> dict[str, An
     started = time.monotonic()
     report = await run_sharded(
         live,
-        FleetConfig(count=config.devices, duration_s=config.seconds, register=False),
+        FleetConfig(
+            count=config.devices,
+            schedule=FleetSchedule(duration_s=config.seconds),
+            register=False,
+        ),
         1,
         on_progress=sustained,
         prepare=False,
@@ -119,7 +124,11 @@ async def _multi_process(live: Settings, config: FleetBenchConfig) -> dict[str, 
     started = time.monotonic()
     big = await run_sharded(
         live,
-        FleetConfig(count=config.big_devices, duration_s=config.big_seconds, register=False),
+        FleetConfig(
+            count=config.big_devices,
+            schedule=FleetSchedule(duration_s=config.big_seconds),
+            register=False,
+        ),
         config.big_processes,
         on_progress=sustained,
         prepare=False,

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from device_sim.fleet import FleetConfig, run_fleet
+from device_sim.fleet_config import FleetSchedule
 from device_sim.report import FleetProgress, write_json
 from pipeline.records import ModelUpdate
 from pipeline.settings import Settings
@@ -123,7 +124,8 @@ async def run_main_job(
     started = time.monotonic()
     settings = _job_settings(settings, free_port())
     config = replace(
-        fleet_config or FleetConfig(count=devices, models=models, duration_s=duration_s),
+        fleet_config
+        or FleetConfig(count=devices, models=models, schedule=FleetSchedule(duration_s=duration_s)),
         register=False,  # done below, before the cloud starts
     )
     model_ids = list(config.world_config().models)

@@ -16,6 +16,7 @@ import pytest
 
 from device_sim.devices import Availability, DeviceParams
 from device_sim.fleet import FleetConfig, FleetRunner
+from device_sim.fleet_config import FleetSchedule, SendPolicy
 from device_sim.fleet_setup import load_bank
 from device_sim.report import FleetProgress
 from device_sim.world import WorldConfig
@@ -53,6 +54,9 @@ def fleet_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+SCHEDULE = FleetSchedule(time_scale=60.0, tick_s=0.05, progress_s=0.2)
+
+
 def config(**changes: object) -> FleetConfig:
     base = FleetConfig(
         count=60,
@@ -60,11 +64,8 @@ def config(**changes: object) -> FleetConfig:
         backbone=Backbone.MOBILENET_V2,
         world=WORLD,
         params=PARAMS,
-        time_scale=60.0,
-        tick_s=0.05,
-        progress_s=0.2,
-        send_timeout_s=2.0,
-        drain_timeout_s=10.0,
+        schedule=SCHEDULE,
+        sending=SendPolicy(send_timeout_s=2.0, drain_timeout_s=10.0),
         audit=True,
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
@@ -131,7 +132,9 @@ async def test_devices_push_exactly_what_they_cached(
 ) -> None:
     live = settings.model_copy(update={"home": fleet_home})
     watch = Watch()
-    async with FleetRunner(live, config(max_pushes=120), on_progress=watch) as runner:
+    async with FleetRunner(
+        live, config(schedule=dataclasses.replace(SCHEDULE, max_pushes=120)), on_progress=watch
+    ) as runner:
         report = await asyncio.wait_for(runner.run(), 60)
     assert report.summary["stop_reason"] == "max_pushes"
     logged = await read_log(live.bootstrap, kafka_topics.features)
@@ -197,7 +200,9 @@ async def test_the_fleet_stops_by_itself(
     reason: str,
 ) -> None:
     live = settings.model_copy(update={"home": fleet_home})
-    async with FleetRunner(live, config(subscribe=False, **changes)) as runner:
+    async with FleetRunner(
+        live, config(subscribe=False, schedule=dataclasses.replace(SCHEDULE, **changes))
+    ) as runner:
         report = await asyncio.wait_for(runner.run(), 30)
     assert report.summary["stop_reason"] == reason
     if reason == "duration":

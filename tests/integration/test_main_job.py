@@ -9,6 +9,7 @@ from rich.console import Console
 
 from device_sim.devices import Availability, DeviceParams
 from device_sim.fleet import FleetConfig
+from device_sim.fleet_config import FleetSchedule
 from device_sim.world import WorldConfig
 from lab.main_job import print_report, run_main_job
 from pipeline.records import Backbone
@@ -28,8 +29,7 @@ async def test_main_job_ships_versions_that_raise_device_accuracy(settings: Sett
         models=1,
         backbone=Backbone.MOBILENET_V2,
         world=WORLD,
-        duration_s=45.0,
-        time_scale=60.0,
+        schedule=FleetSchedule(duration_s=45.0, time_scale=60.0),
         params=DeviceParams(
             availability=Availability.ALWAYS,
             inferences_per_hour=60.0,
