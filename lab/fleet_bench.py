@@ -84,23 +84,22 @@ class Sustained:
         }
 
 
+async def _run_fleet(
+    live: Settings, devices: int, seconds: float, processes: int, sustained: Sustained
+) -> dict[str, Any]:
+    """The summary of ``devices`` devices over ``processes`` fresh worker processes for
+    ``seconds`` (on the bench's models, already registered), rates sampled by ``sustained``."""
+    config = FleetConfig(count=devices, schedule=FleetSchedule(duration_s=seconds), register=False)
+    report = await run_sharded(live, config, processes, on_progress=sustained, prepare=False)
+    return report.summary
+
+
 async def _one_process(live: Settings, config: FleetBenchConfig) -> dict[str, Any]:
     """In a fresh worker process, so its RSS is the fleet's, not the bench's (which built
     the bank and trained base heads)."""
     sustained = Sustained(config.warmup_s)
     started = time.monotonic()
-    report = await run_sharded(
-        live,
-        FleetConfig(
-            count=config.devices,
-            schedule=FleetSchedule(duration_s=config.seconds),
-            register=False,
-        ),
-        1,
-        on_progress=sustained,
-        prepare=False,
-    )
-    s = report.summary
+    s = await _run_fleet(live, config.devices, config.seconds, 1, sustained)
     proc = s["processes"][0]
     return {
         "devices": config.devices,
@@ -122,18 +121,9 @@ async def _one_process(live: Settings, config: FleetBenchConfig) -> dict[str, An
 async def _multi_process(live: Settings, config: FleetBenchConfig) -> dict[str, Any]:
     sustained = Sustained(config.warmup_s)
     started = time.monotonic()
-    big = await run_sharded(
-        live,
-        FleetConfig(
-            count=config.big_devices,
-            schedule=FleetSchedule(duration_s=config.big_seconds),
-            register=False,
-        ),
-        config.big_processes,
-        on_progress=sustained,
-        prepare=False,
+    b = await _run_fleet(
+        live, config.big_devices, config.big_seconds, config.big_processes, sustained
     )
-    b = big.summary
     return {
         "devices": config.big_devices,
         "processes": config.big_processes,
