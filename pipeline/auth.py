@@ -1,10 +1,21 @@
 """Device bearer tokens: who may push to and pull from which models.
 
-A token is ``fdx1.<payload>.<signature>``: the payload is compact JSON (``d`` device id,
-``m`` the model ids it grants or ``"*"``, ``iat`` issued-at and ``exp`` expiry in Unix
-seconds), base64url without padding; the signature is HMAC-SHA256 with the server's
-secret over ``fdx1.<payload>``, base64url. The model server holds the secret and checks
-tokens without any state; ``fedex token issue`` mints them for devices and tools.
+A token is ``fdx1.<payload>.<signature>``: the payload is compact JSON, base64url without
+padding; the signature is HMAC-SHA256 with the server's secret over ``fdx1.<payload>``,
+base64url. The model server holds the secret and checks tokens without any state;
+``fedex token issue`` mints them for devices and tools.
+
+The payload has one strict schema, checked after the signature (a holder of the secret
+can still mint a bad one, and the server must never guess what it meant):
+
+- exactly the keys ``d``, ``m``, ``iat``, ``exp``; any other key is refused;
+- ``d``: the device id, 1-128 characters of ``A-Z a-z 0-9 . _ : @ -``;
+- ``m``: a non-empty JSON list of distinct model ids (same alphabet), or ``["*"]`` for
+  every model; ``"*"`` never among ids, and never a bare string;
+- ``iat`` / ``exp``: issued-at and expiry, non-negative integer Unix seconds (not floats,
+  not strings, not booleans), ``iat < exp``.
+
+Anything else is ``malformed`` (HTTP 401) with a message naming what was wrong.
 
 Pure: no I/O, no clock (callers pass ``now``). Every failure is one :class:`AuthError`
 with a machine-readable :class:`AuthReason`.
@@ -27,8 +38,10 @@ import orjson
 from pipeline.errors import FedexError
 
 PREFIX: Final = "fdx1"
-#: Model grant that covers every model.
+#: The model id that grants every model: ``issue_token(..., ANY_MODEL)``, ``"m": ["*"]``.
 ANY_MODEL: Final = "*"
+#: The payload's keys, all required, no others.
+CLAIM_KEYS: Final = frozenset({"d", "m", "iat", "exp"})
 #: Longest token accepted (a grant of a few hundred model ids); bounds the work per request.
 MAX_TOKEN_CHARS: Final = 16 * 1024
 
@@ -63,7 +76,7 @@ class AuthError(FedexError):
 
 @dataclass(frozen=True, slots=True)
 class Claims:
-    """What a verified token grants. ``models`` is None for every model (``"*"``)."""
+    """What a verified token grants. ``models`` is None for every model (``["*"]``)."""
 
     device_id: str
     models: frozenset[str] | None
@@ -118,27 +131,26 @@ def issue_token(
     ttl_s: float,
     now: float,
 ) -> str:
-    """A token for ``device_id`` granting ``models`` (ids, or ``"*"`` for all) until
-    ``now + ttl_s``. Raises ValueError for an invalid id or a non-positive ttl."""
+    """A token for ``device_id`` granting ``models`` (one id, ids, or ``"*"`` for all)
+    until ``now + ttl_s``; its payload follows the module's schema (``"m"`` is always a
+    list). Raises ValueError for an invalid id, ``"*"`` among ids, or a non-positive ttl."""
     if not _ID.fullmatch(device_id):
         raise ValueError(
             f"device id {device_id!r} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -"
         )
     if ttl_s <= 0:
         raise ValueError(f"ttl must be positive, got {ttl_s}")
-    grant: str | list[str]
-    if models == ANY_MODEL:
-        grant = ANY_MODEL
-    else:
-        ids = [models] if isinstance(models, str) else list(models)
-        if not ids:
-            raise ValueError("a token must grant at least one model (or '*')")
-        for model_id in ids:
-            if not _ID.fullmatch(model_id):
-                raise ValueError(
-                    f"model id {model_id!r} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -"
-                )
-        grant = sorted(set(ids))
+    ids = [models] if isinstance(models, str) else list(models)
+    if not ids:
+        raise ValueError("a token must grant at least one model (or '*' for every model)")
+    if ANY_MODEL in ids and len(set(ids)) > 1:
+        raise ValueError("'*' grants every model and must stand alone, not among model ids")
+    for model_id in ids:
+        if model_id != ANY_MODEL and not _ID.fullmatch(model_id):
+            raise ValueError(
+                f"model id {model_id!r} must be 1-128 characters of A-Z a-z 0-9 . _ : @ -"
+            )
+    grant = sorted(set(ids))
     issued = int(now)
     payload = {"d": device_id, "m": grant, "iat": issued, "exp": issued + max(1, int(ttl_s))}
     signed = f"{PREFIX}.{_b64encode(orjson.dumps(payload))}"
@@ -188,28 +200,64 @@ def verify_token(secret: str | bytes, token: str | None, now: float) -> Claims:
     return claims
 
 
+def _malformed(what: str) -> AuthError:
+    return AuthError(
+        AuthReason.MALFORMED, f"token payload {what}; issue a new token (fedex token issue)"
+    )
+
+
+def _time_claim(payload: dict[str, object], key: str) -> int:
+    value = payload[key]
+    # bool is an int subclass: true/false are not times.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _malformed(f"{key!r} must be an integer of Unix seconds, got {value!r}")
+    if value < 0:
+        raise _malformed(f"{key!r} must not be negative, got {value}")
+    return value
+
+
 def _claims(payload: object) -> Claims:
-    # Only a holder of the secret can have produced this payload, so a bad shape is a bug
-    # of the issuer, still reported as malformed rather than raised as a crash.
+    """The claims of a signed payload, checked against the one schema (module docstring).
+
+    Only a holder of the secret can have produced this payload, so a bad shape is a bug
+    of the issuer; it is still refused as malformed, with what was wrong, never guessed at
+    (a bare ``"*"`` once meant every model while a bare id meant none)."""
     if not isinstance(payload, dict):
-        raise AuthError(AuthReason.MALFORMED, "token payload is not a JSON object")
-    device, grant, iat, exp = (payload.get(k) for k in ("d", "m", "iat", "exp"))
+        raise _malformed(f"must be a JSON object, got {type(payload).__name__}")
+    unknown = sorted(str(k) for k in payload.keys() - CLAIM_KEYS)
+    if unknown:
+        raise _malformed(f"has unknown keys {unknown}; only d, m, iat, exp are allowed")
+    missing = sorted(CLAIM_KEYS - payload.keys())
+    if missing:
+        raise _malformed(f"lacks {', '.join(map(repr, missing))}")
+    device = payload["d"]
     if not isinstance(device, str) or not _ID.fullmatch(device):
-        raise AuthError(AuthReason.MALFORMED, "token payload has no valid device id")
-    if (
-        not isinstance(iat, int)
-        or not isinstance(exp, int)
-        or isinstance(iat, bool)
-        or isinstance(exp, bool)
-    ):
-        raise AuthError(AuthReason.MALFORMED, "token payload has no integer iat/exp")
+        raise _malformed(
+            f"'d' must be a device id of 1-128 characters of A-Z a-z 0-9 . _ : @ -, got {device!r}"
+        )
+    grant = payload["m"]
+    if not isinstance(grant, list):
+        raise _malformed(f"'m' must be a list of model ids (['*'] for every model), got {grant!r}")
+    if not grant:
+        raise _malformed("'m' must grant at least one model (['*'] for every model)")
     models: frozenset[str] | None
-    if grant == ANY_MODEL:
+    if grant == [ANY_MODEL]:
         models = None
-    elif isinstance(grant, list) and all(isinstance(m, str) and _ID.fullmatch(m) for m in grant):
-        models = frozenset(grant)
     else:
-        raise AuthError(AuthReason.MALFORMED, "token payload has no valid model grant")
+        for model_id in grant:
+            if model_id == ANY_MODEL:
+                raise _malformed("'m' has '*' among model ids; '*' must stand alone: ['*']")
+            if not isinstance(model_id, str) or not _ID.fullmatch(model_id):
+                raise _malformed(
+                    f"'m' has {model_id!r}, not a model id of 1-128 characters of "
+                    "A-Z a-z 0-9 . _ : @ -"
+                )
+        models = frozenset(grant)
+        if len(models) != len(grant):
+            raise _malformed("'m' names a model twice")
+    iat, exp = _time_claim(payload, "iat"), _time_claim(payload, "exp")
+    if iat >= exp:
+        raise _malformed(f"'iat' ({iat}) must be before 'exp' ({exp})")
     return Claims(device_id=device, models=models, issued_at=iat, expires_at=exp)
 
 

@@ -96,22 +96,21 @@ def serve(
 def token_issue(
     device: str = typer.Option(..., help="device id the token is issued to"),
     model: list[str] = typer.Option(
-        ..., help="model id it may push to and pull from; repeat it, or '*' for every model"
+        ..., help="model id it may push to and pull from; repeat it, or '*' alone for every model"
     ),
     ttl: int | None = typer.Option(None, help="lifetime in seconds (default FEDEX_TOKEN_TTL_S)"),
 ) -> None:
     """Print a bearer token signed with FEDEX_AUTH_SECRET (the model server's secret)."""
     import time
 
-    from pipeline.auth import ANY_MODEL, issue_token
+    from pipeline.auth import issue_token
 
     settings = Settings()
     if not settings.auth_secret:
         raise typer.BadParameter("set FEDEX_AUTH_SECRET to the model server's secret")
-    models: list[str] | str = ANY_MODEL if ANY_MODEL in model else model
-    try:
+    try:  # '*' among model ids is refused, not widened to every model
         token = issue_token(
-            settings.auth_secret, device, models, ttl or settings.token_ttl_s, time.time()
+            settings.auth_secret, device, model, ttl or settings.token_ttl_s, time.time()
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

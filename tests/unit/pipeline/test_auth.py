@@ -154,3 +154,111 @@ def test_bad_bearer_header(header: str | None, reason: AuthReason) -> None:
     with pytest.raises(AuthError) as info:
         bearer_token(header)
     assert info.value.reason is reason
+
+
+# ------------------------------------------------------------------------ the schema
+
+
+def _signed(payload: object, secret: str = SECRET) -> str:
+    """A token over any payload, signed with the right secret: the schema alone decides."""
+    import hashlib
+    import hmac
+
+    body = base64.urlsafe_b64encode(orjson.dumps(payload)).rstrip(b"=").decode()
+    signed = f"fdx1.{body}"
+    sig = hmac.new(secret.encode(), signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"
+
+
+def _payload(token: str) -> dict[str, object]:
+    body = token.split(".")[1]
+    decoded: dict[str, object] = orjson.loads(
+        base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    )
+    return decoded
+
+
+GOOD = {"d": "dev-1", "m": ["faces"], "iat": NOW, "exp": NOW + 60}
+
+
+def test_issued_payloads_follow_the_schema() -> None:
+    """``m`` is always a list: ``["*"]`` for every model, the sorted ids otherwise."""
+    assert _payload(issue_token(SECRET, "d", ANY_MODEL, 60, NOW)) == {
+        "d": "d",
+        "m": ["*"],
+        "iat": NOW,
+        "exp": NOW + 60,
+    }
+    assert _payload(issue_token(SECRET, "d", "faces", 60, NOW))["m"] == ["faces"]
+    assert _payload(issue_token(SECRET, "d", ["b", "a", "b"], 60, NOW))["m"] == ["a", "b"]
+    assert verify_token(SECRET, _signed(GOOD), NOW) == Claims(
+        "dev-1", frozenset({"faces"}), NOW, NOW + 60
+    )
+    assert verify_token(SECRET, _signed({**GOOD, "m": ["*"]}), NOW).models is None
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"m": "*"}, "'m' must be a list"),  # the wildcard as a bare string
+        ({"m": "faces"}, "'m' must be a list"),
+        ({"m": []}, "at least one"),
+        ({"m": ["*", "faces"]}, "'*'"),
+        ({"m": ["faces", "faces"]}, "twice"),
+        ({"m": [1]}, "model id"),
+        ({"m": ["bad/id"]}, "model id"),
+        ({"m": None}, "'m' must be a list"),
+        ({"d": ""}, "device id"),
+        ({"d": 7}, "device id"),
+        ({"iat": "1700000000"}, "'iat' must be an integer"),
+        ({"iat": float(NOW)}, "'iat' must be an integer"),
+        ({"exp": True}, "'exp' must be an integer"),
+        ({"iat": -1}, "'iat'"),
+        ({"iat": NOW + 61}, "before"),
+        ({"exp": NOW}, "before"),
+        ({"x": 1}, "unknown"),
+        ({"admin": True}, "unknown"),
+    ],
+)
+def test_every_schema_violation_is_malformed_and_named(
+    change: dict[str, object], complaint: str
+) -> None:
+    with pytest.raises(AuthError) as info:
+        verify_token(SECRET, _signed({**GOOD, **change}), NOW)
+    assert info.value.reason is AuthReason.MALFORMED
+    assert complaint in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize("missing", ["d", "m", "iat", "exp"])
+def test_a_missing_claim_is_malformed_and_named(missing: str) -> None:
+    payload = {k: v for k, v in GOOD.items() if k != missing}
+    with pytest.raises(AuthError) as info:
+        verify_token(SECRET, _signed(payload), NOW)
+    assert info.value.reason is AuthReason.MALFORMED
+    assert repr(missing) in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize("payload", [[1, 2], "x", 3, None])
+def test_a_payload_that_is_not_an_object_is_malformed(payload: object) -> None:
+    assert _reason(SECRET, _signed(payload)) is AuthReason.MALFORMED
+
+
+def test_issue_refuses_the_wildcard_among_ids() -> None:
+    with pytest.raises(ValueError, match="alone"):
+        issue_token(SECRET, "d", ["*", "m1"], 60, NOW)
+
+
+def test_token_issue_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.setenv("FEDEX_AUTH_SECRET", SECRET)
+    runner = CliRunner()
+    every = runner.invoke(app, ["token", "issue", "--device", "d", "--model", "*"])
+    assert every.exit_code == 0, every.output
+    assert verify_token(SECRET, every.output.strip(), NOW).models is None
+    two = runner.invoke(app, ["token", "issue", "--device", "d", "--model", "b", "--model", "a"])
+    assert _payload(two.output.strip())["m"] == ["a", "b"]
+    mixed = runner.invoke(app, ["token", "issue", "--device", "d", "--model", "*", "--model", "a"])
+    assert mixed.exit_code != 0 and "alone" in mixed.output
