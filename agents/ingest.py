@@ -30,11 +30,12 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from agents.aggregator import Record
-from agents.summarizer import IngestOutcome, ModelSpec, Summarizer
+from agents.summarizer import IngestOutcome, Summarizer
 from pipeline import clients, codec
 from pipeline.broker_health import BrokerHealth, backoff_delays, is_transient
 from pipeline.lifecycle import Service
 from pipeline.registry import RegistryFollower
+from pipeline.samples import ModelFit
 
 if TYPE_CHECKING:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -77,6 +78,7 @@ class IngestStage(Service):
         summaries_topic: str,
         deadletter_topic: str,
         group_id: str,
+        max_push_bytes: int,
         max_push_samples: int,
         batch_max: int,
         linger_ms: int,
@@ -99,7 +101,11 @@ class IngestStage(Service):
         self.follower = RegistryFollower(
             bootstrap=bootstrap, topic=models_topic, client_id=f"{client_id}-registry"
         )
-        self.summarizer = Summarizer(max_push_samples=max_push_samples, lookup=self._spec)
+        self._max_push_bytes = max_push_bytes
+        self._max_push_samples = max_push_samples
+        self.summarizer = Summarizer(
+            max_push_bytes=max_push_bytes, max_push_samples=max_push_samples, lookup=self._fit
+        )
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -173,13 +179,13 @@ class IngestStage(Service):
 
     # ------------------------------------------------------------------------ loop
 
-    def _spec(self, model_id: str) -> ModelSpec | None:
+    def _fit(self, model_id: str) -> ModelFit | None:
         entry = self.follower.registry.get(model_id)
         if entry is None:
             return None
-        latest = entry.latest
-        num_classes = latest.num_classes if latest is not None else entry.num_classes
-        return ModelSpec(num_classes, entry.backbone.value, entry.cut.value)
+        return ModelFit.of_entry(
+            entry, max_push_samples=self._max_push_samples, max_push_bytes=self._max_push_bytes
+        )
 
     async def _run(self) -> None:
         try:

@@ -10,33 +10,25 @@ reads what it knows of models through a ``lookup`` callable; the Kafka shell
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
 
 import numpy as np
 
 from agents.aggregator import Record, dead_letter
 from pipeline import codec
-from pipeline.codec import Reject
 from pipeline.records import BatchSummary, DeadLetter, FeaturePush
+from pipeline.samples import (
+    MODEL_MISMATCH,
+    TOO_LARGE,
+    UNKNOWN_MODEL,
+    FitLookup,
+    ModelFit,
+    Refusal,
+    admit_push,
+)
 
-#: Dead-letter reason of a push for a model whose base update (v0) is not on the model topic.
-UNKNOWN_MODEL: Final = Reject.UNKNOWN_MODEL.value
-#: Dead-letter reason of a push whose record key, backbone or cut disagrees with its model.
-MODEL_MISMATCH: Final = Reject.MODEL_MISMATCH.value
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSpec:
-    """What validating a push needs to know of its model."""
-
-    num_classes: int
-    backbone: str
-    cut: str
-
-
-SpecLookup = Callable[[str], ModelSpec | None]
+__all__ = ["MODEL_MISMATCH", "TOO_LARGE", "UNKNOWN_MODEL", "IngestOutcome", "Summarizer"]
 
 
 @dataclass(slots=True)
@@ -84,9 +76,14 @@ class _Columns:
 
 
 class Summarizer:
-    """Validation of pushes and their summary per model; pure apart from ``lookup``."""
+    """Validation of pushes and their summary per model; pure apart from ``lookup``.
 
-    def __init__(self, *, max_push_samples: int, lookup: SpecLookup) -> None:
+    ``max_push_bytes`` is the deployment's push byte limit, the one the model server
+    answers 413 ``too_large`` over: one limit on both ways into the feature log.
+    """
+
+    def __init__(self, *, max_push_bytes: int, max_push_samples: int, lookup: FitLookup) -> None:
+        self.max_push_bytes = max_push_bytes
         self.max_push_samples = max_push_samples
         self._lookup = lookup
 
@@ -94,27 +91,24 @@ class Summarizer:
         """Validates a batch (records in partition order) and summarizes the good pushes."""
         out = IngestOutcome()
         columns: dict[int, _Columns] = {}
-        specs: dict[str, ModelSpec | None] = {}
+        fits: dict[str, ModelFit | None] = {}
+
+        def lookup(model_id: str) -> ModelFit | None:
+            if model_id not in fits:
+                fits[model_id] = self._lookup(model_id)
+            return fits[model_id]
+
         for record in records:
             out.commit[(record.topic, record.partition)] = record.offset + 1
-            key_model = codec.decode_key(record.key)
-            spec = None
-            if key_model is not None:
-                if key_model not in specs:
-                    specs[key_model] = self._lookup(key_model)
-                spec = specs[key_model]
-            try:
-                push = codec.decode_push(
-                    record.value if record.value is not None else b"",
-                    num_classes=spec.num_classes if spec is not None else None,
-                    max_samples=self.max_push_samples,
-                )
-            except codec.CodecError as exc:
-                out.dead_letters.append(dead_letter(record, exc.reason.value, exc.message, now))
-                continue
-            problem = _mismatch(key_model, push, spec)
-            if problem is not None:
-                out.dead_letters.append(dead_letter(record, *problem, now))
+            push = admit_push(
+                record.value,
+                key_model=codec.decode_key(record.key),
+                lookup=lookup,
+                max_push_bytes=self.max_push_bytes,
+                max_push_samples=self.max_push_samples,
+            )
+            if isinstance(push, Refusal):
+                out.dead_letters.append(dead_letter(record, push.reason, push.message, now))
                 continue
             column = columns.get(record.partition)
             if column is None:
@@ -124,27 +118,3 @@ class Summarizer:
             out.samples += push.n
         out.summaries = [c.summary(p) for p, c in columns.items()]
         return out
-
-
-def _mismatch(
-    key_model: str | None, push: FeaturePush, spec: ModelSpec | None
-) -> tuple[str, str] | None:
-    if key_model != push.model_id:
-        return (
-            MODEL_MISMATCH,
-            f"record key {key_model!r} is not the push's model_id {push.model_id!r}; "
-            "pushes must be keyed by their model id",
-        )
-    if spec is None:
-        return (
-            UNKNOWN_MODEL,
-            f"model {push.model_id!r} has no base update on the model topic yet; "
-            "publish its v0 before devices push",
-        )
-    if push.backbone.value != spec.backbone or push.cut.value != spec.cut:
-        return (
-            MODEL_MISMATCH,
-            f"push is {push.backbone}/{push.cut}, model {push.model_id!r} is "
-            f"{spec.backbone}/{spec.cut}",
-        )
-    return None

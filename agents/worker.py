@@ -60,6 +60,7 @@ class AgentWorker(Service):
             summaries_topic=self.agents.summaries_topic.get_topic_name(),
             deadletter_topic=self.agents.topics.deadletter,
             group_id=f"{self.agents.app_id}-ingest",
+            max_push_bytes=settings.max_push_bytes,
             max_push_samples=settings.max_push_samples,
             batch_max=settings.ingest_batch_max,
             linger_ms=settings.ingest_linger_ms,

@@ -10,8 +10,10 @@ import orjson
 from aiohttp import web
 
 from pipeline import codec
+from pipeline.reasons import PushReason
 from pipeline.records import FeaturePush, ModelUpdate
 from pipeline.registry import ModelEntry
+from pipeline.samples import ModelFit, Refusal, admit_push
 
 #: Model ids and versions in paths: the wire format's id alphabet, and never only dots.
 PATH_ID: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
@@ -90,24 +92,27 @@ def summary_json(entry: ModelEntry) -> dict[str, object]:
     }
 
 
-def check_push(data: bytes, model_id: str, entry: ModelEntry, *, max_samples: int) -> FeaturePush:
-    """Decode a push posted to ``model_id`` and check it fits the model; a 400 with the
-    codec's reason otherwise."""
-    try:
-        push = codec.decode_push(data, num_classes=entry.num_classes, max_samples=max_samples)
-    except codec.CodecError as exc:
-        raise HttpFailure(400, exc.reason.value, exc.message) from None
-    if push.model_id != model_id:
-        raise HttpFailure(
-            400,
-            codec.Reject.BAD_ID.value,
-            f"push is for model {push.model_id!r}, posted to {model_id!r}",
-        )
-    if (push.backbone, push.cut) != (entry.backbone, entry.cut):
-        raise HttpFailure(
-            400,
-            codec.Reject.BAD_FIELD.value,
-            f"push is {push.backbone}/{push.cut}, model {model_id!r} is "
-            f"{entry.backbone}/{entry.cut}",
-        )
+def check_push(
+    data: bytes,
+    model_id: str,
+    entry: ModelEntry,
+    *,
+    max_samples: int,
+    max_bytes: int | None = None,
+) -> FeaturePush:
+    """Decode a push posted to ``model_id`` and check it fits the model with the rule the
+    agents apply to the feature log (:func:`pipeline.samples.admit_push`), so a push is
+    refused for the same reason on both paths: 413 ``too_large`` over ``max_bytes``, 400
+    with the rule's reason otherwise."""
+    fit = ModelFit.of_entry(entry, max_push_samples=max_samples, max_push_bytes=max_bytes)
+    push = admit_push(
+        data,
+        key_model=model_id,
+        lookup=lambda m: fit if m == model_id else None,
+        max_push_bytes=max_bytes,
+        max_push_samples=max_samples,
+    )
+    if isinstance(push, Refusal):
+        status = 413 if push.reason == PushReason.TOO_LARGE else 400
+        raise HttpFailure(status, push.reason, push.message)
     return push

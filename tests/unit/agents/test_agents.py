@@ -16,16 +16,17 @@ import pytest
 
 from agents.aggregator import Aggregator, Record
 from agents.policy import ModelState, TriggerPolicy
-from agents.summarizer import MODEL_MISMATCH, UNKNOWN_MODEL, ModelSpec, Summarizer
+from agents.summarizer import MODEL_MISMATCH, TOO_LARGE, UNKNOWN_MODEL, Summarizer
 from pipeline import codec
-from pipeline.records import BatchSummary, Cut, FeaturePush, TriggerReason
+from pipeline.records import Backbone, BatchSummary, Cut, FeaturePush, TriggerReason
+from pipeline.samples import DEFAULT_MAX_PUSH_BYTES, ModelFit
 from tests import factories
 from tests.unit.agents.test_policy import T0, update
 
 POLICY = TriggerPolicy(min_samples=30, age_floor_samples=5, max_age_s=60.0, job_timeout_s=300.0)
 TOPIC = "p.features"
 SUMMARIES = "p-agents-summaries"
-SPEC = ModelSpec(num_classes=10, backbone="inception_resnet_v1", cut="freeze6")
+SPEC = ModelFit("m", Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, num_classes=10)
 
 
 class Store:
@@ -44,8 +45,8 @@ def make(store: Store) -> Aggregator:
     return Aggregator(POLICY, load=store.load)
 
 
-def summarizer(**specs: ModelSpec) -> Summarizer:
-    return Summarizer(max_push_samples=64, lookup=specs.get)
+def summarizer(max_push_bytes: int = DEFAULT_MAX_PUSH_BYTES, **fits: ModelFit) -> Summarizer:
+    return Summarizer(max_push_bytes=max_push_bytes, max_push_samples=64, lookup=fits.get)
 
 
 def push(model_id: str = "m", *, first_id: int = 0, n: int = 10, device: int = 0) -> FeaturePush:
@@ -118,18 +119,63 @@ def test_bad_pushes_become_dead_letters_with_their_origin() -> None:
         MODEL_MISMATCH: rec(codec.encode_push(push("other")), 6, key="m"),
         "model_mismatch_cut": rec(codec.encode_push(freeze5), 7),
         "model_mismatch_key": rec(codec.encode_push(push()), 8, key=None),
+        "tombstone": Record(TOPIC, 0, 9, b"m", None, T0),
     }
     out = summarizer(m=SPEC).summarize([rec(codec.encode_push(good), 0), *cases.values()], T0)
     reasons = [d.reason for d in out.dead_letters]
-    assert reasons == [*list(cases)[:-2], MODEL_MISMATCH, MODEL_MISMATCH]
+    assert reasons == [*list(cases)[:-3], MODEL_MISMATCH, MODEL_MISMATCH, "tombstone"]
     for letter, record in zip(out.dead_letters, cases.values(), strict=True):
         assert (letter.topic, letter.partition, letter.offset) == (TOPIC, 0, record.offset)
-        assert (letter.original, letter.key) == (record.value, record.key)
+        assert (letter.original, letter.key) == (record.value or b"", record.key)
         assert letter.message and letter.at_ms == int(T0 * 1000)
     [summary] = out.summaries
     assert (summary.offsets.tolist(), out.samples) == ([0], 10)
     # Dead letters move the committed offset too: they are handled.
-    assert out.commit == {(TOPIC, 0): 9}
+    assert out.commit == {(TOPIC, 0): 10}
+
+
+def test_a_push_over_the_byte_limit_is_dead_lettered_too_large_undecoded() -> None:
+    # Well-formed (28 full-cut samples, under the sample limit) but over the deployment's
+    # 4 MiB push limit, which the model server answers 413 too_large.
+    big = codec.encode_push(factories.push("m", n=28, cut=Cut.FULL))
+    assert len(big) > DEFAULT_MAX_PUSH_BYTES
+    out = summarizer(m=ModelFit("m", Backbone.INCEPTION_RESNET_V1, Cut.FULL, 10)).summarize(
+        [rec(big, 0)], T0
+    )
+    [letter] = out.dead_letters
+    assert letter.reason == TOO_LARGE == "too_large"
+    assert f"{len(big)} bytes, the limit is {DEFAULT_MAX_PUSH_BYTES}" in letter.message
+    assert (out.summaries, out.commit) == ([], {(TOPIC, 0): 1})
+    # At the limit exactly, a push is taken; garbage over it is not even decoded.
+    exact = codec.encode_push(push())
+    out = summarizer(len(exact), m=SPEC).summarize(
+        [rec(exact, 0), rec(b"x" * (len(exact) + 1), 1)], T0
+    )
+    assert out.pushes == 1 and [d.reason for d in out.dead_letters] == [TOO_LARGE]
+
+
+def test_a_key_for_another_model_is_a_mismatch_before_any_check_of_the_model() -> None:
+    # Key "other" (10 classes), payload "faces" (100 classes) with labels up to 49: the
+    # key's label range must not judge the push, and no message may blame "faces" for it.
+    fits = {
+        "other": ModelFit("other", Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, 10),
+        "faces": ModelFit("faces", Backbone.INCEPTION_RESNET_V1, Cut.FREEZE6, 100),
+    }
+    faces = factories.push("faces", n=50, num_classes=100)
+    out = summarizer(**fits).summarize([rec(codec.encode_push(faces), 0, key="other")], T0)
+    [letter] = out.dead_letters
+    assert letter.reason == MODEL_MISMATCH
+    assert "'faces'" in letter.message and "'other'" in letter.message
+    assert "labels" not in letter.message
+    # Keyed right, the same push is checked against its own model's range...
+    out = summarizer(**fits).summarize([rec(codec.encode_push(faces), 0, key="faces")], T0)
+    assert (out.dead_letters, out.pushes) == ([], 1)
+    # ...and a label over that range names the model it was checked against.
+    wide = factories.push("other", n=12, num_classes=12)
+    out = summarizer(**fits).summarize([rec(codec.encode_push(wide), 0, key="other")], T0)
+    [letter] = out.dead_letters
+    assert letter.reason == "label_out_of_range"
+    assert letter.message.startswith("labels must be [0, 10) for model 'other', got max 11")
 
 
 def test_a_batch_of_only_bad_pushes_has_no_summary() -> None:

@@ -409,7 +409,7 @@ async def test_push_is_produced_keyed_by_model(harness: Harness) -> None:
         (b"XXXX" + make_push()[4:], 400, "bad_magic"),
         (make_push(label=10), 400, "label_out_of_range"),  # the model has 10 classes
         (make_push(n=17), 400, "oversized_batch"),  # max_push_samples=16
-        (make_push(model_id="m2"), 400, "bad_id"),  # body's model differs from the path's
+        (make_push(model_id="m2"), 400, "model_mismatch"),  # body's model is not the path's
         (make_push(device_id="dev-2"), 403, "forbidden_device"),
         (b"\0" * (MAX_PUSH + 1), 413, "too_large"),
     ],

@@ -154,7 +154,7 @@ def test_other_models_and_bad_records_are_skipped() -> None:
     assert c.stats.other_models == 2
     assert dict(c.stats.rejected) == {
         "bad_magic": 1,
-        "wrong_backbone_or_cut": 1,
+        "model_mismatch": 1,  # the reason the agents dead-letter it with
         "label_out_of_range": 1,
         "tombstone": 1,
     }
