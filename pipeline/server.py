@@ -23,6 +23,13 @@ errors are JSON ``{"reason": ..., "message": ...}``):
 - ``GET /healthz`` (the process runs), ``GET /readyz`` (registry caught up with the model
   topic and producer started; 503 otherwise), ``GET /metrics`` (Prometheus text).
 
+Slow and greedy clients are bounded (``pipeline.server_connections``): a request head must
+arrive within ``header_timeout_s`` and a push body within ``body_timeout_s`` (else 408 and
+the connection closed), an address holds at most ``max_connections_per_ip`` connections
+(else 429), an idle kept-alive connection is closed after ``keepalive_timeout_s``. A client
+that goes away mid-request is its own outcome (``client_closed`` in ``/metrics``, an INFO
+line), never a 500.
+
 A version becomes visible here only after its inline checkpoint is in the store, so a
 client that sees a version can always download it.
 """
@@ -62,6 +69,13 @@ from pipeline.http_ranges import RangeNotSatisfiable, parse_range
 from pipeline.lifecycle import Service
 from pipeline.records import ModelUpdate
 from pipeline.registry import ModelEntry, Registry, RegistryFollower
+from pipeline.server_connections import (
+    CUT_BODY_TIMEOUT,
+    TIMEOUT_REASON,
+    ConnectionGuard,
+    ConnectionLimits,
+    GuardedSite,
+)
 from pipeline.server_metrics import ServerMetrics
 from pipeline.settings import Settings
 from pipeline.topics import Topics
@@ -76,6 +90,10 @@ CHUNK_BYTES: Final = 1024 * 1024
 #: One line per request: client, request line, status, bytes, microseconds, user agent.
 ACCESS_LOG_FORMAT: Final = '%a "%r" %s %b %Dus "%{User-Agent}i"'
 CACHE_CONTROL: Final = "private, no-cache"
+#: The ``status`` label of a request whose client went away before its answer (nginx's 499).
+CLIENT_CLOSED: Final = "client_closed"
+#: Longest aiohttp reads and drops the unread rest of a body it refused (e.g. a 401 push).
+MAX_LINGER_S: Final = 10.0
 
 
 # ------------------------------------------------------------------------ injectable I/O
@@ -104,6 +122,14 @@ class Producer(Protocol):
 # -------------------------------------------------------------------------------- server
 
 
+def _client_gone(request: web.Request, exc: Exception) -> bool:
+    """True when ``exc`` is the client having gone away (its connection reset or closed
+    mid-request), not a fault of the server: a connection error *and* a closed transport,
+    so a connection error of the server's own (a store, say) still counts as a 500."""
+    transport = request.transport
+    return isinstance(exc, ConnectionError) and (transport is None or transport.is_closing())
+
+
 async def _quietly(what: str, step: Awaitable[object]) -> None:
     """One shutdown step: a failure is logged and the next steps still run."""
     try:
@@ -120,6 +146,9 @@ class ModelServer(Service):
     ``follower`` and ``producer`` are injectable for tests without Kafka; by default the
     server builds a :class:`RegistryFollower` on ``models_topic`` and an acks=all producer
     on ``bootstrap``. An injected follower must call :meth:`on_update` for each new version.
+
+    ``header_timeout_s``, ``body_timeout_s``, ``max_connections_per_ip`` and
+    ``keepalive_timeout_s`` bound what one client may hold (see the module docstring).
     """
 
     def __init__(
@@ -137,13 +166,31 @@ class ModelServer(Service):
         follower: Follower | None = None,
         producer: Producer | None = None,
         shutdown_timeout: float = 5.0,
+        header_timeout_s: float = 10.0,
+        body_timeout_s: float = 60.0,
+        max_connections_per_ip: int = 128,
+        keepalive_timeout_s: float = 75.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not secret:
             raise ConfigError("the model server needs a token secret: set FEDEX_AUTH_SECRET")
+        if keepalive_timeout_s <= 0:
+            raise ConfigError(f"keepalive_timeout_s must be positive, got {keepalive_timeout_s}")
+        try:
+            self.connection_limits = ConnectionLimits(
+                header_timeout_s, body_timeout_s, max_connections_per_ip
+            )
+        except ValueError as exc:
+            raise ConfigError(f"model server connection limits: {exc}") from None
+        self._keepalive_timeout_s = keepalive_timeout_s
         self.registry = Registry()
         self.store = store
-        self.metrics = ServerMetrics(self.registry)
+        self.metrics = ServerMetrics(self.registry, open_connections=lambda: self._guard.open)
+        self._guard = ConnectionGuard(
+            self.connection_limits,
+            on_accept=self.metrics.connections.inc,
+            on_cut=lambda reason: self.metrics.connections_cut.labels(reason).inc(),
+        )
         self.health = BrokerHealth("model server", registry=self.metrics.registry)
         self._secret = secret
         self._features_topic = features_topic
@@ -207,6 +254,10 @@ class ModelServer(Service):
             port=settings.server_port if port is None else port,
             max_push_bytes=settings.max_push_bytes,
             max_push_samples=settings.max_push_samples,
+            header_timeout_s=settings.server_header_timeout_s,
+            body_timeout_s=settings.server_body_timeout_s,
+            max_connections_per_ip=settings.server_max_connections_per_ip,
+            keepalive_timeout_s=settings.server_keepalive_timeout_s,
             **overrides,
         )
 
@@ -238,6 +289,8 @@ class ModelServer(Service):
             access_log=access_log,
             access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=self._shutdown_timeout,
+            keepalive_timeout=self._keepalive_timeout_s,
+            lingering_time=min(MAX_LINGER_S, self.connection_limits.body_timeout_s),
         )
         self._runner = runner
         try:
@@ -253,7 +306,7 @@ class ModelServer(Service):
             await self._follower.start()
             self._watch_task = asyncio.create_task(self._watch_catch_up(), name="server-catch-up")
             await runner.setup()
-            site = web.TCPSite(runner, self._host, self._requested_port)
+            site = GuardedSite(runner, self._host, self._requested_port, guard=self._guard)
             await site.start()
         except BaseException:
             await self.stop()
@@ -349,27 +402,46 @@ class ModelServer(Service):
     ) -> web.StreamResponse:
         started = time.perf_counter()
         route = route_name(request)
-        status = 500
+        status = "500"
+        self._guard.request_started(request)
+        in_progress = self.metrics.in_progress.labels(route)
+        in_progress.inc()
         try:
             response = await handler(request)
-            status = response.status
+            status = str(response.status)
             return response
         except HttpFailure as failure:
-            status = failure.status
-            return failure.response()
+            status = str(failure.status)
+            failed = failure.response()
+            if failure.status == 408:  # the rest of the body is not worth waiting for
+                failed.force_close()
+            return failed
         except web.HTTPException as exc:
-            status = exc.status
+            status = str(exc.status)
             raise
         except asyncio.CancelledError:
-            status = 499  # the client went away
+            status = CLIENT_CLOSED  # aiohttp cancels a handler whose client went away
             raise
-        except Exception:
+        except Exception as exc:
+            if _client_gone(request, exc):
+                status = CLIENT_CLOSED
+                log.info(
+                    "%s %s: client %s went away mid-request (%s)",
+                    request.method,
+                    request.path,
+                    request.remote,
+                    exc,
+                )
+                # Never delivered; returned so that aiohttp does not log it as a 500.
+                return web.Response(status=499)
             log.exception("%s %s failed", request.method, request.path)
             return HttpFailure(
                 500, "internal", "internal server error; see the server log"
             ).response()
         finally:
-            self.metrics.requests.labels(route, request.method, str(status)).inc()
+            in_progress.dec()
+            self._guard.request_finished(request)
+            self.metrics.requests.labels(route, request.method, status).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
     def _authenticate(self, request: web.Request) -> auth.Claims:
@@ -538,6 +610,35 @@ class ModelServer(Service):
         await response.write_eof()
         return response
 
+    async def _read_body(self, request: web.Request, limit: int) -> bytes:
+        """The request body, at most ``limit`` bytes (else 413) and within the body timeout
+        (else 408: a client trickling its body must not hold a connection for ever)."""
+        body = bytearray()
+        timeout = self.connection_limits.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > limit:  # chunked or lying Content-Length
+                        raise HttpFailure(
+                            413, "too_large", f"push is over the limit of {limit} bytes"
+                        )
+        except TimeoutError:
+            self.metrics.connections_cut.labels(CUT_BODY_TIMEOUT).inc()
+            log.info(
+                "cut %s: push body not in within %g s (%d bytes read)",
+                request.remote,
+                timeout,
+                len(body),
+            )
+            raise HttpFailure(
+                408,
+                TIMEOUT_REASON,
+                f"the push body did not arrive within {timeout:g} s of its head "
+                f"({len(body)} bytes came); send it faster, or smaller pushes",
+            ) from None
+        return bytes(body)
+
     async def _post_push(self, request: web.Request) -> web.Response:
         try:
             return await self._accept_push(request)
@@ -552,12 +653,7 @@ class ModelServer(Service):
         declared = request.content_length
         if declared is not None and declared > limit:
             raise HttpFailure(413, "too_large", f"push is {declared} bytes, the limit is {limit}")
-        body = bytearray()
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            body += chunk
-            if len(body) > limit:  # chunked or lying Content-Length
-                raise HttpFailure(413, "too_large", f"push is over the limit of {limit} bytes")
-        data = bytes(body)
+        data = await self._read_body(request, limit)
         push = check_push(data, model_id, entry, max_samples=self._max_push_samples)
         try:
             claims.require_device(push.device_id)

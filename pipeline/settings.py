@@ -160,6 +160,30 @@ class Settings(BaseSettings):
     token_ttl_s: int = Field(
         default=7 * 24 * 3600, ge=60, description="lifetime of issued device tokens."
     )
+    server_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a connection must send a whole request head (request line and headers) "
+        "within this of its first byte, or of opening; else the model server answers 408 and "
+        "closes it (slow-header clients).",
+    )
+    server_body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a push body must arrive within this of its head; else 408 and the "
+        "connection is closed (slow-body clients; a 4 MiB push needs about 70 KB/s).",
+    )
+    server_max_connections_per_ip: int = Field(
+        default=128,
+        ge=1,
+        description="connections one peer address may hold open to the model server at once; "
+        "the next gets 429 and is closed (raise it for many devices behind one NAT).",
+    )
+    server_keepalive_timeout_s: float = Field(
+        default=75.0,
+        gt=0,
+        description="an idle kept-alive connection to the model server is closed after this.",
+    )
 
     # Device fleet (fedex devices).
     fleet_time_scale: float = Field(

@@ -4,6 +4,7 @@ replaced by fakes fed by hand (tests/integration/test_server.py runs the real on
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -522,3 +523,76 @@ async def test_port_and_idempotent_stop(tmp_path: Path) -> None:
         _ = server.port
     with pytest.raises(RuntimeError, match="restarted"):
         await server.start()
+
+
+# ------------------------------------------------------------------- client disconnects
+
+
+async def wait_for_sample(
+    h: Harness, name: str, labels: dict[str, str], value: float, timeout: float = 5.0
+) -> None:
+    """Waits until the server's metric ``name{labels}`` reads ``value``."""
+
+    async def reached() -> None:
+        while True:  # the metric is what an operator sees; poll it as they would
+            if h.server.metrics.registry.get_sample_value(name, labels) == value:
+                return
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(reached(), timeout)
+
+
+async def test_a_client_dropping_mid_upload_is_client_closed_not_500(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    await publish(harness, make_update("v0", make_blob()))
+    data = make_push(n=4)
+    head = (
+        "POST /v1/models/m1/pushes HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token(['m1'])}\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    route = {"route": "/v1/models/{id}/pushes"}
+    _, writer = await asyncio.open_connection("127.0.0.1", harness.server.port)
+    writer.write(head.encode() + data[: len(data) // 2])
+    await writer.drain()
+    # The handler is reading the body when the client goes away.
+    await wait_for_sample(harness, "fedex_server_requests_in_progress", route, 1.0)
+    writer.transport.abort()
+    labels = {**route, "method": "POST", "status": "client_closed"}
+    await wait_for_sample(harness, "fedex_server_requests_total", labels, 1.0)
+    await wait_for_sample(harness, "fedex_server_requests_in_progress", route, 0.0)
+    assert harness.producer.sent == []
+    async with harness.get("/metrics") as r:
+        assert 'status="500"' not in await r.text()
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
+# -------------------------------------------------------------------- token schema
+
+
+async def test_a_signed_token_off_the_schema_is_401_malformed(harness: Harness) -> None:
+    """A bare ``"*"`` once granted every model (and a bare id none): now both are refused
+    with what was wrong, as is any payload off the one schema."""
+    import base64
+    import hashlib
+    import hmac
+
+    import orjson
+
+    def signed(payload: dict[str, object]) -> str:
+        body = base64.urlsafe_b64encode(orjson.dumps(payload)).rstrip(b"=").decode()
+        sig = hmac.new(SECRET.encode(), f"fdx1.{body}".encode(), hashlib.sha256).digest()
+        return f"fdx1.{body}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"
+
+    await publish(harness, make_update("v0", make_blob()))
+    now = int(time.time())
+    good = {"d": "dev-1", "m": ["m1"], "iat": now, "exp": now + 60}
+    async with harness.get("/v1/models/m1", signed(good)) as r:
+        assert r.status == 200
+    for change in ({"m": "*"}, {"m": "m1"}, {"exp": str(now + 60)}, {"role": "admin"}):
+        async with harness.get("/v1/models/m1", signed({**good, **change})) as r:
+            assert r.status == 401, change
+            body = await r.json()
+            assert body["reason"] == "malformed" and "token payload" in body["message"]
+            assert 'error="invalid_token"' in r.headers["WWW-Authenticate"]
