@@ -201,27 +201,43 @@ class BrokerHealth(Service):
             await asyncio.sleep(self._interval)
 
 
-#: What the Kafka client logs, once per attempt, while a broker is away.
+#: What aiokafka logs, once per attempt, while a broker is away (refused: the error is in
+#: the line; paused or unroutable: ``Unable connect to "host:port": `` with an empty error).
 OUTAGE_PHRASES = (
-    "Unable connect to node",
+    "Unable connect to",
     "Unable to update metadata",
+    "Unable to request metadata",
     "NodeNotReadyError",
     "KafkaConnectionError",
     "Connect call failed",
     "RequestTimedOutError",
     "Marking the coordinator dead",
+    "marking coordinator dead",
+    "is either not started or not valid",
     "Heartbeat send request failed",
     "Error sending HeartbeatRequest",
     "Got error produce response",
     "Group Coordinator Request failed",
+    "FindCoordinator Request failed",
     "Failed fetch messages",
+    "Failed fetch offsets",
     "Coordinator dead",
     "NotCoordinatorForGroupError",
 )
 
+#: What Faust's consumer logs per partition, every few seconds, once fetching has stalled
+#: (after ``stream_processing_timeout``). During an outage that is the outage; with the
+#: broker reachable it is a real stall, so it is folded only while unreachable.
+STALL_PHRASES = (
+    "Aiokafka stopped fetching from",
+    "Aiokafka has not sent fetch request",
+    "Aiokafka has not received fetch response",
+    "Broker stopped responding to fetch requests",
+)
+
 
 class KafkaNoiseFilter(logging.Filter):
-    """Drops the Kafka client's per-attempt connection errors (thousands a minute during
+    """Drops the Kafka clients' per-attempt connection errors (thousands a minute during
     an outage) and counts them on ``health`` instead, which reports them in its own
     lines: lost, a summary per minute, back. Everything else passes."""
 
@@ -230,10 +246,16 @@ class KafkaNoiseFilter(logging.Filter):
         self.health = health
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("aiokafka") or record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING:
+            return True
+        if record.name.startswith("aiokafka"):
+            phrases: tuple[str, ...] = OUTAGE_PHRASES
+        elif record.name.startswith("faust.transport") and not self.health.reachable:
+            phrases = STALL_PHRASES
+        else:
             return True
         message = record.getMessage()
-        if not any(phrase in message for phrase in OUTAGE_PHRASES):
+        if not any(phrase in message for phrase in phrases):
             return True
         # Counted, not judged: the probe and the process's own I/O decide the state.
         self.health.folded += 1
