@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeline import auth, codec
@@ -82,6 +83,26 @@ from pipeline.topics import Topics
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("pipeline.server.access")
+#: aiohttp's own HTTP-level log (requests it cannot parse, answered 400 without a handler).
+protocol_log = logging.getLogger("pipeline.server.protocol")
+
+
+class _ClientFaultsAtInfo(logging.Filter):
+    """aiohttp logs a request it cannot parse (a bad chunk, a bad header: the client's
+    fault, answered 400) as an ERROR with a traceback; any client could flood the log
+    with them. Here they are one INFO line each, naming what was wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: bad request ({exc.message.strip()!r}), 400"
+            record.args = ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+protocol_log.addFilter(_ClientFaultsAtInfo())
 
 #: Versions resolved to the model's current best / latest.
 ALIASES: Final = frozenset({"best", "latest"})
@@ -290,6 +311,7 @@ class ModelServer(Service):
             access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=self._shutdown_timeout,
             keepalive_timeout=self._keepalive_timeout_s,
+            logger=protocol_log,
             lingering_time=min(MAX_LINGER_S, self.connection_limits.body_timeout_s),
         )
         self._runner = runner

@@ -596,3 +596,22 @@ async def test_a_signed_token_off_the_schema_is_401_malformed(harness: Harness) 
             body = await r.json()
             assert body["reason"] == "malformed" and "token payload" in body["message"]
             assert 'error="invalid_token"' in r.headers["WWW-Authenticate"]
+
+
+async def test_a_request_aiohttp_cannot_parse_is_400_and_no_error_log(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broken chunked body is the client's fault: 400, an INFO line, no traceback."""
+    await publish(harness, make_update("v0", make_blob()))
+    head = (
+        "POST /v1/models/m1/pushes HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token(['m1'])}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", harness.server.port)
+    writer.write(head.encode() + b"5\r\nabcde\r\nZZZ\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.split(b" ")[1] == b"400", answer
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert any("bad request" in r.getMessage() for r in caplog.records)
