@@ -11,8 +11,8 @@ The sources, each an enum owned where the check lives:
   ``unknown_model`` / ``model_mismatch`` (the push-fits-model rule, ``pipeline.samples``)
   and ``trigger_conflict`` (the trainer);
 * :class:`PushReason`: the rest of the push-fits-model rule (size, tombstones);
-* :class:`HttpReason`: what only the model server can refuse (its feature log away, a
-  checkpoint request it cannot serve);
+* :class:`HttpReason`: what only the model server can refuse (its feature log away, a slow
+  or greedy client, a checkpoint request it cannot serve);
 * :class:`~pipeline.auth.AuthReason`: a missing, bad or insufficient device token.
 """
 
@@ -40,6 +40,10 @@ class HttpReason(enum.StrEnum):
 
     #: 503: the feature log (Kafka) did not take the push; retry later.
     UNAVAILABLE = "unavailable"
+    #: 408: the request head or a push body did not arrive within the server's timeout.
+    TIMEOUT = "timeout"
+    #: 429: the client's address holds as many connections as one address may.
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     #: 404: the model has no such version.
     UNKNOWN_VERSION = "unknown_version"
     #: 404/503: a version's checkpoint blob is not in the store.

@@ -27,20 +27,46 @@ def documented() -> set[str]:
     return found
 
 
-def http_failure_literals(source: str, where: str) -> dict[str, str]:
-    """Reasons written as string literals in ``HttpFailure(status, "reason", ...)`` calls
-    in ``source`` (the server spells some out), each with where it is."""
+#: Calls that send a reason to an HTTP client, and the position of their reason argument.
+REASON_ARG = {"HttpFailure": 1, "raw_response": 2}
+
+
+def string_constants(tree: ast.Module) -> dict[str, str]:
+    """Module-level ``NAME = "..."`` / ``NAME: Final = "..."`` of one module."""
     found: dict[str, str] = {}
-    for node in ast.walk(ast.parse(source)):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name)
-            and node.func.id == "HttpFailure"
-            and len(node.args) >= 2
-            and isinstance(node.args[1], ast.Constant)
-            and isinstance(node.args[1].value, str)
-        ):
-            found[node.args[1].value] = f"{where}:{node.lineno}"
+    for node in tree.body:
+        value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            found |= {t.id: value.value for t in targets if isinstance(t, ast.Name)}
+    return found
+
+
+def sent_reasons(trees: dict[str, ast.Module]) -> dict[str, str]:
+    """Every reason the modules pass to :data:`REASON_ARG`'s calls as a string literal or as
+    a module-level string constant of any of them (the server imports some), with where."""
+    constants: dict[str, str] = {}
+    for tree in trees.values():
+        constants |= string_constants(tree)
+    found: dict[str, str] = {}
+    for where, tree in trees.items():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+                continue
+            index = REASON_ARG.get(node.func.id)
+            if index is None or len(node.args) <= index:
+                continue
+            arg = node.args[index]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                found[arg.value] = f"{where}:{node.lineno}"
+            elif isinstance(arg, ast.Name) and arg.id in constants:
+                found[constants[arg.id]] = f"{where}:{node.lineno}"
     return found
 
 
@@ -65,12 +91,16 @@ def test_nothing_documented_is_dead() -> None:
     )
 
 
-def test_http_reasons_spelled_out_in_the_server_are_in_the_vocabulary() -> None:
-    assert http_failure_literals('raise HttpFailure(413, "too_large", m)', "x") == {
-        "too_large": "x:1"
+def test_reasons_the_server_spells_out_are_in_the_vocabulary() -> None:
+    example = ast.parse(
+        'LATE: Final = "timeout"\n'
+        'raise HttpFailure(413, "too_large", m)\n'
+        'w(raw_response(408, "Request Timeout", LATE, m))\n'
+    )
+    assert sent_reasons({"x": example}) == {"too_large": "x:2", "timeout": "x:3"}
+    trees = {
+        path.name: ast.parse(path.read_text(encoding="utf-8"))
+        for path in sorted((ROOT / "pipeline").rglob("*.py"))
     }
-    stray: dict[str, str] = {}
-    for path in sorted((ROOT / "pipeline").rglob("*.py")):
-        literals = http_failure_literals(path.read_text(encoding="utf-8"), str(path.name))
-        stray |= {r: at for r, at in literals.items() if r not in REASONS}
+    stray = {r: at for r, at in sent_reasons(trees).items() if r not in REASONS}
     assert not stray, f"add these to pipeline/reasons.py and the doc's table: {stray}"
