@@ -10,16 +10,14 @@ errors are JSON ``{"reason": ..., "message": ...}``):
 
 - ``GET /v1/models``: the models the token grants, with latest/best/version count.
 - ``GET /v1/models/{id}``: one model, its latest, best and full history with metrics.
-- ``GET|HEAD /v1/models/{id}/checkpoints/{version}``: the blob. ``ETag`` is the quoted
-  sha256 of the announcement; ``If-None-Match`` gives 304; one ``Range: bytes=a-b`` gives
-  206 (``If-Range`` with the ETag honoured; several ranges or a malformed header give the
-  whole blob, as RFC 9110 allows); a range past the end gives 416. The versions ``best``
-  and ``latest`` are resolved in place (no redirect): the response is the blob of the
-  current best/latest version, named by ``X-Fedex-Version`` and ``Content-Location``, so a
-  device polls ``best`` with ``If-None-Match: "<sha it runs>"`` and gets 304 until a better
-  model exists. ``best`` and ``latest`` are therefore reserved and never real versions.
+- ``GET|HEAD /v1/models/{id}/checkpoints/{version}``: the blob (``pipeline.server_checkpoints``:
+  ETag = sha256, 304, one Range, 416). The versions ``best`` and ``latest`` are resolved in
+  place (no redirect), so a device polls ``best`` with ``If-None-Match: "<sha it runs>"``
+  and gets 304 until a better model exists. ``best`` and ``latest`` are therefore reserved
+  and never real versions.
 - ``POST /v1/models/{id}/pushes``: a wire-format feature push (``docs/wire-format.md``)
-  → 202 ``{"samples": n, "partition": p, "offset": o}`` once it is on the feature log.
+  → 202 ``{"samples": n, "partition": p, "offset": o}`` once it is on the feature log
+  (``pipeline.server_pushes``: byte limit, body timeout, the agents' checks, the device).
 - ``GET /healthz`` (the process runs), ``GET /readyz`` (registry caught up with the model
   topic and producer started; 503 otherwise), ``GET /metrics`` (Prometheus text).
 
@@ -49,35 +47,23 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeline import auth, codec
 from pipeline.broker_health import BrokerHealth
-from pipeline.checkpoints import (
-    CheckpointError,
-    CheckpointStore,
-    LocalCheckpointStore,
-    checkpoint_uri,
-    store_inline,
-)
+from pipeline.checkpoints import CheckpointStore, LocalCheckpointStore, store_inline
 from pipeline.errors import ConfigError
 from pipeline.http_api import (
     HttpFailure,
-    check_push,
     json_response,
     path_id,
     route_name,
     summary_json,
     version_json,
 )
-from pipeline.http_ranges import RangeNotSatisfiable, parse_range
 from pipeline.lifecycle import Service
 from pipeline.records import ModelUpdate
 from pipeline.registry import ModelEntry, Registry, RegistryFollower
-from pipeline.server_connections import (
-    CUT_BODY_TIMEOUT,
-    TIMEOUT_REASON,
-    ConnectionGuard,
-    ConnectionLimits,
-    GuardedSite,
-)
+from pipeline.server_checkpoints import ALIASES, resolve_version, serve_checkpoint
+from pipeline.server_connections import ConnectionGuard, ConnectionLimits, GuardedSite
 from pipeline.server_metrics import ServerMetrics
+from pipeline.server_pushes import Producer, PushIntake
 from pipeline.settings import Settings
 from pipeline.topics import Topics
 
@@ -104,13 +90,8 @@ class _ClientFaultsAtInfo(logging.Filter):
 
 protocol_log.addFilter(_ClientFaultsAtInfo())
 
-#: Versions resolved to the model's current best / latest.
-ALIASES: Final = frozenset({"best", "latest"})
-#: Blobs are streamed from the store in pieces of this size.
-CHUNK_BYTES: Final = 1024 * 1024
 #: One line per request: client, request line, status, bytes, microseconds, user agent.
 ACCESS_LOG_FORMAT: Final = '%a "%r" %s %b %Dus "%{User-Agent}i"'
-CACHE_CONTROL: Final = "private, no-cache"
 #: The ``status`` label of a request whose client went away before its answer (nginx's 499).
 CLIENT_CLOSED: Final = "client_closed"
 #: Longest aiohttp reads and drops the unread rest of a body it refused (e.g. a 401 push).
@@ -128,16 +109,6 @@ class Follower(Protocol):
     async def stop(self) -> None: ...
 
     async def wait_caught_up(self, timeout: float = 30.0) -> None: ...
-
-
-class Producer(Protocol):
-    """What the server needs of a producer (aiokafka's ``AIOKafkaProducer`` in production)."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> Any: ...
 
 
 # -------------------------------------------------------------------------------- server
@@ -214,11 +185,8 @@ class ModelServer(Service):
         )
         self.health = BrokerHealth("model server", registry=self.metrics.registry)
         self._secret = secret
-        self._features_topic = features_topic
         self._host = host
         self._requested_port = port
-        self._max_push_bytes = max_push_bytes
-        self._max_push_samples = max_push_samples
         self._shutdown_timeout = shutdown_timeout
         self._clock = clock
         if follower is None:
@@ -238,6 +206,15 @@ class ModelServer(Service):
             producer = make_producer(bootstrap=bootstrap, client_id="fedex-server", acks="all")
         self._follower: Follower = follower
         self._producer: Producer = producer
+        self._pushes = PushIntake(
+            producer=producer,
+            features_topic=features_topic,
+            max_push_bytes=max_push_bytes,
+            max_push_samples=max_push_samples,
+            body_timeout_s=self.connection_limits.body_timeout_s,
+            metrics=self.metrics,
+            health=self.health,
+        )
         self._producer_up = False
         self._caught_up = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -539,167 +516,22 @@ class ModelServer(Service):
         body["history"] = [version_json(model_id, u) for u in entry.history]
         return json_response(body)
 
-    def _version(self, model_id: str, version: str) -> ModelUpdate:
-        """``version`` of ``model_id``, or an alias (best, latest) resolved; 404 if none."""
-        entry = self._entry(model_id)
-        update = (
-            (entry.best if version == "best" else entry.latest)
-            if version in ALIASES
-            else entry.version(version)
-        )
-        if update is None:
-            raise HttpFailure(
-                404, "unknown_version", f"model {model_id!r} has no version {version!r}"
-            )
-        return update
-
     async def _get_checkpoint(self, request: web.Request) -> web.StreamResponse:
         _, model_id = self._authorize(request)
         version = path_id(request, "version", "version")
-        update = self._version(model_id, version)
-        headers = {
-            "ETag": f'"{update.sha256}"',
-            "Accept-Ranges": "bytes",
-            "Cache-Control": CACHE_CONTROL,
-            "X-Fedex-Version": update.version,
-        }
-        if version in ALIASES:
-            headers["Content-Location"] = f"/v1/models/{model_id}/checkpoints/{update.version}"
-        # If-None-Match uses the weak comparison (RFC 9110 13.1.2) and wins over Range.
-        if any(tag.value in ("*", update.sha256) for tag in request.if_none_match or ()):
-            return web.Response(status=304, headers=headers)
-        try:
-            uri = checkpoint_uri(model_id, update.version)
-            size = await asyncio.to_thread(self.store.size, uri)
-        except CheckpointError:
-            raise HttpFailure(
-                404,
-                "checkpoint_missing",
-                f"checkpoint of {model_id}/{update.version} is announced but not in the store",
-            ) from None
-        if size != update.size:
-            log.warning(
-                "stored checkpoint of %s/%s is %d bytes, its update says %d",
-                model_id,
-                update.version,
-                size,
-                update.size,
-            )
-        if_range = request.headers.get("If-Range")
-        try:
-            byte_range = (
-                parse_range(request.headers.get("Range"), size)
-                if if_range is None or if_range.strip() == headers["ETag"]
-                else None
-            )
-        except RangeNotSatisfiable as exc:
-            raise HttpFailure(
-                416,
-                "range_not_satisfiable",
-                str(exc),
-                {**headers, "Content-Range": f"bytes */{size}"},
-            ) from None
-        start, end = (byte_range.start, byte_range.end) if byte_range else (0, size)
-        if byte_range is not None:
-            headers["Content-Range"] = byte_range.content_range
-        response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
-        response.content_type = "application/octet-stream"
-        response.content_length = end - start
-        await response.prepare(request)
-        if request.method == "HEAD":
-            return response
-        return await self._stream(response, uri, start, end)
-
-    async def _stream(
-        self, response: web.StreamResponse, uri: str, start: int, end: int
-    ) -> web.StreamResponse:
-        """Bytes ``[start, end)`` of the stored blob ``uri``, chunk by chunk."""
-        position = start
-        while position < end:
-            try:
-                chunk = await asyncio.to_thread(
-                    self.store.read_range, uri, position, min(end, position + CHUNK_BYTES)
-                )
-            except (CheckpointError, OSError) as exc:
-                chunk = b""
-                log.error("reading %s failed mid-response: %s", uri, exc)
-            if not chunk:  # vanished or shrank under us: the client sees a short body
-                response.force_close()
-                return response
-            await response.write(chunk)
-            self.metrics.bytes_served.inc(len(chunk))
-            position += len(chunk)
-        await response.write_eof()
-        return response
-
-    async def _read_body(self, request: web.Request, limit: int) -> bytes:
-        """The request body, at most ``limit`` bytes (else 413) and within the body timeout
-        (else 408: a client trickling its body must not hold a connection for ever)."""
-        body = bytearray()
-        timeout = self.connection_limits.body_timeout_s
-        try:
-            async with asyncio.timeout(timeout):
-                async for chunk in request.content.iter_chunked(64 * 1024):
-                    body += chunk
-                    if len(body) > limit:  # chunked or lying Content-Length
-                        raise HttpFailure(
-                            413, "too_large", f"push is over the limit of {limit} bytes"
-                        )
-        except TimeoutError:
-            self.metrics.connections_cut.labels(CUT_BODY_TIMEOUT).inc()
-            log.info(
-                "cut %s: push body not in within %g s (%d bytes read)",
-                request.remote,
-                timeout,
-                len(body),
-            )
-            raise HttpFailure(
-                408,
-                TIMEOUT_REASON,
-                f"the push body did not arrive within {timeout:g} s of its head "
-                f"({len(body)} bytes came); send it faster, or smaller pushes",
-            ) from None
-        return bytes(body)
+        update = resolve_version(self._entry(model_id), version)
+        return await serve_checkpoint(
+            request,
+            self.store,
+            update,
+            alias=version in ALIASES,
+            on_bytes=self.metrics.bytes_served.inc,
+        )
 
     async def _post_push(self, request: web.Request) -> web.Response:
         try:
-            return await self._accept_push(request)
+            claims, model_id = self._authorize(request)
+            return await self._pushes.accept(request, claims, model_id, self._entry(model_id))
         except HttpFailure as failure:
             self.metrics.pushes_rejected.labels(failure.reason).inc()
             raise
-
-    async def _accept_push(self, request: web.Request) -> web.Response:
-        claims, model_id = self._authorize(request)
-        entry = self._entry(model_id)
-        limit = self._max_push_bytes
-        declared = request.content_length
-        if declared is not None and declared > limit:
-            raise HttpFailure(413, "too_large", f"push is {declared} bytes, the limit is {limit}")
-        data = await self._read_body(request, limit)
-        push = check_push(data, model_id, entry, max_samples=self._max_push_samples)
-        try:
-            claims.require_device(push.device_id)
-        except auth.AuthError as exc:
-            raise HttpFailure(403, exc.reason.value, exc.message) from None
-        from aiokafka.errors import KafkaError
-
-        try:
-            meta = await self._producer.send_and_wait(
-                self._features_topic, value=data, key=codec.encode_key(model_id)
-            )
-        except (KafkaError, TimeoutError) as exc:
-            self.health.failed(exc)
-            log.debug("producing a push of %s failed: %s", model_id, exc)
-            raise HttpFailure(
-                503, "unavailable", f"the feature log is unavailable ({exc}); retry later"
-            ) from None
-        self.metrics.pushes_accepted.inc()
-        self.metrics.samples_accepted.inc(push.n)
-        return json_response(
-            {
-                "samples": push.n,
-                "partition": getattr(meta, "partition", None),
-                "offset": getattr(meta, "offset", None),
-            },
-            status=202,
-        )
