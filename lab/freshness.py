@@ -115,7 +115,7 @@ def stale_reason(repo: Path, name: str, conditions: dict[str, Any] | None) -> st
     commit = (conditions or {}).get("commit")
     if not commit:
         return "no commit recorded"
-    if (conditions or {}).get("dirty"):
+    if _dirty_in(conditions or {}, paths):
         return f"measured on a dirty tree at {commit[:7]}"
     changed = last_change(repo, paths)
     if changed is None:
@@ -127,3 +127,14 @@ def stale_reason(repo: Path, name: str, conditions: dict[str, Any] | None) -> st
     if ancestor is not None and ancestor.returncode == 0:
         return None
     return f"code changed since (last change {changed[:7]})"
+
+
+def _dirty_in(conditions: dict[str, Any], paths: Sequence[str]) -> bool:
+    """Whether the tree had local changes in the bench's own code when it was measured
+    (results that do not list their dirty files count any change)."""
+    if not conditions.get("dirty"):
+        return False
+    dirty = conditions.get("dirty_paths")
+    if dirty is None:
+        return True
+    return any(f == p or f.startswith(p.rstrip("/") + "/") for f in dirty for p in paths)

@@ -222,6 +222,9 @@ class _Session:
     started: float
     wall_start: float
     loadavg_before: list[float] | None
+    #: The code as it was when the bench started: what a long bench measured, even when
+    #: commits or edits land while it runs.
+    source: dict[str, Any]
     broker: dict[str, Any] | None = None
 
 
@@ -244,6 +247,7 @@ def begin(command: Sequence[str] | None = None) -> None:
         started=time.time(),
         wall_start=time.perf_counter(),
         loadavg_before=_loadavg(),
+        source=source_state(),
     )
 
 
@@ -266,14 +270,25 @@ def _git(*args: str) -> str | None:
 
 
 def source_state() -> dict[str, Any]:
-    """The commit measured and whether its code (:data:`CODE_PATHS`) had local changes."""
+    """The commit measured and which files of its code (:data:`CODE_PATHS`) had local
+    changes (``dirty_paths``; ``dirty`` is whether there were any)."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
+    dirty_paths = None if status is None else dirty_files(status)
     return {
         "commit": commit,
-        "dirty": None if status is None else bool(status),
+        "dirty": None if dirty_paths is None else bool(dirty_paths),
+        "dirty_paths": dirty_paths,
         "committed_at": _git("log", "-1", "--format=%cI") if commit else None,
     }
+
+
+def dirty_files(porcelain: str) -> list[str]:
+    """The paths of ``git status --porcelain`` output (a rename's new path). The two status
+    letters are skipped by position, not by splitting, and the output may have lost its
+    first line's leading blank (``_git`` strips it)."""
+    paths = (line[2:].strip().split(" -> ")[-1] for line in porcelain.splitlines())
+    return sorted(path for path in paths if path)
 
 
 def _cpu_model() -> str:
@@ -306,11 +321,12 @@ def machine() -> dict[str, Any]:
 
 
 def conditions() -> dict[str, Any]:
-    """Where and how the numbers were taken, as of now (the end of the bench)."""
+    """Where and how the numbers were taken: the code as of the bench's start, the rest as
+    of now (the end of the bench)."""
     session = _session
     now = time.perf_counter()
     return {
-        **source_state(),
+        **(session.source if session else source_state()),
         "command": session.command if session else shlex.join(["fedex", *sys.argv[1:]]),
         "machine": machine(),
         "loadavg_before": session.loadavg_before if session else None,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +75,47 @@ def test_conditions_name_the_command_the_load_and_the_broker() -> None:
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["memory_bytes"] > 0
     assert doc["wall_s"] >= 0
     assert set(doc) >= {"commit", "dirty", "committed_at", "started_at"}
+
+
+def test_conditions_give_the_code_as_it_was_when_the_bench_began(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    states = iter([{"commit": "a" * 40, "dirty": False, "dirty_paths": []}])
+    monkeypatch.setattr(measure, "source_state", lambda: next(states))
+    measure.begin(["fedex", "bench", "datafraction"])
+    # Commits and edits that land while a long bench runs are not what it measured.
+    monkeypatch.setattr(measure, "source_state", lambda: {"commit": "b" * 40, "dirty": True})
+    doc = measure.conditions()
+    assert (doc["commit"], doc["dirty"], doc["dirty_paths"]) == ("a" * 40, False, [])
+
+
+def test_dirty_files_reads_porcelain_even_with_its_first_blank_stripped() -> None:
+    porcelain = "M lab/a.py\n M lab/b.py\nR  x.py -> trainer/z.py\nMM pipeline/c.py"
+    assert measure.dirty_files(porcelain) == [
+        "lab/a.py",
+        "lab/b.py",
+        "pipeline/c.py",
+        "trainer/z.py",
+    ]
+    assert measure.dirty_files("") == []
+
+
+def test_a_result_is_stale_only_when_its_own_code_was_dirty() -> None:
+    from lab.freshness import stale_reason
+
+    repo = Path(__file__).resolve().parents[3]
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    if not head:
+        pytest.skip("not a git checkout")
+    dirty = f"measured on a dirty tree at {head[:7]}"
+    own = {"commit": head, "dirty": True, "dirty_paths": ["device_sim/world.py"]}
+    others = {"commit": head, "dirty": True, "dirty_paths": ["agents/app.py"]}
+    unlisted = {"commit": head, "dirty": True}  # results written before dirty_paths
+    assert stale_reason(repo, "datafraction", own) == dirty
+    assert stale_reason(repo, "datafraction", unlisted) == dirty
+    assert stale_reason(repo, "datafraction", others) != dirty
 
 
 def test_warm_up_phases_are_timed_with_their_figures() -> None:
