@@ -100,7 +100,7 @@ class JobTraining:
         def on_epoch(stats: EpochStats) -> None:
             if stats.seconds > 2.0:
                 log.info(
-                    "job %s: epoch %d/%d loss %.4f, %,.0f samples/s",
+                    "job %s: epoch %d/%d loss %.4f, %.0f samples/s",
                     trigger.trigger_id, stats.epoch + 1, cfg.epochs, stats.mean_loss,
                     stats.samples_per_s,
                 )  # fmt: skip
