@@ -4,6 +4,7 @@ replaced by fakes fed by hand (tests/integration/test_server.py runs the real on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -148,8 +149,10 @@ class Harness:
         return self.http.post(self.url + path, data=data, headers=bearer(tok) if tok else {})
 
 
-@pytest.fixture
-async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def open_harness(tmp_path: Path, **server_options: Any) -> AsyncIterator[Harness]:
+    """A started server on a free port with a fake follower and producer, a store under
+    ``tmp_path`` and a client session; ``server_options`` go to :class:`ModelServer`."""
     follower, producer = FakeFollower(), FakeProducer()
     store = LocalCheckpointStore(tmp_path / "ckpt")
     server = ModelServer(
@@ -158,12 +161,17 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         features_topic=FEATURES,
         follower=follower,
         producer=producer,
-        max_push_bytes=MAX_PUSH,
-        max_push_samples=16,
+        **server_options,
     )
     async with server, aiohttp.ClientSession() as http:
         yield Harness(server, follower, producer, store, http)
-    assert follower.stopped
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with open_harness(tmp_path, max_push_bytes=MAX_PUSH, max_push_samples=16) as h:
+        yield h
+    assert h.follower.stopped
 
 
 async def publish(h: Harness, *updates: ModelUpdate) -> None:

@@ -14,19 +14,17 @@ import aiohttp
 import orjson
 import pytest
 
-from pipeline.checkpoints import LocalCheckpointStore
 from pipeline.server import ModelServer
 from pipeline.server_connections import ConnectionLimits
 from pipeline.settings import Settings
 from tests.unit.pipeline.test_server import (
-    FEATURES,
-    SECRET,
     FakeFollower,
     FakeProducer,
     Harness,
     make_blob,
     make_push,
     make_update,
+    open_harness,
     publish,
     token,
     wait_for_sample,
@@ -41,23 +39,14 @@ SLACK = 2.0
 
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
-    follower, producer = FakeFollower(), FakeProducer()
-    store = LocalCheckpointStore(tmp_path / "ckpt")
-    server = ModelServer(
-        secret=SECRET,
-        store=store,
-        features_topic=FEATURES,
-        follower=follower,
-        producer=producer,
+    async with open_harness(
+        tmp_path,
         header_timeout_s=HEAD_TIMEOUT,
         body_timeout_s=BODY_TIMEOUT,
         max_connections_per_ip=PER_IP,
-    )
-    async with server, aiohttp.ClientSession() as http:
-        await publish(
-            Harness(server, follower, producer, store, http), make_update("v0", make_blob())
-        )
-        yield Harness(server, follower, producer, store, http)
+    ) as h:
+        await publish(h, make_update("v0", make_blob()))
+        yield h
 
 
 def push_head(length: int) -> bytes:
