@@ -218,8 +218,10 @@ def expansion_row(d: Mapping[str, Any]) -> tuple[str, str, str]:
 def paper_job_row(d: Mapping[str, Any]) -> tuple[str, str, str]:
     path = d.get("data_path") or {}
     return (
-        f"one job of {num(d.get('pushed_samples'))} features × {d.get('epochs')} epochs, "
-        f"{num(d.get('identities'))} identities, through the pipeline ({d.get('device')})",
+        f"one job of {num(d.get('pushed_samples'))} pushed features ({num(d.get('train_samples'))}"
+        f" trained × {d.get('epochs')} epochs, {num(d.get('val_samples'))} held out for "
+        f"validation), {num(d.get('identities'))} identities, through the pipeline "
+        f"({d.get('device')})",
         f"trigger → version {seconds(d.get('job_s'))}, of which training "
         f"{seconds(d.get('train_seconds'))}; cold log read + decode "
         f"{seconds(path.get('read_decode_s'))}; "

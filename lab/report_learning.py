@@ -124,7 +124,9 @@ def section_paper_job(report: Report, name: str = "paper-job") -> str:
         f"{num(d.get('pushed_samples'))} features of {num(d.get('identities'))} identities "
         f"(scale {d.get('scale')} of the paper's 437,855 × 8,631) pushed as "
         f"{num(d.get('pushes'))} pushes, one trigger, the real trainer on {d.get('device')}, "
-        f"{d.get('epochs')} epochs. The paper: 231 s on a Titan Xp.\n\n"
+        f"{d.get('epochs')} epochs on {num(d.get('train_samples'))} of them; the trainer's "
+        f"validation rule holds {num(d.get('val_samples'))} out (whole devices and a share of "
+        "the others' samples). The paper: 231 s on a Titan Xp.\n\n"
     )
     rows = [
         ["produce (acknowledged)", seconds(d.get("produce_s")), ""],
