@@ -197,7 +197,8 @@ def datafraction_row(d: Mapping[str, Any]) -> tuple[str, str, str]:
     return (
         f"accuracy vs additional user data (Figure 4), {world}",
         f"devices' held-out accuracy, `user`: {points('user')}; `system`: {points('system')}; "
-        f"vendor spread at 100% {num(spread)} (with SWA {num(swa)}); mean of n={num(n)} seeds",
+        f"vendor spread at 100% {num(spread)} (with SWA {num(swa)}); mean of n={num(n)} seeds; "
+        f"{seconds(d.get('seconds'))} on {dig(d, 'conditions', 'machine', 'cores')} cores",
         f"system arm never below v0 {mark(floor)}",
     )
 
