@@ -20,6 +20,7 @@ from aiohttp import web
 from pipeline.checkpoints import CheckpointError, CheckpointStore, checkpoint_uri
 from pipeline.http_api import HttpFailure
 from pipeline.http_ranges import RangeNotSatisfiable, parse_range
+from pipeline.reasons import HttpReason
 from pipeline.records import ModelUpdate
 from pipeline.registry import ModelEntry
 
@@ -41,7 +42,7 @@ def resolve_version(entry: ModelEntry, version: str) -> ModelUpdate:
     )
     if update is None:
         raise HttpFailure(
-            404, "unknown_version", f"model {entry.model_id!r} has no version {version!r}"
+            404, HttpReason.UNKNOWN_VERSION, f"model {entry.model_id!r} has no version {version!r}"
         )
     return update
 
@@ -75,7 +76,7 @@ async def serve_checkpoint(
     except CheckpointError:
         raise HttpFailure(
             404,
-            "checkpoint_missing",
+            HttpReason.CHECKPOINT_MISSING,
             f"checkpoint of {model_id}/{update.version} is announced but not in the store",
         ) from None
     if size != update.size:
@@ -96,7 +97,7 @@ async def serve_checkpoint(
     except RangeNotSatisfiable as exc:
         raise HttpFailure(
             416,
-            "range_not_satisfiable",
+            HttpReason.RANGE_NOT_SATISFIABLE,
             str(exc),
             {**headers, "Content-Range": f"bytes */{size}"},
         ) from None

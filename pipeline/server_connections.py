@@ -35,11 +35,9 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-log = logging.getLogger(__name__)
+from pipeline.reasons import HttpReason
 
-#: Reasons in the JSON bodies of the guard's own responses (and of the handler's 408).
-TIMEOUT_REASON: Final = "timeout"
-TOO_MANY_CONNECTIONS_REASON: Final = "too_many_connections"
+log = logging.getLogger(__name__)
 
 #: Labels of ``fedex_server_connections_cut_total``.
 CUT_HEADER_TIMEOUT: Final = "header_timeout"
@@ -165,16 +163,14 @@ class _GuardedConnection(asyncio.Protocol):
             limit = self.guard.limits.max_per_ip
             log.info("refused a connection from %s: it holds %d already", self._ip, limit)
             self.guard._cut(CUT_TOO_MANY)
-            transport.write(
-                raw_response(
-                    429,
-                    "Too Many Requests",
-                    TOO_MANY_CONNECTIONS_REASON,
-                    f"{self._ip} holds {limit} connections to this server, the most one "
-                    "address may; reuse one (keep-alive) or close some and retry",
-                )
+            self._refuse(
+                transport,
+                429,
+                "Too Many Requests",
+                HttpReason.TOO_MANY_CONNECTIONS,
+                f"{self._ip} holds {limit} connections to this server, the most one "
+                "address may; reuse one (keep-alive) or close some and retry",
             )
-            transport.close()
             return
         self._admitted = True
         self.handler.connection_made(transport)
@@ -238,15 +234,21 @@ class _GuardedConnection(asyncio.Protocol):
         log.info("cut %s: no complete request head within %g s", self._ip, timeout)
         self.guard._cut(CUT_HEADER_TIMEOUT)
         # No request owns the connection (its head is not in), so nothing else writes.
-        transport.write(
-            raw_response(
-                408,
-                "Request Timeout",
-                TIMEOUT_REASON,
-                f"the request head did not arrive within {timeout:g} s; send the request "
-                "line and headers at once",
-            )
+        self._refuse(
+            transport,
+            408,
+            "Request Timeout",
+            HttpReason.TIMEOUT,
+            f"the request head did not arrive within {timeout:g} s; send the request "
+            "line and headers at once",
         )
+
+    @staticmethod
+    def _refuse(
+        transport: asyncio.Transport, status: int, phrase: str, reason: str, message: str
+    ) -> None:
+        """Answer with the server's JSON error and close: no request owns the connection."""
+        transport.write(raw_response(status, phrase, reason, message))
         transport.close()
 
 

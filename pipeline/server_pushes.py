@@ -19,8 +19,9 @@ from aiohttp import web
 from pipeline import auth, codec
 from pipeline.broker_health import BrokerHealth
 from pipeline.http_api import HttpFailure, check_push, json_response
+from pipeline.reasons import HttpReason, PushReason
 from pipeline.registry import ModelEntry
-from pipeline.server_connections import CUT_BODY_TIMEOUT, TIMEOUT_REASON
+from pipeline.server_connections import CUT_BODY_TIMEOUT
 from pipeline.server_metrics import ServerMetrics
 
 log = logging.getLogger("pipeline.server")
@@ -70,7 +71,9 @@ class PushIntake:
         limit = self._max_push_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
-            raise HttpFailure(413, "too_large", f"push is {declared} bytes, the limit is {limit}")
+            raise HttpFailure(
+                413, PushReason.TOO_LARGE, f"push is {declared} bytes, the limit is {limit}"
+            )
         data = await self._read_body(request, limit)
         push = check_push(data, model_id, entry, max_samples=self._max_push_samples)
         try:
@@ -87,7 +90,7 @@ class PushIntake:
             self._health.failed(exc)
             log.debug("producing a push of %s failed: %s", model_id, exc)
             raise HttpFailure(
-                503, "unavailable", f"the feature log is unavailable ({exc}); retry later"
+                503, HttpReason.UNAVAILABLE, f"the feature log is unavailable ({exc}); retry later"
             ) from None
         self._metrics.pushes_accepted.inc()
         self._metrics.samples_accepted.inc(push.n)
@@ -111,7 +114,7 @@ class PushIntake:
                     body += chunk
                     if len(body) > limit:  # chunked or lying Content-Length
                         raise HttpFailure(
-                            413, "too_large", f"push is over the limit of {limit} bytes"
+                            413, PushReason.TOO_LARGE, f"push is over the limit of {limit} bytes"
                         )
         except TimeoutError:
             self._metrics.connections_cut.labels(CUT_BODY_TIMEOUT).inc()
@@ -123,7 +126,7 @@ class PushIntake:
             )
             raise HttpFailure(
                 408,
-                TIMEOUT_REASON,
+                HttpReason.TIMEOUT,
                 f"the push body did not arrive within {timeout:g} s of its head "
                 f"({len(body)} bytes came); send it faster, or smaller pushes",
             ) from None
